@@ -1,0 +1,36 @@
+"""The ``selecsls`` command. Each subcommand lives in its own module with a ``register`` function."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Optional, Sequence
+
+# Subcommand modules (``selecsls.cli.<name>``); each adds its parsers in ``register(subparsers)``
+# and keeps heavy imports inside its run functions so ``selecsls --help`` stays fast.
+COMMAND_MODULES = ("models",)
+
+
+class CLIError(Exception):
+    """A user-facing error: printed as one line, exit status 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="selecsls", description="SelecSLS Net: build, train, prune, benchmark and export fast CNN backbones."
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"{__name__}.{name}").register(subparsers)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = args.func(args)
+    except (CLIError, ValueError, FileNotFoundError, RuntimeError) as exc:
+        print(f"selecsls {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return int(result or 0)

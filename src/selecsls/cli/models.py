@@ -1,0 +1,46 @@
+"""``selecsls models`` and ``selecsls info``: what the package can build."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("models", help="table of variants: params, GMACs at 224x224, published top-1")
+    p.add_argument("--img-size", type=int, default=224, help="input size for the GMACs column (default 224)")
+    p.set_defaults(func=run_models)
+    p = subparsers.add_parser("info", help="print a variant's spec and feature levels")
+    p.add_argument("name", help="variant name, e.g. selecsls60")
+    p.add_argument("--json", action="store_true", help="print the spec as JSON")
+    p.set_defaults(func=run_info)
+
+
+def run_models(args: argparse.Namespace) -> int:
+    from .. import count_macs, count_params, create_model, list_models
+
+    print(f"{'model':<14}{'params':>14}{f'GMACs@{args.img_size}':>12}")
+    for name in list_models():
+        model = create_model(name)
+        macs = count_macs(model, (1, 3, args.img_size, args.img_size))
+        print(f"{name:<14}{count_params(model):>14,}{macs / 1e9:>12.2f}")
+    return 0
+
+
+def run_info(args: argparse.Namespace) -> int:
+    from .. import create_model, get_spec
+
+    spec = get_spec(args.name)
+    if args.json:
+        print(json.dumps(spec.to_dict(), indent=2))
+        return 0
+    model = create_model(spec)
+    print(f"{spec.name}: stem {spec.stem_chs}, {len(spec.blocks)} blocks in {len(spec.stages())} stages, "
+          f"{len(spec.head)} head convs, {spec.num_features} features")
+    print(f"{'layer':<18}{'in':>6}{'out':>6}{'k':>3}")
+    for layer, cin, cout, k in spec.conv_layers():
+        print(f"{layer:<18}{cin:>6}{cout:>6}{k:>3}")
+    print("feature levels (features_only=True):")
+    for level, info in enumerate(model.feature_info):
+        print(f"  {level}: {info['module']:<12} {info['num_chs']:>5} channels, stride {info['reduction']}")
+    return 0
