@@ -1,6 +1,7 @@
 """SelecSLS Net: fast, prunable CNN backbones from XNect, as data-driven PyTorch models."""
 
 from .complexity import count_flops, count_macs, count_params
+from .fusion import fuse
 from .factory import create_model, list_models, resolve_spec
 from .model import SelecSLS, SelecSLSFeatures
 from .spec import BlockSpec, HeadConvSpec, ModelSpec, SpecError, get_spec
@@ -18,6 +19,7 @@ __all__ = [
     "count_macs",
     "count_params",
     "create_model",
+    "fuse",
     "get_spec",
     "list_models",
     "resolve_spec",

@@ -180,7 +180,7 @@ class SelecSLS(nn.Module):
 
     @property
     def build_args(self) -> dict[str, Any]:
-        """Keyword arguments that rebuild this model's architecture from ``self.spec``."""
+        """Keyword arguments that rebuild this architecture: ``type(model)(model.spec, **model.build_args)``."""
         return dict(
             num_classes=self.num_classes,
             drop_rate=self.drop_rate,
@@ -275,6 +275,12 @@ class SelecSLSFeatures(SelecSLS):
         self.out_indices = tuple(sorted(out_indices))
         self.tap_levels: List[int] = list(self.out_indices)
         self.feature_info = [self.feature_info[i] for i in self.out_indices]  # type: ignore[assignment]
+
+    @property
+    def build_args(self) -> dict[str, Any]:
+        args = super().build_args
+        del args["num_classes"], args["global_pool"]
+        return args | {"out_indices": self.out_indices}
 
     def forward(self, x: Tensor) -> List[Tensor]:  # type: ignore[override]
         return self._trunk(x, self.tap_levels)[1]
