@@ -93,6 +93,9 @@ class SelecSLS(nn.Module):
         fused: build convs with a bias and no BatchNorm (see :func:`selecsls.fuse`).
     """
 
+    # Python-side metadata; TorchScript must not try to compile it.
+    __jit_unused_properties__ = ["build_args"]
+
     def __init__(
         self,
         spec: ModelSpec,
