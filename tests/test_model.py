@@ -121,3 +121,9 @@ def test_torch_compile_runs():
     compiled = torch.compile(m, backend="eager")  # the inductor backend needs a C++ toolchain; graph capture is what we test
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), m(x))
+
+
+def test_create_model_keeps_spec_in_chans_unless_overridden():
+    spec = selecsls.get_spec("selecsls42b").with_in_chans(1)
+    assert create_model(spec).in_chans == 1
+    assert create_model(spec, in_chans=4).in_chans == 4

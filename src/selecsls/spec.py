@@ -17,6 +17,7 @@ __all__ = [
     "ModelSpec",
     "SpecError",
     "VARIANTS",
+    "canonical_name",
     "get_spec",
     "list_variants",
 ]
@@ -270,9 +271,15 @@ def list_variants() -> list[str]:
     return sorted(VARIANTS)
 
 
+def canonical_name(name: str) -> str:
+    """'SelecSLS-60' / 'selecsls_60' / 'selecsls60' -> 'selecsls60' (a '.tag' suffix is kept as is)."""
+    architecture, dot, tag = name.partition(".")
+    return architecture.lower().replace("-", "").replace("_", "") + dot + tag
+
+
 def get_spec(name: str) -> ModelSpec:
     """The published spec for ``name`` (case-insensitive; 'SelecSLS60' and 'selecsls60' both work)."""
-    key = name.lower().replace("-", "").replace("_", "")
+    key = canonical_name(name)
     if key in VARIANTS:
         return VARIANTS[key]
     raise SpecError(f"unknown SelecSLS variant {name!r}; choose one of {', '.join(list_variants())}")

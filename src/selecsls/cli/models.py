@@ -18,12 +18,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_models(args: argparse.Namespace) -> int:
     from .. import count_macs, count_params, create_model, list_models
+    from ..weights import default_weights
 
-    print(f"{'model':<14}{'params':>14}{f'GMACs@{args.img_size}':>12}")
+    print(f"{'model':<14}{'params':>14}{f'GMACs@{args.img_size}':>12}{'top-1':>8}{'top-5':>8}  pretrained weights")
     for name in list_models():
         model = create_model(name)
         macs = count_macs(model, (1, 3, args.img_size, args.img_size))
-        print(f"{name:<14}{count_params(model):>14,}{macs / 1e9:>12.2f}")
+        weights = default_weights(name)
+        accuracy = f"{weights.top1:>8.2f}{weights.top5:>8.2f}  {weights.name}" if weights else f"{'-':>8}{'-':>8}  -"
+        print(f"{name:<14}{count_params(model):>14,}{macs / 1e9:>12.2f}{accuracy}")
     return 0
 
 

@@ -1,0 +1,79 @@
+"""``selecsls prune``: remove unused (or, to a budget, the least important) channels of a checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "prune",
+        help="remove inactive channels (|gamma| < threshold) and fold BN; --target-macs prunes to a budget",
+        description=(
+            "Without a target, pruning is exact: outputs are unchanged. With --target-macs/--target-params it "
+            "removes active channels too (step 1 of 2); step 2 is fine-tuning: "
+            "selecsls train --data DIR --init PRUNED.pt --output RUN"
+        ),
+    )
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="model file to prune")
+    p.add_argument("--model", help="architecture name when the file holds a plain state dict, e.g. selecsls60")
+    p.add_argument("--threshold", type=float, default=1e-3, help="|gamma| below this marks a channel inactive (default 1e-3)")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--target-macs", type=float, metavar="FRACTION", help="prune further to this fraction of the MACs, e.g. 0.7")
+    budget.add_argument("--target-params", type=float, metavar="FRACTION", help="prune further to this fraction of the parameters")
+    p.add_argument("--out", required=True, metavar="FILE", help="where the pruned model is saved (selecsls.load reads it)")
+    p.add_argument("--img-size", type=int, default=224, help="input size for GMACs, the MACs budget and latency (default 224)")
+    p.add_argument("--histogram", metavar="PNG", help="also write a histogram of |gamma| per stage")
+    p.add_argument("--warmup", type=int, default=2, help="untimed runs per model before timing (default 2)")
+    p.add_argument("--repeats", type=int, default=10, help="timed runs per model, interleaved (default 10)")
+    p.set_defaults(func=run_prune)
+
+
+def run_prune(args: argparse.Namespace) -> int:
+    import torch
+
+    from .. import analyze_sparsity, count_macs, count_params, prune, prune_to_budget, save
+    from ..benchmark import summarize, time_interleaved
+    from ..checkpoint import load_model
+    from ..sparsity import save_scale_histogram
+
+    if args.img_size < 1:
+        raise ValueError(f"--img-size must be a positive number of pixels, got {args.img_size}")
+    if args.repeats < 1 or args.warmup < 0:
+        raise ValueError(f"--repeats must be >= 1 and --warmup >= 0, got {args.repeats} and {args.warmup}")
+    model = load_model(args.checkpoint, args.model).cpu().eval()
+    size = (1, model.in_chans, args.img_size, args.img_size)
+    report = analyze_sparsity(model, args.threshold)
+    budgeted = args.target_macs is not None or args.target_params is not None
+    if budgeted:
+        pruned = prune_to_budget(model, args.target_macs, args.target_params, threshold=args.threshold, input_size=size)
+    else:
+        pruned = prune(model, args.threshold)
+    pruned.eval()
+
+    print(report.table(kept={name: cout for name, _, cout, _ in pruned.spec.conv_layers()}))
+    before, after = (count_params(model), count_macs(model, size)), (count_params(pruned), count_macs(pruned, size))
+    print(f"params {before[0]:,} -> {after[0]:,} ({after[0] / before[0]:.1%})")
+    print(f"GMACs@{args.img_size} {before[1] / 1e9:.4g} -> {after[1] / 1e9:.4g} ({after[1] / before[1]:.1%})")
+
+    image = torch.randn(size)
+    with torch.inference_mode():
+        times = time_interleaved(
+            {"before": lambda: model(image), "after": lambda: pruned(image)}, args.warmup, args.repeats
+        )
+    median = {name: summarize(runs)["median"] for name, runs in times.items()}
+    print(
+        f"CPU latency @{args.img_size}, batch 1, median of {args.repeats} interleaved runs: "
+        f"{median['before'] * 1e3:.1f} ms -> {median['after'] * 1e3:.1f} ms ({median['after'] / median['before']:.2f}x)"
+    )
+    save(pruned, args.out)
+    print(f"saved {args.out}")
+    if args.histogram:
+        save_scale_histogram(report, args.histogram)
+        print(f"wrote {args.histogram}")
+    if budgeted:
+        print(
+            "outputs changed (budgeted pruning): fine-tune next, e.g. "
+            f"selecsls train --data DIR --init {args.out} --output RUN_DIR"
+        )
+    return 0

@@ -1,0 +1,64 @@
+"""Tiny SelecSLS models with chosen inactive channels, for the sparsity, pruning and CLI tests."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from selecsls import create_model, get_spec
+
+IMAGE = (2, 3, 64, 64)
+
+
+def tiny_spec():
+    """selecsls42b's shape with every width divided by 16 (at least 4): milliseconds per forward."""
+    spec = get_spec("selecsls42b")
+    return spec.with_widths({name: max(4, cout // 16) for name, _, cout, _ in spec.conv_layers()}, name="tiny42b")
+
+
+def batchnorms(model: nn.Module) -> dict[str, nn.BatchNorm2d]:
+    """Conv layer name ('features.1.conv2') -> its BatchNorm."""
+    return {name.removesuffix(".bn"): m for name, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
+
+
+def trained_like(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Random BN statistics and affine parameters, as after training (eval mode)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for bn in batchnorms(model).values():
+            n = bn.num_features
+            bn.running_mean.copy_(torch.rand(n, generator=gen) - 0.5)
+            bn.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
+            bn.weight.copy_(torch.rand(n, generator=gen) + 0.5)
+            bn.bias.copy_(torch.rand(n, generator=gen) - 0.5)
+    return model.eval()
+
+
+def deactivate(model: nn.Module, channels: dict[str, list[int]], beta: float = 0.0) -> nn.Module:
+    """Set gamma to 0 and beta to ``beta`` on the given channels of the given layers."""
+    bns = batchnorms(model)
+    with torch.no_grad():
+        for name, idx in channels.items():
+            bns[name].weight[idx] = 0.0
+            bns[name].bias[idx] = beta
+    return model
+
+
+def random_inactive(model: nn.Module, fraction: float, seed: int = 0) -> dict[str, list[int]]:
+    """About ``fraction`` of every layer's channels (never all of them), chosen at random."""
+    gen = torch.Generator().manual_seed(seed)
+    chosen = {}
+    for name, bn in batchnorms(model).items():
+        idx = (torch.rand(bn.num_features, generator=gen) < fraction).nonzero().flatten().tolist()
+        chosen[name] = idx[: bn.num_features - 1]
+    return chosen
+
+
+def sparse_tiny_model(fraction: float = 0.3, seed: int = 0, **kwargs) -> nn.Module:
+    """A trained-looking tiny model with ``fraction`` of its channels at gamma = beta = 0."""
+    model = trained_like(create_model(tiny_spec(), **{"num_classes": 10} | kwargs), seed)
+    return deactivate(model, random_inactive(model, fraction, seed))
+
+
+def relative_error(reference: torch.Tensor, output: torch.Tensor) -> float:
+    return float((reference - output).abs().max() / reference.abs().max())
