@@ -41,6 +41,7 @@ def inputs_for(model):
 # Runs in a fresh interpreter: only the file (and selecsls) may be needed to rebuild the model.
 FRESH_PROCESS_LOAD = """
 import sys, torch, selecsls
+torch.set_num_threads(1)  # same reduction order as the test process (conftest), so outputs match bit for bit
 for path in sys.argv[1:]:
     model = selecsls.load(path).eval()
     x = torch.load(path + ".input.pt", weights_only=True)

@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 
 # Subcommand modules (``selecsls.cli.<name>``); each adds its parsers in ``register(subparsers)``
 # and keeps heavy imports inside its run functions so ``selecsls --help`` stays fast.
-COMMAND_MODULES = ("models",)
+COMMAND_MODULES = ("models", "train", "prune", "deploy", "bench")
 
 
 class CLIError(Exception):

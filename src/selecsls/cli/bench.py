@@ -1,0 +1,68 @@
+"""``selecsls bench``: SelecSLS against ResNet-50 (and VoVNet-39) on this machine, fairly."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 224,512, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one integer")
+    return values
+
+
+def _name_list(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "bench",
+        help="latency, memory and MACs of SelecSLS vs ResNet-50 and VoVNet-39, as ratios to ResNet-50",
+        description=(
+            "Quick default (a few minutes on 2 CPU cores): selecsls42b, selecsls60, resnet50, vovnet39 at "
+            "224px and 512px batch 1 and 224px batch 16, eager fp32. Models are timed round-robin so "
+            "machine drift hits all alike; medians and inter-quartile ranges are reported."
+        ),
+    )
+    p.add_argument("--full", action="store_true", help="the published grid: 224/400/512 px x batch 1/16")
+    p.add_argument("--models", type=_name_list, help="comma-separated SelecSLS variants and baselines (resnet50, vovnet39)")
+    p.add_argument("--sizes", type=_int_list, default=(), help="image sizes, e.g. 224,512 (a grid with --batch-sizes)")
+    p.add_argument("--batch-sizes", type=_int_list, default=(), help="batch sizes, e.g. 1,16")
+    p.add_argument("--backends", type=_name_list, default=("eager",),
+                   help="comma-separated: eager, channels_last, script, compile, fused, pruned, ... (default eager)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice, printed)")
+    p.add_argument("--amp", action="store_true", help="autocast: fp16 on CUDA, bf16 on CPU")
+    p.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
+    p.add_argument("--repeats", type=int, default=7, help="timed interleaved rounds (default 7)")
+    p.add_argument("--output", default="bench", metavar="PREFIX",
+                   help="writes PREFIX.json (every raw sample, the machine) and PREFIX.png (default: bench)")
+    p.set_defaults(func=run_bench)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from ..benchmark import QUICK_MODELS, BenchSettings, grid_shapes, run_benchmark
+    from ..benchmark_report import format_report, write_json, write_plot
+
+    settings = BenchSettings(
+        models=QUICK_MODELS if args.models is None else args.models,
+        shapes=grid_shapes(args.full, args.sizes, args.batch_sizes),
+        backends=args.backends,
+        device=args.device,
+        threads=args.threads,
+        amp=args.amp,
+        warmup=args.warmup,
+        repeats=args.repeats,
+    )
+    result = run_benchmark(settings, log=lambda message: print(message, file=sys.stderr, flush=True))
+    print(format_report(result))
+    write_json(result, f"{args.output}.json")
+    write_plot(result, f"{args.output}.png")
+    print(f"\nwrote {args.output}.json and {args.output}.png")
+    return 0

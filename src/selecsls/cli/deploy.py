@@ -1,0 +1,153 @@
+"""``selecsls export`` (ONNX / TorchScript / int8, checked) and ``selecsls predict`` (top-k on image files)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from . import CLIError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "export", help="export a checkpoint to ONNX or frozen TorchScript, checked against PyTorch",
+        description="Export a model and verify the file: it is run on random inputs (and on --images) and must "
+        "match PyTorch within 1e-4 relative, or nothing is written.",
+    )  # fmt: skip
+    p.add_argument("checkpoint", help="any checkpoint: selecsls.save / training / pruned files, or a state dict")
+    p.add_argument("--model", help="variant name, needed only for a state dict whose shapes fit several variants")
+    p.add_argument("--format", choices=("onnx", "torchscript"), required=True)
+    p.add_argument("--out", required=True, help="file to write (atomically, only once the check passed)")
+    p.add_argument("--fuse", action="store_true", help="fold BatchNorm into the convolutions first")
+    p.add_argument("--prune", type=float, metavar="THRESHOLD",
+                   help="first remove channels with |BN gamma| below THRESHOLD (exact; implies --fuse)")
+    p.add_argument("--dynamic", action="store_true", help="ONNX: free batch size, height and width")
+    p.add_argument("--img-size", type=int, help="export (and check) at this input size (default: the model's)")
+    p.add_argument("--images", nargs="+", default=(), metavar="IMAGE", help="real images to check the export on")
+    p.add_argument("--int8", action="store_true", help="ONNX: post-training static int8 quantization (needs --calibration)")
+    p.add_argument("--calibration", metavar="DATA",
+                   help="data directory (class folders or MNIST-style IDX files): its train split calibrates int8, "
+                   "its val split measures the accuracy drop")  # fmt: skip
+    p.add_argument("--calibration-images", type=int, default=128, help="training images used to calibrate (default 128)")
+    p.add_argument("--eval-images", type=int, default=1000, help="validation images scored fp32 vs int8 (default 1000)")
+    p.add_argument("--max-drop", type=float, metavar="POINTS", help="fail if int8 loses more top-1 points than this")
+    p.set_defaults(func=run_export)
+
+    p = subparsers.add_parser("predict", help="classify images: top-k class names and probabilities")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--checkpoint", help="checkpoint or .onnx file from `selecsls export` (default: published weights of --model)")
+    p.add_argument("--model", help="variant name (with no --checkpoint: its published ImageNet weights)")
+    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--backend", choices=("auto", "eager", "fused", "onnxruntime"), default="auto",
+                   help="inference path; auto takes the fastest correct one (onnxruntime, else fused)")  # fmt: skip
+    p.set_defaults(func=run_predict)
+
+
+def _check_export_args(args: argparse.Namespace) -> None:
+    if args.int8 and args.format != "onnx":
+        raise CLIError("--int8 produces an ONNX model: use --format onnx")
+    if args.int8 and not args.calibration:
+        raise CLIError("--int8 needs --calibration DATA: real images to calibrate on and to measure the accuracy drop")
+    if args.calibration and not args.int8:
+        raise CLIError("--calibration is for --int8 only")
+    if args.dynamic and args.format != "onnx":
+        raise CLIError("--dynamic applies to ONNX only: TorchScript already accepts any batch and image size")
+    _require_files(args.images)
+
+
+def _require_files(images) -> None:
+    """Fail on a missing image before spending seconds on loading and exporting the model."""
+    for image in images:
+        if not Path(image).is_file():
+            raise FileNotFoundError(f"image {image} does not exist")
+
+
+def _prepare_model(args: argparse.Namespace):
+    """The checkpoint's model, pruned and/or fused as asked, with its input size set."""
+    from .. import fuse, prune
+    from ..checkpoint import load_model
+    from ..complexity import count_params
+
+    model = load_model(args.checkpoint, args.model).eval()
+    if args.prune is not None:
+        before = count_params(model)
+        model = prune(model, args.prune)
+        print(f"pruned at |gamma| < {args.prune:g}: {before:,} -> {count_params(model):,} parameters")
+    elif args.fuse:
+        model = fuse(model)
+    if args.img_size:
+        channels = model.pretrained_cfg["input_size"][0]
+        model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (channels, args.img_size, args.img_size)}
+    return model.eval()
+
+
+def run_export(args: argparse.Namespace) -> int:
+    _check_export_args(args)
+    from ..export import export_model
+    from ..inference import load_images
+    from ..transforms import eval_transform_from_cfg
+
+    model = _prepare_model(args)
+    transform = eval_transform_from_cfg(model.pretrained_cfg)
+    images = load_images(args.images, transform) if args.images else None
+    if images is None:
+        print("no --images given: the export is checked on random inputs only")
+    if args.int8:
+        from ..quantization import export_int8
+
+        calibration, evaluation = _int8_data(args, transform)
+        checks, comparison = export_int8(model, args.out, calibration, evaluation, dynamic=args.dynamic,
+                                         images=images, max_drop=args.max_drop)  # fmt: skip
+    else:
+        checks = export_model(model, args.out, args.format, dynamic=args.dynamic, images=images)
+    print("fp32 export vs PyTorch:")
+    for check in checks:
+        print(f"  {check}")
+    if args.int8:
+        print(f"int8 vs fp32: {comparison}")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _int8_data(args: argparse.Namespace, transform):
+    """(calibration images, validation loader): seeded random subsets of the data directory."""
+    import torch
+
+    from ..data import TransformedDataset, build_dataset, build_loader, training_classes
+
+    def subset(split: str, count: int, classes=None):
+        dataset = build_dataset(args.calibration, split, classes)
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:count].tolist()
+        return build_loader(TransformedDataset(dataset, transform), order, batch_size=64, workers=0)
+
+    if args.calibration_images < 1 or args.eval_images < 1:
+        raise CLIError("--calibration-images and --eval-images must be >= 1")
+    calibration = torch.cat([batch.images for batch in subset("train", args.calibration_images)])
+    return calibration, subset("val", args.eval_images, training_classes(args.calibration))
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    _require_files(args.images)
+    from ..inference import Predictor
+
+    if args.checkpoint and args.checkpoint.endswith(".onnx"):
+        if args.backend not in ("auto", "onnxruntime"):
+            raise CLIError(f"an .onnx file runs on onnxruntime only; drop --backend {args.backend}")
+        predictor = Predictor.from_onnx(args.checkpoint)
+    else:
+        predictor = Predictor.from_model(_predict_model(args), args.backend)
+    print(f"backend: {predictor.backend}")
+    for prediction in predictor.predict(args.images, args.topk):
+        print(prediction)
+    return 0
+
+
+def _predict_model(args: argparse.Namespace):
+    from ..checkpoint import load_model
+    from ..factory import create_model
+
+    if args.checkpoint:
+        return load_model(args.checkpoint, args.model)
+    if not args.model:
+        raise CLIError("give --checkpoint FILE, or --model NAME to use that variant's published ImageNet weights")
+    return create_model(args.model, pretrained=True)

@@ -1,0 +1,153 @@
+"""Classify image files: load a model, pick an inference backend, report top-k class names.
+
+Backends (all take the same preprocessed batch and return logits):
+
+* ``eager``: the model as loaded.
+* ``fused``: BatchNorm folded into the convolutions (:func:`selecsls.fuse`), channels-last.
+* ``onnxruntime``: the model exported to ONNX in memory (or an ``.onnx`` file exported by
+  ``selecsls export``) run by ONNX Runtime; an in-memory export is checked against PyTorch
+  before use.
+
+``auto`` takes the fastest per image that is available and correct: onnxruntime, else fused
+(docs/deployment.md has the measurements behind that order).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+from typing import Any, Mapping, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from .data import open_image
+from .export import Runner, compare_outputs, onnx_session, read_metadata, session_runner, to_onnx
+from .transforms import EvalTransform, eval_transform_from_cfg
+
+__all__ = ["BACKENDS", "Prediction", "Predictor", "class_names", "imagenet_class_names", "load_images"]
+
+BACKENDS = ("auto", "eager", "fused", "onnxruntime")
+IMAGENET_CLASSES = 1000
+PathLike = Union[str, os.PathLike]
+
+
+@lru_cache(maxsize=1)
+def imagenet_class_names() -> tuple[str, ...]:
+    """The 1000 ILSVRC-2012 class names in index order (package data)."""
+    text = resources.files("selecsls").joinpath("resources/imagenet_classes.txt").read_text(encoding="utf-8")
+    return tuple(text.splitlines())
+
+
+def class_names(pretrained_cfg: Mapping[str, Any], num_classes: int) -> list[str]:
+    """Names for the model's outputs: the training folder names it records (``label_names``),
+    the ImageNet names for a 1000-class model, else ``class 0``, ``class 1``, ..."""
+    names = pretrained_cfg.get("label_names")
+    if names is not None:
+        if len(names) != num_classes:
+            raise ValueError(f"the model records {len(names)} class names for {num_classes} outputs; "
+                             "its pretrained_cfg['label_names'] does not belong to it")  # fmt: skip
+        return list(names)
+    if num_classes == IMAGENET_CLASSES:
+        return list(imagenet_class_names())
+    return [f"class {i}" for i in range(num_classes)]
+
+
+def load_images(paths: Sequence[PathLike], transform: EvalTransform) -> Tensor:
+    """Decode (Pillow) and preprocess image files into one batch; a bad file raises one clear error."""
+    if not paths:
+        raise ValueError("no images given")
+    return torch.stack([transform(open_image(path, transform.draft_size)) for path in paths])
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The ``k`` most likely classes for one image, most likely first."""
+
+    path: str
+    classes: tuple[tuple[str, float], ...]  # (class name, probability)
+
+    def __str__(self) -> str:
+        rows = [f"{self.path}"] + [f"  {rank}. {name:<30} {100 * p:6.2f}%"
+                                   for rank, (name, p) in enumerate(self.classes, start=1)]  # fmt: skip
+        return "\n".join(rows)
+
+
+def _fused_runner(model: nn.Module) -> Runner:
+    from .fusion import fuse
+
+    fused = (model if model.fused else fuse(model)).eval().to(memory_format=torch.channels_last)
+    return lambda x: fused(x.contiguous(memory_format=torch.channels_last))
+
+
+def _onnxruntime_runner(model: nn.Module, example: Tensor) -> Runner:
+    """Export to ONNX in memory and verify it on ``example`` before trusting it."""
+    from .export import RELATIVE_TOLERANCE
+
+    run = session_runner(onnx_session(to_onnx(model, example, dynamic=True)))
+    check = compare_outputs(model, run, [("random input", example)])[0]
+    if not check.passed:
+        raise RuntimeError(f"the ONNX export of this model is not exact ({check}; tolerance {RELATIVE_TOLERANCE:g})")
+    return run
+
+
+class Predictor:
+    """Image files -> top-k class names, with one model and one backend."""
+
+    def __init__(self, run: Runner, transform: EvalTransform, names: Sequence[str], backend: str) -> None:
+        self.run = run
+        self.transform = transform
+        self.names = list(names)
+        self.backend = backend
+
+    @classmethod
+    def from_model(cls, model: nn.Module, backend: str = "auto") -> "Predictor":
+        """Wrap a PyTorch classifier; ``backend`` is one of :data:`BACKENDS`."""
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if getattr(model, "num_classes", 0) < 1:
+            raise ValueError("predict needs a classifier; this model has no classifier (num_classes=0)")
+        model = model.eval()
+        cfg = model.pretrained_cfg
+        transform = eval_transform_from_cfg(cfg)
+        example = torch.randn(1, *cfg["input_size"], generator=torch.Generator().manual_seed(0))
+        names = class_names(cfg, model.num_classes)
+        if backend == "auto":
+            try:
+                return cls(_onnxruntime_runner(model, example), transform, names, "onnxruntime")
+            except (ImportError, RuntimeError) as exc:
+                warnings.warn(f"onnxruntime backend unavailable ({exc}); using fused", stacklevel=2)
+                backend = "fused"
+        runners = {
+            "eager": lambda: model,
+            "fused": lambda: _fused_runner(model),
+            "onnxruntime": lambda: _onnxruntime_runner(model, example),
+        }
+        return cls(runners[backend](), transform, names, backend)
+
+    @classmethod
+    def from_onnx(cls, path: PathLike) -> "Predictor":
+        """Wrap an ONNX file written by ``selecsls export`` (its metadata holds the preprocessing)."""
+        cfg = read_metadata(path)
+        session = onnx_session(path)
+        num_classes = session.get_outputs()[0].shape[-1]
+        return cls(session_runner(session), eval_transform_from_cfg(cfg), class_names(cfg, num_classes), "onnxruntime")
+
+    def predict(self, paths: Sequence[PathLike], topk: int = 5, batch_size: int = 16) -> list[Prediction]:
+        """Top-``topk`` classes with softmax probabilities for each image, in input order."""
+        if topk < 1:
+            raise ValueError(f"topk must be >= 1, got {topk}")
+        k = min(topk, len(self.names))
+        predictions = []
+        for start in range(0, len(paths), batch_size):
+            chunk = paths[start : start + batch_size]
+            with torch.no_grad():
+                probs = self.run(load_images(chunk, self.transform)).float().softmax(dim=1)
+            top = probs.topk(k, dim=1)
+            for path, values, indices in zip(chunk, top.values.tolist(), top.indices.tolist()):
+                predictions.append(Prediction(os.fspath(path), tuple((self.names[i], v) for i, v in zip(indices, values))))
+        return predictions
