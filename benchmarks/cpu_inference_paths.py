@@ -10,6 +10,9 @@ path's outputs are compared with the model's eager outputs: fp32 paths must be e
 (max abs diff <= 1e-4 of the output scale); ``pruned`` and ``int8`` change the function and
 report their difference. ``straightforward`` is SelecSLS with the textbook block forward
 (modules and ``torch.cat``), the baseline the package's block must match or beat.
+``no_concat`` and ``fused_no_concat`` test whether the concatenation's memory copy costs
+time: conv6 (1x1) applied to the concatenation equals the sum of its per-branch 1x1 convs,
+so a block can skip the copy at the price of several smaller matrix products and additions.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import os
 import types
 
 import torch
+import torch.nn.functional as F
 
 from selecsls import create_model
 from selecsls.backends import BACKENDS, BackendUnavailable
@@ -29,7 +33,8 @@ from selecsls.benchmark import summarize, time_interleaved
 from selecsls.export import RELATIVE_TOLERANCE
 from selecsls.model import SelecSLS
 
-EXACT_PATHS = ("straightforward", "eager", "fused", "channels_last", "fused_channels_last", "onnxruntime")
+EXACT_PATHS = ("straightforward", "eager", "fused", "channels_last", "fused_channels_last", "no_concat", "fused_no_concat",
+               "onnxruntime")
 
 
 def straightforward_block_forward(self, x, skip):
@@ -54,6 +59,39 @@ def fused_channels_last(model, example):
     return BACKENDS["channels_last"](_fused_model(model), example)
 
 
+def no_concat_block_forward(self, x, skip):
+    """conv6(cat[d1, d2, d3, skip]) as the sum of conv6's per-branch 1x1 convs: no concatenation copy."""
+    d1 = self.conv1(x)
+    d2 = self.conv3(self.conv2(d1))
+    d3 = self.conv5(self.conv4(d2))
+    branches = [d1, d2, d3] if self.is_first else [d1, d2, d3, skip]
+    weights = self.conv6.conv.weight.split([b.shape[1] for b in branches], dim=1)
+    out = F.conv2d(branches[0], weights[0], self.conv6.conv.bias)
+    for branch, weight in zip(branches[1:], weights[1:]):
+        out = out + F.conv2d(branch, weight)
+    return self.conv6.act(self.conv6.bn(out))
+
+
+def _without_concat(model):
+    if not isinstance(model, SelecSLS):
+        raise BackendUnavailable("SelecSLS only: its blocks concatenate")
+    for block in model.features:
+        block.forward = types.MethodType(no_concat_block_forward, block)
+    return model
+
+
+def no_concat(model, example):
+    """Eager model whose blocks never concatenate (see ``no_concat_block_forward``)."""
+    rewritten = _without_concat(copy.deepcopy(model))
+    return lambda: rewritten(example)
+
+
+def fused_no_concat(model, example):
+    """Fused model whose blocks never concatenate."""
+    rewritten = _without_concat(_fused_model(model)) if isinstance(model, SelecSLS) else _without_concat(model)
+    return lambda: rewritten(example)
+
+
 def _fused_model(model):
     """The model the ``fused`` backend runs (that backend hands out only a call)."""
     from selecsls.fusion import fuse
@@ -65,7 +103,8 @@ def _fused_model(model):
     return fx_fuse(model).eval()
 
 
-PATHS = {"straightforward": straightforward, **BACKENDS, "fused_channels_last": fused_channels_last}
+PATHS = {"straightforward": straightforward, **BACKENDS, "fused_channels_last": fused_channels_last,
+         "no_concat": no_concat, "fused_no_concat": fused_no_concat}
 
 
 def main() -> None:

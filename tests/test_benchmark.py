@@ -7,6 +7,7 @@ from torch import nn
 
 from selecsls import count_flops, count_macs, create_model
 from selecsls.backends import BACKENDS, BackendUnavailable, lazy_backend
+from selecsls.baselines import create_baseline
 from selecsls.benchmark import (
     FULL_BATCH_SIZES,
     FULL_SIZES,
@@ -60,6 +61,13 @@ def test_saved_tensor_bytes_of_a_hand_built_network():
         + batch * 4 * size * size  # ReLU keeps its output; conv2 reads that same storage (counted once)
     )  # weights and BN running statistics are not activations
     assert saved_tensor_bytes(network, (batch, 3, size, size)) == by_hand
+
+
+def test_selecsls60_keeps_about_half_the_activations_of_resnet50_for_backward():
+    # The published claim at large batch or image size; conv6 never materialises its concatenation.
+    shape = (8, 3, 512, 512)
+    ratio = saved_tensor_bytes(create_model("selecsls60"), shape) / saved_tensor_bytes(create_baseline("resnet50"), shape)
+    assert 0.50 < ratio < 0.55
 
 
 def test_flop_count_of_a_single_conv_matches_the_formula():

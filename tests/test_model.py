@@ -127,3 +127,23 @@ def test_create_model_keeps_spec_in_chans_unless_overridden():
     spec = selecsls.get_spec("selecsls42b").with_in_chans(1)
     assert create_model(spec).in_chans == 1
     assert create_model(spec, in_chans=4).in_chans == 4
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_conv6_equals_a_1x1_conv_of_the_concatenation_in_values_and_gradients(fused):
+    from selecsls.model import ConcatConvNormAct, ConvNormAct
+
+    torch.manual_seed(0)
+    parts = [torch.randn(2, c, 9, 7, requires_grad=True) for c in (5, 3, 2, 6)]
+    mixer = ConcatConvNormAct([5, 3, 2, 6], 8, fused=fused)
+    plain = ConvNormAct(16, 8, 1, fused=fused)
+    plain.load_state_dict(mixer.state_dict())  # same keys: checkpoints fit either
+    (mixer(parts) ** 2).sum().backward()
+    expected_grads = [p.grad.clone() for p in parts] + [mixer.conv.weight.grad]
+    for p in parts:
+        p.grad = None
+    expected = plain(torch.cat(parts, 1))
+    (expected**2).sum().backward()
+    torch.testing.assert_close(mixer(parts), expected)
+    for got, want in zip(expected_grads, [p.grad for p in parts] + [plain.conv.weight.grad]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)  # float sums in another order

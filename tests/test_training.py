@@ -148,6 +148,20 @@ def test_two_process_ddp_run(folder, init_checkpoint, tmp_path):
     assert record["val_images"] == 24 and record["train_skipped"] in (0, 1)
 
 
+def test_fine_tuning_a_pruned_model_keeps_its_spec_and_reports_sparsity(folder, tmp_path, capsys):
+    # The second step of the prune -> fine-tune flow: the pruned model is fused (no BatchNorm).
+    dense = selecsls.create_model(narrow_spec(), num_classes=3).eval()
+    with torch.no_grad():
+        dense.features[1].conv2.bn.weight[:3] = 0.0
+    pruned = selecsls.prune(dense)
+    selecsls.save(pruned, tmp_path / "pruned.pt")
+    argv = _tiny_args(folder, tmp_path / "pruned.pt", tmp_path / "run", "--epochs", 1)
+    assert main(argv) == 0
+    assert "have fused filter norm < 0.001" in capsys.readouterr().out
+    tuned = selecsls.load(tmp_path / "run" / "best.pt")
+    assert tuned.fused and tuned.spec == pruned.spec
+
+
 @pytest.mark.skipif(
     not (FASHION_MNIST / "train-images-idx3-ubyte.gz").exists(),
     reason=f"Fashion-MNIST IDX files not installed in {FASHION_MNIST} (CI installs them)",

@@ -92,7 +92,7 @@ def fused(model: nn.Module, example: Tensor) -> Callable[[], object]:
 
 
 def pruned(model: nn.Module, example: Tensor) -> Callable[[], object]:
-    """``selecsls.prune_to_budget(model, macs=PRUNED_MACS_FRACTION)`` (SelecSLS only), BN kept."""
+    """``selecsls.prune_to_budget(model, macs=PRUNED_MACS_FRACTION)`` (SelecSLS only): fused and narrower."""
     from .model import SelecSLS
 
     if not isinstance(model, SelecSLS):

@@ -122,9 +122,17 @@ def to_onnx(model: nn.Module, example: Tensor, dynamic: bool = False) -> bytes:
     """The serialised ONNX model (opset :data:`ONNX_OPSET`) with ``pretrained_cfg`` as metadata.
 
     ``dynamic`` makes batch, height and width free dimensions; otherwise the graph is fixed to
-    ``example``'s shape (which lets ONNX Runtime plan memory once).
+    ``example``'s shape (which lets ONNX Runtime plan memory once). A SelecSLS is exported
+    fused: its conv6 BatchNorm follows a sum of convs (see ``ConcatConvNormAct``), which ONNX
+    Runtime's conv-BN fusion would not fold.
     """
     import onnx
+
+    from .fusion import fuse
+    from .model import SelecSLS
+
+    if isinstance(model, SelecSLS) and not model.fused:
+        model = fuse(model)
 
     buffer = io.BytesIO()
     dynamic_axes = {INPUT_NAME: {0: "batch", 2: "height", 3: "width"}, OUTPUT_NAME: {0: "batch"}} if dynamic else None

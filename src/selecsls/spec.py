@@ -53,9 +53,15 @@ class BlockSpec:
         return self.widths[5]
 
     @property
+    def concat_parts(self) -> tuple[int, ...]:
+        """Widths of what conv6 reads, in order: conv1, conv3 and conv5 outputs, then the skip."""
+        w = self.widths
+        return (w[0], w[2], w[4]) if self.first else (w[0], w[2], w[4], self.skip_chs)
+
+    @property
     def concat_chs(self) -> int:
-        """Input width of conv6: conv1 + conv3 + conv5 outputs, plus the skip."""
-        return self.widths[0] + self.widths[2] + self.widths[4] + self.skip_chs
+        """Input width of conv6."""
+        return sum(self.concat_parts)
 
     def conv_in_chs(self) -> tuple[int, int, int, int, int, int]:
         w = self.widths

@@ -453,19 +453,27 @@ class Run:
         if self.workers.is_main:
             print(message, flush=True)
 
-    def _report_sparsity(self, threshold: float = 1e-3) -> float:
-        """Fraction of BatchNorm channels with |gamma| < threshold; prints the per-layer pruning analysis."""
+    def _report_sparsity(self, threshold: float = 1e-3) -> Optional[float]:
+        """Fraction of channels with |gamma| < threshold (pruning candidates); prints the per-layer analysis.
+
+        A fused SelecSLS (e.g. fine-tuned after pruning) is scored by fused filter norm instead;
+        a baseline without BatchNorm has nothing to report (None).
+        """
         from .model import SelecSLS
         from .sparsity import analyze_sparsity
 
-        scales = torch.cat([m.weight.detach().abs().flatten().cpu() for m in self.model.modules()
-                            if isinstance(m, nn.BatchNorm2d)])  # fmt: skip
-        low = int((scales < threshold).sum()) if len(scales) else 0
-        fraction = low / max(len(scales), 1)
         if isinstance(self.model, SelecSLS):
-            self._log(analyze_sparsity(self.model, threshold).table())
-        self._log(f"{low}/{len(scales)} channels ({100 * fraction:.1f}%) "
-                  f"have |gamma| < {threshold:g} (pruning candidates)")  # fmt: skip
+            report = analyze_sparsity(self.model, threshold)
+            self._log(report.table())
+            low, total, criterion = report.inactive_channels, report.total_channels, report.criterion
+        else:
+            scales = [m.weight.detach().abs().flatten() for m in self.model.modules() if isinstance(m, nn.BatchNorm2d)]
+            if not scales:
+                return None
+            all_scales = torch.cat(scales)
+            low, total, criterion = int((all_scales < threshold).sum()), all_scales.numel(), "|gamma|"
+        fraction = low / max(total, 1)
+        self._log(f"{low}/{total} channels ({100 * fraction:.1f}%) have {criterion} < {threshold:g} (pruning candidates)")
         return fraction
 
 
