@@ -10,9 +10,9 @@ path's outputs are compared with the model's eager outputs: fp32 paths must be e
 (max abs diff <= 1e-4 of the output scale); ``pruned`` and ``int8`` change the function and
 report their difference. ``straightforward`` is SelecSLS with the textbook block forward
 (modules and ``torch.cat``), the baseline the package's block must match or beat.
-``no_concat`` and ``fused_no_concat`` test whether the concatenation's memory copy costs
-time: conv6 (1x1) applied to the concatenation equals the sum of its per-branch 1x1 convs,
-so a block can skip the copy at the price of several smaller matrix products and additions.
+The package's block never concatenates (conv6 is computed as the sum of per-branch 1x1
+convs, ``selecsls.model.ConcatConvNormAct``); ``straightforward`` and
+``fused_straightforward`` show what that is worth against ``eager`` and ``fused``.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import os
 import types
 
 import torch
-import torch.nn.functional as F
 
 from selecsls import create_model
 from selecsls.backends import BACKENDS, BackendUnavailable
@@ -33,7 +32,7 @@ from selecsls.benchmark import summarize, time_interleaved
 from selecsls.export import RELATIVE_TOLERANCE
 from selecsls.model import SelecSLS
 
-EXACT_PATHS = ("straightforward", "eager", "fused", "channels_last", "fused_channels_last", "no_concat", "fused_no_concat",
+EXACT_PATHS = ("straightforward", "eager", "fused", "channels_last", "fused_channels_last", "fused_straightforward",
                "onnxruntime")
 
 
@@ -42,54 +41,31 @@ def straightforward_block_forward(self, x, skip):
     d1 = self.conv1(x)
     d2 = self.conv3(self.conv2(d1))
     d3 = self.conv5(self.conv4(d2))
-    return self.conv6(torch.cat([d1, d2, d3] if self.is_first else [d1, d2, d3, skip], 1))
+    mix = self.conv6
+    return mix.act(mix.bn(mix.conv(torch.cat([d1, d2, d3] if self.is_first else [d1, d2, d3, skip], 1))))
+
+
+def _textbook(model):
+    if not isinstance(model, SelecSLS):
+        raise BackendUnavailable("SelecSLS only: the reference implementation of its block")
+    for block in model.features:
+        block.forward = types.MethodType(straightforward_block_forward, block)
+    return model
 
 
 def straightforward(model, example):
-    if not isinstance(model, SelecSLS):
-        raise BackendUnavailable("SelecSLS only: the reference implementation of its block")
-    reference = copy.deepcopy(model)
-    for block in reference.features:
-        block.forward = types.MethodType(straightforward_block_forward, block)
+    reference = _textbook(copy.deepcopy(model))
+    return lambda: reference(example)
+
+
+def fused_straightforward(model, example):
+    reference = _textbook(_fused_model(model)) if isinstance(model, SelecSLS) else _textbook(model)
     return lambda: reference(example)
 
 
 def fused_channels_last(model, example):
     """BatchNorm folded into the convs, weights and input in channels-last layout."""
     return BACKENDS["channels_last"](_fused_model(model), example)
-
-
-def no_concat_block_forward(self, x, skip):
-    """conv6(cat[d1, d2, d3, skip]) as the sum of conv6's per-branch 1x1 convs: no concatenation copy."""
-    d1 = self.conv1(x)
-    d2 = self.conv3(self.conv2(d1))
-    d3 = self.conv5(self.conv4(d2))
-    branches = [d1, d2, d3] if self.is_first else [d1, d2, d3, skip]
-    weights = self.conv6.conv.weight.split([b.shape[1] for b in branches], dim=1)
-    out = F.conv2d(branches[0], weights[0], self.conv6.conv.bias)
-    for branch, weight in zip(branches[1:], weights[1:]):
-        out = out + F.conv2d(branch, weight)
-    return self.conv6.act(self.conv6.bn(out))
-
-
-def _without_concat(model):
-    if not isinstance(model, SelecSLS):
-        raise BackendUnavailable("SelecSLS only: its blocks concatenate")
-    for block in model.features:
-        block.forward = types.MethodType(no_concat_block_forward, block)
-    return model
-
-
-def no_concat(model, example):
-    """Eager model whose blocks never concatenate (see ``no_concat_block_forward``)."""
-    rewritten = _without_concat(copy.deepcopy(model))
-    return lambda: rewritten(example)
-
-
-def fused_no_concat(model, example):
-    """Fused model whose blocks never concatenate."""
-    rewritten = _without_concat(_fused_model(model)) if isinstance(model, SelecSLS) else _without_concat(model)
-    return lambda: rewritten(example)
 
 
 def _fused_model(model):
@@ -104,14 +80,15 @@ def _fused_model(model):
 
 
 PATHS = {"straightforward": straightforward, **BACKENDS, "fused_channels_last": fused_channels_last,
-         "no_concat": no_concat, "fused_no_concat": fused_no_concat}
+         "fused_straightforward": fused_straightforward}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["selecsls60", "resnet50"])
-    parser.add_argument("--paths", nargs="+", default=["straightforward", "eager", "fused", "fused_channels_last",
-                                                        "onnxruntime", "pruned", "int8"])  # fmt: skip
+    parser.add_argument("--paths", nargs="+", default=["straightforward", "eager", "fused_straightforward", "fused",
+                                                        "channels_last", "fused_channels_last", "onnxruntime",
+                                                        "pruned", "int8"])  # fmt: skip
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--warmup", type=int, default=3)

@@ -50,25 +50,33 @@ def _machine_line(result: dict) -> str:
 
 
 def _latency_table(result: dict) -> str:
+    """Medians (IQR) per model and backend; speed-up vs the reference's eager run and, with several
+    backends, vs the reference on the same backend (equal footing: same runtime and precision)."""
     records = {(r["model"], r["backend"], r["batch"], r["size"]): r for r in result["latency"]}
     cells = list(dict.fromkeys((batch, size) for _, _, batch, size in records))
+    several_backends = len(result["settings"]["backends"]) > 1
+    reference = result["reference"]
+
+    def reference_median(backend: str, batch: int, size: int) -> float | None:
+        return records.get((reference, backend, batch, size), {}).get("summary", {}).get("median")
+
     rows, skipped = [], []
     for model, backend in dict.fromkeys((model, backend) for model, backend, _, _ in records):
         row = [f"{model} {backend}"]
         for batch, size in cells:
             record = records[(model, backend, batch, size)]
             if record["status"] != "ok":
-                row += ["skipped", "-"]
+                row += ["skipped", "-"] + (["-"] if several_backends else [])
                 skipped.append(f"  {model} {backend}: {record['reason']}")
                 continue
-            reference = records.get((result["reference"], "eager", batch, size), {})
-            reference_median = reference.get("summary", {}).get("median")
-            summary = record["summary"]
-            row += [f"{summary['median'] * 1e3:.1f} ({summary['iqr'] * 1e3:.1f})", _ratio(reference_median, summary["median"], "x")]
+            median, iqr = record["summary"]["median"], record["summary"]["iqr"]
+            row += [f"{median * 1e3:.1f} ({iqr * 1e3:.1f})", _ratio(reference_median("eager", batch, size), median, "x")]
+            if several_backends:
+                row.append(_ratio(reference_median(backend, batch, size), median, "x"))
         rows.append(row)
     header = ["model backend"]
     for batch, size in cells:
-        header += [f"b{batch} {size}px ms (IQR)", "speed-up"]
+        header += [f"b{batch} {size}px ms (IQR)", f"x {reference} eager"] + ([f"x {reference} same"] if several_backends else [])
     notes = "\n".join(dict.fromkeys(skipped))
     return _table(header, rows) + (f"\nskipped:\n{notes}" if notes else "")
 
@@ -103,7 +111,7 @@ def format_report(result: dict) -> str:
         _machine_line(result),
         _models_table(result),
         "Latency, median of interleaved rounds in ms (inter-quartile range); speed-up vs "
-        f"{result['reference']} eager at the same batch and size:\n" + _latency_table(result),
+        f"{result['reference']} at the same batch and size:\n" + _latency_table(result),
     ]
     memory = result["memory"]
     parts += [_memory_table(measure, memory[measure], result["reference"]) for measure in MEMORY_MEASURES if measure in memory]
