@@ -10,9 +10,11 @@ path's outputs are compared with the model's eager outputs: fp32 paths must be e
 (max abs diff <= 1e-4 of the output scale); ``pruned`` and ``int8`` change the function and
 report their difference. ``straightforward`` is SelecSLS with the textbook block forward
 (modules and ``torch.cat``), the baseline the package's block must match or beat.
-The package's block never concatenates (conv6 is computed as the sum of per-branch 1x1
-convs, ``selecsls.model.ConcatConvNormAct``); ``straightforward`` and
-``fused_straightforward`` show what that is worth against ``eager`` and ``fused``.
+The package's conv6 (``selecsls.model.ConcatConvNormAct``) skips the concatenation in
+training only (to save activation memory); in eval mode it runs the textbook
+``torch.cat`` + 1x1 conv, which measured 2-7% faster here than the copy-free sum of
+per-branch convs. ``straightforward`` and ``fused_straightforward`` check that the
+package's ``eager`` and ``fused`` paths stay as fast as the textbook block.
 """
 
 from __future__ import annotations

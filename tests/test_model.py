@@ -147,3 +147,16 @@ def test_conv6_equals_a_1x1_conv_of_the_concatenation_in_values_and_gradients(fu
     torch.testing.assert_close(mixer(parts), expected)
     for got, want in zip(expected_grads, [p.grad for p in parts] + [plain.conv.weight.grad]):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)  # float sums in another order
+
+
+def test_conv6_in_eval_mode_is_the_conv_of_the_concatenation():
+    from selecsls.model import ConcatConvNormAct
+
+    torch.manual_seed(0)
+    parts = [torch.randn(2, c, 5, 5) for c in (4, 2, 2)]
+    mixer = ConcatConvNormAct([4, 2, 2], 3, fused=True).eval()  # no BN: train mode computes the same function
+    with torch.no_grad():
+        expected = mixer.act(mixer.bn(mixer.conv(torch.cat(parts, 1))))
+        torch.testing.assert_close(mixer(parts), expected, rtol=0, atol=0)
+        mixer.train()
+        torch.testing.assert_close(mixer(parts), expected, rtol=1e-4, atol=1e-4)  # same function, copy-free form

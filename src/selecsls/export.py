@@ -8,9 +8,9 @@ output's scale.
 
 ONNX is produced by torch's TorchScript-based exporter (``dynamo=False``): this network is
 only convs, ReLUs, additions and pooling, which that exporter handles completely, and it
-needs no extra package (the torch.export-based exporter needs ``onnxscript``). SelecSLS
-models are exported fused, so the graph has no BatchNorm. docs/deployment.md has the
-measured speed of the exported graphs.
+needs no extra package (the torch.export-based exporter needs ``onnxscript``). ONNX
+Runtime folds the BatchNorms into the convs when it loads the graph. docs/deployment.md has
+the measured speed of the exported graphs.
 """
 
 from __future__ import annotations
@@ -122,17 +122,9 @@ def to_onnx(model: nn.Module, example: Tensor, dynamic: bool = False) -> bytes:
     """The serialised ONNX model (opset :data:`ONNX_OPSET`) with ``pretrained_cfg`` as metadata.
 
     ``dynamic`` makes batch, height and width free dimensions; otherwise the graph is fixed to
-    ``example``'s shape (which lets ONNX Runtime plan memory once). A SelecSLS is exported
-    fused: its conv6 BatchNorm follows a sum of convs (see ``ConcatConvNormAct``), which ONNX
-    Runtime's conv-BN fusion would not fold.
+    ``example``'s shape (which lets ONNX Runtime plan memory once).
     """
     import onnx
-
-    from .fusion import fuse
-    from .model import SelecSLS
-
-    if isinstance(model, SelecSLS) and not model.fused:
-        model = fuse(model)
 
     buffer = io.BytesIO()
     dynamic_axes = {INPUT_NAME: {0: "batch", 2: "height", 3: "width"}, OUTPUT_NAME: {0: "batch"}} if dynamic else None

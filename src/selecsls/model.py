@@ -39,20 +39,26 @@ class ConvNormAct(nn.Module):
 
 
 class ConcatConvNormAct(ConvNormAct):
-    """A 1x1 ConvNormAct applied to the channel concatenation of its inputs, without the concatenation.
+    """A 1x1 ConvNormAct applied to the channel concatenation of its inputs.
 
-    A 1x1 conv of ``cat(parts)`` equals the sum of per-part 1x1 convs with the matching weight
-    slices. Skipping the copy saves a memory-bound pass and, in training, the concatenated
-    tensor autograd would otherwise keep: 18% of selecsls60's saved activations (docs/benchmarks.md).
-    Weights and state-dict keys are those of the plain conv, so every checkpoint still fits.
+    In training it never builds the concatenation: a 1x1 conv of ``cat(parts)`` equals the
+    sum of per-part 1x1 convs with the matching weight slices, and autograd then keeps no
+    concatenated copy for backward: 18% less activation memory for selecsls60, at the same
+    training speed. In eval mode the single conv over ``torch.cat`` is the faster one (one
+    large matrix product; 2-7% on CPU). docs/benchmarks.md has both measurements. Weights
+    and state-dict keys are those of the plain conv, so every checkpoint fits.
     """
 
     def __init__(self, part_widths: Sequence[int], out_chs: int, fused: bool = False) -> None:
         super().__init__(sum(part_widths), out_chs, 1, fused=fused)
-        # Python ints, so tracing and ONNX export see constant slices that fold into the weights.
+        # Python ints, so tracing sees constant slices.
         self.part_offsets: List[int] = [sum(part_widths[:i]) for i in range(len(part_widths) + 1)]
 
     def forward(self, parts: List[Tensor]) -> Tensor:  # type: ignore[override]
+        if not self.training:
+            return self.act(self.bn(self.conv(torch.cat(parts, 1))))
+        # Slices, not ``weight.split``: a list of views would stop torch.jit.freeze from
+        # turning the weight into a constant (list elements may alias anything).
         weight, offsets = self.conv.weight, self.part_offsets
         out = F.conv2d(parts[0], weight[:, offsets[0] : offsets[1]], self.conv.bias)
         for i in range(1, len(parts)):
