@@ -47,7 +47,8 @@ def straightforward_block_forward(self, x, skip):
     return mix.act(mix.bn(mix.conv(torch.cat([d1, d2, d3] if self.is_first else [d1, d2, d3, skip], 1))))
 
 
-def _textbook(model):
+def textbook(model):
+    """``model`` (modified in place) with the textbook block forward."""
     if not isinstance(model, SelecSLS):
         raise BackendUnavailable("SelecSLS only: the reference implementation of its block")
     for block in model.features:
@@ -56,12 +57,12 @@ def _textbook(model):
 
 
 def straightforward(model, example):
-    reference = _textbook(copy.deepcopy(model))
+    reference = textbook(copy.deepcopy(model))
     return lambda: reference(example)
 
 
 def fused_straightforward(model, example):
-    reference = _textbook(_fused_model(model)) if isinstance(model, SelecSLS) else _textbook(model)
+    reference = textbook(_fused_model(model)) if isinstance(model, SelecSLS) else textbook(model)
     return lambda: reference(example)
 
 

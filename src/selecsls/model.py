@@ -43,8 +43,8 @@ class ConcatConvNormAct(ConvNormAct):
 
     In training it never builds the concatenation: a 1x1 conv of ``cat(parts)`` equals the
     sum of per-part 1x1 convs with the matching weight slices, and autograd then keeps no
-    concatenated copy for backward: 18% less activation memory for selecsls60, at the same
-    training speed. In eval mode the single conv over ``torch.cat`` is the faster one (one
+    concatenated copy for backward: 18% less activation memory for selecsls60, with training
+    steps within 2% of the concatenating form's time. In eval mode the single conv over ``torch.cat`` is the faster one (one
     large matrix product; 2-7% on CPU). docs/benchmarks.md has both measurements. Weights
     and state-dict keys are those of the plain conv, so every checkpoint fits.
     """
