@@ -91,7 +91,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["selecsls60", "resnet50"])
     parser.add_argument("--paths", nargs="+", default=["straightforward", "eager", "fused_straightforward", "fused",
                                                         "channels_last", "fused_channels_last", "onnxruntime",
-                                                        "pruned", "int8"])  # fmt: skip
+                                                        "pruned", "int8", "pruned_int8"])  # fmt: skip
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--warmup", type=int, default=3)

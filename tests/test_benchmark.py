@@ -105,11 +105,15 @@ def test_backends_match_eager_on_a_tiny_selecsls():
         for name in ("channels_last", "script", "fused"):
             torch.testing.assert_close(BACKENDS[name](model, images)(), expected, rtol=1e-4, atol=1e-4)
         assert BACKENDS["pruned"](model, images)().shape == expected.shape
+        [logits] = BACKENDS["pruned_int8"](model, images)()
+        assert logits.shape == expected.shape
 
 
 def test_unavailable_backends_raise_with_a_reason():
     with pytest.raises(BackendUnavailable, match="SelecSLS models only"):
         BACKENDS["pruned"](build_model("resnet50"), torch.zeros(1, 3, 32, 32))
+    with pytest.raises(BackendUnavailable, match="SelecSLS models only"):
+        BACKENDS["pruned_int8"](build_model("resnet50"), torch.zeros(1, 3, 32, 32))
     with pytest.raises(BackendUnavailable, match="selecsls_no_such_module is not importable"):
         lazy_backend("selecsls_no_such_module", "run")(nn.Identity(), torch.zeros(1))
 

@@ -21,11 +21,13 @@ def _name_list(text: str) -> tuple[str, ...]:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from ..backends import BACKENDS
+
     p = subparsers.add_parser(
         "bench",
         help="latency, memory and MACs of SelecSLS vs ResNet-50 and VoVNet-39, as ratios to ResNet-50",
         description=(
-            "Quick default (a few minutes on 2 CPU cores): selecsls42b, selecsls60, resnet50, vovnet39 at "
+            "Quick default (about 1.5 minutes on 2 CPU cores): selecsls42b, selecsls60, resnet50, vovnet39 at "
             "224px and 512px batch 1 and 224px batch 16, eager fp32. Models are timed round-robin so "
             "machine drift hits all alike; medians and inter-quartile ranges are reported."
         ),
@@ -35,7 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--sizes", type=_int_list, default=(), help="image sizes, e.g. 224,512 (a grid with --batch-sizes)")
     p.add_argument("--batch-sizes", type=_int_list, default=(), help="batch sizes, e.g. 1,16")
     p.add_argument("--backends", type=_name_list, default=("eager",),
-                   help="comma-separated: eager, channels_last, script, compile, fused, pruned, ... (default eager)")
+                   help="comma-separated: " + ", ".join(BACKENDS) + " (default eager)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice, printed)")
     p.add_argument("--amp", action="store_true", help="autocast: fp16 on CUDA, bf16 on CPU")
