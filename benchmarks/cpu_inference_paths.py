@@ -28,7 +28,7 @@ import types
 import torch
 
 from selecsls import create_model
-from selecsls.backends import BACKENDS, BackendUnavailable
+from selecsls.backends import BACKENDS, BackendUnavailable, fused_model
 from selecsls.baselines import create_baseline
 from selecsls.benchmark import summarize, time_interleaved
 from selecsls.export import RELATIVE_TOLERANCE
@@ -62,24 +62,13 @@ def straightforward(model, example):
 
 
 def fused_straightforward(model, example):
-    reference = textbook(_fused_model(model)) if isinstance(model, SelecSLS) else textbook(model)
+    reference = textbook(fused_model(model, example.device).eval())
     return lambda: reference(example)
 
 
 def fused_channels_last(model, example):
     """BatchNorm folded into the convs, weights and input in channels-last layout."""
-    return BACKENDS["channels_last"](_fused_model(model), example)
-
-
-def _fused_model(model):
-    """The model the ``fused`` backend runs (that backend hands out only a call)."""
-    from selecsls.fusion import fuse
-
-    if isinstance(model, SelecSLS):
-        return fuse(model).eval()
-    from torch.fx.experimental.optimization import fuse as fx_fuse
-
-    return fx_fuse(model).eval()
+    return BACKENDS["channels_last"](fused_model(model, example.device).eval(), example)
 
 
 PATHS = {"straightforward": straightforward, **BACKENDS, "fused_channels_last": fused_channels_last,

@@ -17,7 +17,10 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-__all__ = ["BACKENDS", "Backend", "BackendUnavailable", "PRUNED_MACS_FRACTION", "describe_backend", "lazy_backend", "list_backends"]
+__all__ = [
+    "BACKENDS", "Backend", "BackendUnavailable", "PRUNED_MACS_FRACTION", "describe_backend", "fused_model",
+    "lazy_backend", "list_backends",
+]
 
 Backend = Callable[[nn.Module, Tensor], Callable[[], object]]
 
@@ -74,21 +77,26 @@ def compile_inductor(model: nn.Module, example: Tensor) -> Callable[[], object]:
     return _call(compiled, example)
 
 
-def fused(model: nn.Module, example: Tensor) -> Callable[[], object]:
-    """BatchNorm folded into the convs: ``selecsls.fuse`` for SelecSLS, torch.fx conv-BN fusion otherwise."""
+def fused_model(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` with BatchNorm folded into the convs, on ``device``: ``selecsls.fuse`` for
+    SelecSLS, torch.fx conv-BN fusion otherwise."""
     from .model import SelecSLS
 
     if isinstance(model, SelecSLS):
         from .fusion import fuse
 
-        return _call(fuse(model).to(example.device), example)  # fuse builds the new model on the CPU
+        return fuse(model).to(device)  # fuse builds the new model on the CPU
     from torch.fx.experimental.optimization import fuse as fx_fuse
 
     try:
-        folded = fx_fuse(model)
+        return fx_fuse(model)
     except Exception as exc:  # models that torch.fx cannot trace
         raise BackendUnavailable(f"torch.fx conv-BN fusion failed: {_first_line(exc)}") from exc
-    return _call(folded, example)
+
+
+def fused(model: nn.Module, example: Tensor) -> Callable[[], object]:
+    """BatchNorm folded into the convs: ``selecsls.fuse`` for SelecSLS, torch.fx conv-BN fusion otherwise."""
+    return _call(fused_model(model, example.device), example)
 
 
 def _pruned_model(model: nn.Module, example: Tensor) -> nn.Module:

@@ -35,6 +35,7 @@ __all__ = [
     "RELATIVE_TOLERANCE",
     "ExportCheck",
     "ExportMismatchError",
+    "checked_session",
     "compare_outputs",
     "export_model",
     "one_image_at_a_time",
@@ -160,16 +161,26 @@ def onnx_session(model: Union[PathLike, bytes], threads: Optional[int] = None):
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 
+def checked_session(model: nn.Module, example: Tensor, dynamic: bool = False):
+    """An ONNX Runtime session of ``model`` exported in memory, trusted only after it matched
+    PyTorch on ``example``; raises :class:`ExportMismatchError` otherwise."""
+    session = onnx_session(to_onnx(model, example, dynamic))
+    check = compare_outputs(model, session_runner(session), [("example", example)])[0]
+    if not check.passed:
+        raise ExportMismatchError(f"the ONNX export is not exact: {check} (tolerance {RELATIVE_TOLERANCE:g})")
+    return session
+
+
 def onnxruntime_backend(model: nn.Module, example: Tensor) -> Callable[[], object]:
     """ONNX Runtime (CPU, fp32) on the model exported at the example's shape, checked against PyTorch."""
     from .backends import BackendUnavailable
 
     if example.device.type != "cpu":
         raise BackendUnavailable("this backend runs ONNX Runtime's CPU provider; the example is on " + str(example.device))
-    session = onnx_session(to_onnx(model, example))
-    check = compare_outputs(model, session_runner(session), [("example", example)])[0]
-    if not check.passed:
-        raise BackendUnavailable(f"the ONNX export is not exact: {check}")
+    try:
+        session = checked_session(model, example)
+    except ExportMismatchError as exc:
+        raise BackendUnavailable(str(exc)) from exc
     feed = {INPUT_NAME: example.numpy()}
     return lambda: session.run(None, feed)
 

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from .data import open_image
-from .export import Runner, compare_outputs, onnx_session, read_metadata, session_runner, to_onnx
+from .export import Runner, checked_session, onnx_session, read_metadata, session_runner
 from .transforms import EvalTransform, eval_transform_from_cfg
 
 __all__ = ["BACKENDS", "Prediction", "Predictor", "class_names", "imagenet_class_names", "load_images"]
@@ -84,17 +84,6 @@ def _fused_runner(model: nn.Module) -> Runner:
     return lambda x: fused(x.contiguous(memory_format=torch.channels_last))
 
 
-def _onnxruntime_runner(model: nn.Module, example: Tensor) -> Runner:
-    """Export to ONNX in memory and verify it on ``example`` before trusting it."""
-    from .export import RELATIVE_TOLERANCE
-
-    run = session_runner(onnx_session(to_onnx(model, example, dynamic=True)))
-    check = compare_outputs(model, run, [("random input", example)])[0]
-    if not check.passed:
-        raise RuntimeError(f"the ONNX export of this model is not exact ({check}; tolerance {RELATIVE_TOLERANCE:g})")
-    return run
-
-
 class Predictor:
     """Image files -> top-k class names, with one model and one backend."""
 
@@ -118,14 +107,14 @@ class Predictor:
         names = class_names(cfg, model.num_classes)
         if backend == "auto":
             try:
-                return cls(_onnxruntime_runner(model, example), transform, names, "onnxruntime")
+                return cls(session_runner(checked_session(model, example, dynamic=True)), transform, names, "onnxruntime")
             except (ImportError, RuntimeError) as exc:
                 warnings.warn(f"onnxruntime backend unavailable ({exc}); using fused", stacklevel=2)
                 backend = "fused"
         runners = {
             "eager": lambda: model,
             "fused": lambda: _fused_runner(model),
-            "onnxruntime": lambda: _onnxruntime_runner(model, example),
+            "onnxruntime": lambda: session_runner(checked_session(model, example, dynamic=True)),
         }
         return cls(runners[backend](), transform, names, backend)
 
