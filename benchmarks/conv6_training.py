@@ -3,7 +3,7 @@
     python benchmarks/conv6_training.py                       # selecsls60, batch 8 at 224x224
     python benchmarks/conv6_training.py --model selecsls42b --batch 4 --size 320 --repeats 15
 
-The package's conv6 (``selecsls.model.ConcatConvNormAct``) computes, in training, the sum
+The package's conv6 (``selecsls.models.network.ConcatConvNormAct``) computes, in training, the sum
 of per-branch 1x1 convs instead of one conv over ``torch.cat``; this script times one
 training step (forward, backward) of both forms round-robin, and counts the activation
 bytes each keeps for backward (exact, with saved-tensor hooks).
@@ -18,8 +18,8 @@ import torch
 from cpu_inference_paths import textbook
 
 from selecsls import create_model
-from selecsls.benchmark import summarize, time_interleaved
-from selecsls.memory import saved_tensor_bytes
+from selecsls.bench.memory import saved_tensor_bytes
+from selecsls.bench.runner import summarize, time_interleaved
 
 
 def main() -> None:
@@ -46,8 +46,10 @@ def main() -> None:
         return run
 
     samples = time_interleaved({name: step(model) for name, model in forms.items()}, args.warmup, args.repeats)
-    print(f"{args.model}, training step at batch {args.batch} x {args.size}px, {args.threads} threads, "
-          f"{args.repeats} interleaved rounds")  # fmt: skip
+    print(
+        f"{args.model}, training step at batch {args.batch} x {args.size}px, {args.threads} threads, "
+        f"{args.repeats} interleaved rounds"
+    )
     print(f"{'form':<22}{'median s':>10}{'IQR s':>8}{'saved MiB':>11}")
     for name, model in forms.items():
         summary = summarize(samples[name])

@@ -3,14 +3,14 @@
     python benchmarks/cpu_inference_paths.py                    # selecsls60 vs resnet50, 512x512, batch 1
     python benchmarks/cpu_inference_paths.py --size 224 --repeats 30 --paths eager fused_channels_last int8
 
-Every path of every model is timed round-robin (``selecsls.benchmark.time_interleaved``), so
+Every path of every model is timed round-robin (``selecsls.bench.runner.time_interleaved``), so
 drift on a busy machine hits them alike; the table gives medians, the speed-up over the
 same model's ``eager`` path and, at equal path, SelecSLS's speed-up over ResNet-50. Each
 path's outputs are compared with the model's eager outputs: fp32 paths must be exact
 (max abs diff <= 1e-4 of the output scale); ``pruned`` and ``int8`` change the function and
 report their difference. ``straightforward`` is SelecSLS with the textbook block forward
 (modules and ``torch.cat``), the baseline the package's block must match or beat.
-The package's conv6 (``selecsls.model.ConcatConvNormAct``) skips the concatenation in
+The package's conv6 (``selecsls.models.network.ConcatConvNormAct``) skips the concatenation in
 training only (to save activation memory); in eval mode it runs the textbook
 ``torch.cat`` + 1x1 conv, which measured 2-7% faster here than the copy-free sum of
 per-branch convs. ``straightforward`` and ``fused_straightforward`` check that the
@@ -28,14 +28,21 @@ import types
 import torch
 
 from selecsls import create_model
-from selecsls.backends import BACKENDS, BackendUnavailable, fused_model
-from selecsls.baselines import create_baseline
-from selecsls.benchmark import summarize, time_interleaved
-from selecsls.export import RELATIVE_TOLERANCE
-from selecsls.model import SelecSLS
+from selecsls.bench.runner import summarize, time_interleaved
+from selecsls.deploy.backends import BACKENDS, BackendUnavailable
+from selecsls.deploy.export import RELATIVE_TOLERANCE
+from selecsls.deploy.runtimes import fused_model
+from selecsls.models.network import SelecSLS
 
-EXACT_PATHS = ("straightforward", "eager", "fused", "channels_last", "fused_channels_last", "fused_straightforward",
-               "onnxruntime")
+EXACT_PATHS = (
+    "straightforward",
+    "eager",
+    "fused",
+    "channels_last",
+    "fused_channels_last",
+    "fused_straightforward",
+    "onnxruntime",
+)
 
 
 def straightforward_block_forward(self, x, skip):
@@ -66,21 +73,32 @@ def fused_straightforward(model, example):
     return lambda: reference(example)
 
 
-def fused_channels_last(model, example):
-    """BatchNorm folded into the convs, weights and input in channels-last layout."""
-    return BACKENDS["channels_last"](fused_model(model, example.device).eval(), example)
-
-
-PATHS = {"straightforward": straightforward, **BACKENDS, "fused_channels_last": fused_channels_last,
-         "fused_straightforward": fused_straightforward}
+PATHS = {
+    "straightforward": straightforward,
+    **BACKENDS,
+    "fused_straightforward": fused_straightforward,
+}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["selecsls60", "resnet50"])
-    parser.add_argument("--paths", nargs="+", default=["straightforward", "eager", "fused_straightforward", "fused",
-                                                        "channels_last", "fused_channels_last", "onnxruntime",
-                                                        "pruned", "int8", "pruned_int8"])  # fmt: skip
+    parser.add_argument(
+        "--paths",
+        nargs="+",
+        default=[
+            "straightforward",
+            "eager",
+            "fused_straightforward",
+            "fused",
+            "channels_last",
+            "fused_channels_last",
+            "onnxruntime",
+            "pruned",
+            "int8",
+            "pruned_int8",
+        ],
+    )
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--warmup", type=int, default=3)
@@ -94,7 +112,7 @@ def main() -> None:
     calls, exactness = {}, {}
     with torch.no_grad():
         for name in args.models:
-            model = (create_model(name) if name.startswith("selecsls") else create_baseline(name)).eval()
+            model = create_model(name).eval()
             expected = model(example)
             for path in args.paths:
                 try:
@@ -108,16 +126,20 @@ def main() -> None:
                 calls[(name, path)] = call
         samples = time_interleaved({f"{m}/{p}": c for (m, p), c in calls.items()}, args.warmup, args.repeats)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"\n{args.size}x{args.size}, batch {args.batch}, {args.threads} threads, {args.repeats} interleaved rounds, "
-          f"load average {load:.1f}")  # fmt: skip
+    print(
+        f"\n{args.size}x{args.size}, batch {args.batch}, {args.threads} threads, {args.repeats} interleaved rounds, "
+        f"load average {load:.1f}"
+    )
     print(f"{'model':<12}{'path':<22}{'median ms':>10}{'IQR ms':>9}{'vs eager':>10}{'rel. diff':>11}  exact")
     medians = {key: summarize(samples[f"{key[0]}/{key[1]}"]) for key in calls}
     for (name, path), summary in medians.items():
         eager = medians.get((name, "eager"))
         speedup = f"{eager['median'] / summary['median']:.3f}x" if eager else "-"
         exact = "yes" if exactness[(name, path)] <= RELATIVE_TOLERANCE else ("NO" if path in EXACT_PATHS else "n/a")
-        print(f"{name:<12}{path:<22}{1e3 * summary['median']:>10.1f}{1e3 * summary['iqr']:>9.1f}{speedup:>10}"
-              f"{exactness[(name, path)]:>11.2e}  {exact}")  # fmt: skip
+        print(
+            f"{name:<12}{path:<22}{1e3 * summary['median']:>10.1f}{1e3 * summary['iqr']:>9.1f}{speedup:>10}"
+            f"{exactness[(name, path)]:>11.2e}  {exact}"
+        )
     selecsls_models = [m for m in args.models if m.startswith("selecsls")]
     baselines = [m for m in args.models if not m.startswith("selecsls")]
     for fast in selecsls_models:
@@ -128,8 +150,11 @@ def main() -> None:
                     print(f"{fast} vs {base} at {path}: {ratio:.2f}x faster")
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({f"{m}/{p}": dict(summary=medians[(m, p)], relative_diff=exactness[(m, p)]) for (m, p) in calls},
-                      handle, indent=2)  # fmt: skip
+            json.dump(
+                {f"{m}/{p}": dict(summary=medians[(m, p)], relative_diff=exactness[(m, p)]) for (m, p) in calls},
+                handle,
+                indent=2,
+            )
 
 
 if __name__ == "__main__":

@@ -11,11 +11,12 @@ median latencies (interleaved runs) with ratios to dense.
 from __future__ import annotations
 
 import argparse
+
 import torch
 from torch import nn
 
 import selecsls
-from selecsls.benchmark import summarize, time_interleaved
+from selecsls.bench.runner import summarize, time_interleaved
 
 
 def synthesise_sparse_checkpoint(model: nn.Module, zero_fraction: float, seed: int) -> nn.Module:
@@ -59,14 +60,18 @@ def main() -> None:
         )
 
     size = (1, 3, args.img_size, args.img_size)
-    print(f"{args.model} @ {args.img_size}x{args.img_size}, batch 1, {torch.get_num_threads()} threads, "
-          f"{args.zero_fraction:.0%} zero gammas, median of {args.repeats} interleaved runs")
+    print(
+        f"{args.model} @ {args.img_size}x{args.img_size}, batch 1, {torch.get_num_threads()} threads, "
+        f"{args.zero_fraction:.0%} zero gammas, median of {args.repeats} interleaved runs"
+    )
     print(f"{'model':<8}{'params':>13}{'GMACs':>9}{'median ms':>11}{'IQR ms':>9}{'vs dense':>10}")
     base = summarize(times["dense"])["median"]
     for name, model in models.items():
         stats = summarize(times[name])
-        print(f"{name:<8}{selecsls.count_params(model):>13,}{selecsls.count_macs(model, size) / 1e9:>9.2f}"
-              f"{stats['median'] * 1e3:>11.1f}{stats['iqr'] * 1e3:>9.1f}{stats['median'] / base:>10.2f}")
+        print(
+            f"{name:<8}{selecsls.count_params(model):>13,}{selecsls.count_macs(model, size) / 1e9:>9.2f}"
+            f"{stats['median'] * 1e3:>11.1f}{stats['iqr'] * 1e3:>9.1f}{stats['median'] / base:>10.2f}"
+        )
 
 
 if __name__ == "__main__":

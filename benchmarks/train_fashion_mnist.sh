@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# selecsls42b vs ResNet-50 (selecsls.baselines) trained with the same recipes on Fashion-MNIST at 32x32,
+# selecsls42b vs ResNet-50 (selecsls.models.baselines) trained with the same recipes on Fashion-MNIST at 32x32,
 # then the fraction of BatchNorm channels with |gamma| < 1e-3 after --recipe sparsity vs --recipe sgd.
 #
 #   bash benchmarks/train_fashion_mnist.sh                 # full: 60k train / 10k val, 3 epochs
@@ -39,7 +39,7 @@ done
 python3 - "$BATCH" $MODELS <<'PY'
 import sys
 import torch
-from selecsls.benchmark import build_model, summarize, time_interleaved
+from selecsls.bench.runner import build_model, summarize, time_interleaved
 
 batch, names = int(sys.argv[1]), sys.argv[2:]
 images, targets = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))

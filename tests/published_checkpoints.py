@@ -2,7 +2,7 @@
 
 ``published_state_dict`` writes what the reference implementation (mehtadushy/SelecSLS-Pytorch)
 or timm would save for a spec; ``functional_forward`` computes the network's output from
-such a state dict with torch.nn.functional only, so it shares no code with selecsls.model.
+such a state dict with torch.nn.functional only, so it shares no code with selecsls.models.network.
 """
 
 from __future__ import annotations
@@ -24,7 +24,9 @@ def published_state_dict(spec, layout: str, num_classes: int = 10, seed: int = 0
     for layer, cin, cout, k in spec.conv_layers():
         fan_in = cin * k * k
         state[f"{layer}.0.weight"] = (
-            torch.randn(cout, cin, k, k, generator=gen) * (2 / fan_in) ** 0.5 if random else torch.zeros(cout, cin, k, k)
+            torch.randn(cout, cin, k, k, generator=gen) * (2 / fan_in) ** 0.5
+            if random
+            else torch.zeros(cout, cin, k, k)
         )
         state[f"{layer}.1.weight"] = uniform(cout, low=0.5, high=1.5)
         state[f"{layer}.1.bias"] = uniform(cout, low=-0.2, high=0.2)
@@ -59,4 +61,3 @@ def functional_forward(state: dict, spec, x: torch.Tensor, layout: str) -> torch
         x = conv_bn_relu(x, f"head.{i}", conv.stride)
     classifier = CLASSIFIER[layout]
     return F.linear(x.mean((2, 3)), state[f"{classifier}.weight"], state[f"{classifier}.bias"])
-

@@ -42,4 +42,6 @@ def corrupt_image(path: Path) -> Path:
 def narrow_spec(divisor: int = 8) -> ModelSpec:
     """selecsls42b with every conv ``divisor`` times narrower: same topology, a fraction of the compute."""
     spec = get_spec("selecsls42b")
-    return spec.with_widths({layer: max(2, out // divisor) for layer, _, out, _ in spec.conv_layers()}, name="narrow42b")
+    return spec.with_widths(
+        {layer: max(2, out // divisor) for layer, _, out, _ in spec.conv_layers()}, name="narrow42b"
+    )

@@ -1,34 +1,55 @@
-"""SelecSLS Net: fast, prunable CNN backbones from XNect, as data-driven PyTorch models."""
+"""SelecSLS Net: fast, prunable CNN backbones from XNect, as data-driven PyTorch models.
 
-from .complexity import count_flops, count_macs, count_params
-from .fusion import fuse
-from .factory import create_model, list_models, resolve_spec
-from .model import SelecSLS, SelecSLSFeatures
-from .pruning import prune, prune_to_budget
-from .serialization import load, save
-from .sparsity import analyze_sparsity
-from .spec import BlockSpec, HeadConvSpec, ModelSpec, SpecError, get_spec
+The public API is re-exported here and imported on first use (PEP 562), so ``import
+selecsls`` and the ``selecsls`` command's ``--help`` do not pay for importing torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "BlockSpec",
-    "HeadConvSpec",
-    "ModelSpec",
-    "SelecSLS",
-    "SelecSLSFeatures",
-    "SpecError",
-    "analyze_sparsity",
-    "count_flops",
-    "count_macs",
-    "count_params",
-    "create_model",
-    "fuse",
-    "get_spec",
-    "list_models",
-    "load",
-    "prune",
-    "prune_to_budget",
-    "resolve_spec",
-    "save",
-]
+#: Public name -> the sub-package that defines it.
+_EXPORTS = {
+    "analyze_sparsity": "selecsls.compress",
+    "prune": "selecsls.compress",
+    "prune_to_budget": "selecsls.compress",
+    **{
+        name: "selecsls.models"
+        for name in (
+            "BlockSpec",
+            "HeadConvSpec",
+            "ModelSpec",
+            "SelecSLS",
+            "SelecSLSFeatures",
+            "SpecError",
+            "count_flops",
+            "count_macs",
+            "count_params",
+            "create_model",
+            "fuse",
+            "get_spec",
+            "list_models",
+            "load",
+            "resolve_spec",
+            "save",
+        )
+    },
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'selecsls' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
+

@@ -9,7 +9,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
-__all__ = ["atomic_path", "atomic_write"]
+__all__ = ["PathLike", "atomic_path", "atomic_write"]
+
+#: Anything naming a file: ``str`` or ``os.PathLike``.
+PathLike = str | os.PathLike
 
 
 @contextlib.contextmanager
@@ -34,8 +37,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     """Open a temporary file for writing; it replaces ``path`` only once fully written and synced."""
-    with atomic_path(path) as tmp:
-        with open(tmp, mode) as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
+    with atomic_path(path) as tmp, open(tmp, mode) as handle:
+        yield handle
+        handle.flush()
+        os.fsync(handle.fileno())

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from selecsls.deploy.backends import BACKENDS
+
 
 def _int_list(text: str) -> tuple[int, ...]:
     try:
@@ -21,8 +23,6 @@ def _name_list(text: str) -> tuple[str, ...]:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from ..backends import BACKENDS
-
     p = subparsers.add_parser(
         "bench",
         help="latency, memory and MACs of SelecSLS vs ResNet-50 and VoVNet-39, as ratios to ResNet-50",
@@ -33,24 +33,34 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("--full", action="store_true", help="the published grid: 224/400/512 px x batch 1/16")
-    p.add_argument("--models", type=_name_list, help="comma-separated SelecSLS variants and baselines (resnet50, vovnet39)")
+    p.add_argument(
+        "--models", type=_name_list, help="comma-separated SelecSLS variants and baselines (resnet50, vovnet39)"
+    )
     p.add_argument("--sizes", type=_int_list, default=(), help="image sizes, e.g. 224,512 (a grid with --batch-sizes)")
     p.add_argument("--batch-sizes", type=_int_list, default=(), help="batch sizes, e.g. 1,16")
-    p.add_argument("--backends", type=_name_list, default=("eager",),
-                   help="comma-separated: " + ", ".join(BACKENDS) + " (default eager)")
+    p.add_argument(
+        "--backends",
+        type=_name_list,
+        default=("eager",),
+        help="comma-separated: " + ", ".join(BACKENDS) + " (default eager)",
+    )
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice, printed)")
     p.add_argument("--amp", action="store_true", help="autocast: fp16 on CUDA, bf16 on CPU")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
     p.add_argument("--repeats", type=int, default=7, help="timed interleaved rounds (default 7)")
-    p.add_argument("--output", default="bench", metavar="PREFIX",
-                   help="writes PREFIX.json (every raw sample, the machine) and PREFIX.png (default: bench)")
+    p.add_argument(
+        "--output",
+        default="bench",
+        metavar="PREFIX",
+        help="writes PREFIX.json (every raw sample, the machine) and PREFIX.png (default: bench)",
+    )
     p.set_defaults(func=run_bench)
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    from ..benchmark import QUICK_MODELS, BenchSettings, grid_shapes, run_benchmark
-    from ..benchmark_report import format_report, write_json, write_plot
+    from selecsls.bench.report import format_report, write_json, write_plot
+    from selecsls.bench.runner import QUICK_MODELS, BenchSettings, grid_shapes, run_benchmark
 
     settings = BenchSettings(
         models=QUICK_MODELS if args.models is None else args.models,

@@ -5,41 +5,60 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from . import CLIError
+from selecsls.cli import CLIError
+from selecsls.deploy.backends import predict_backends
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "export", help="export a checkpoint to ONNX or frozen TorchScript, checked against PyTorch",
+        "export",
+        help="export a checkpoint to ONNX or frozen TorchScript, checked against PyTorch",
         description="Export a model and verify the file: it is run on random inputs (and on --images) and must "
         "match PyTorch within 1e-4 relative, or nothing is written.",
-    )  # fmt: skip
+    )
     p.add_argument("checkpoint", help="any checkpoint: selecsls.save / training / pruned files, or a state dict")
     p.add_argument("--model", help="variant name, needed only for a state dict whose shapes fit several variants")
     p.add_argument("--format", choices=("onnx", "torchscript"), required=True)
     p.add_argument("--out", required=True, help="file to write (atomically, only once the check passed)")
     p.add_argument("--fuse", action="store_true", help="fold BatchNorm into the convolutions first")
-    p.add_argument("--prune", type=float, metavar="THRESHOLD",
-                   help="first remove channels with |BN gamma| below THRESHOLD (exact; implies --fuse)")
+    p.add_argument(
+        "--prune",
+        type=float,
+        metavar="THRESHOLD",
+        help="first remove channels with |BN gamma| below THRESHOLD (exact; implies --fuse)",
+    )
     p.add_argument("--dynamic", action="store_true", help="ONNX: free batch size, height and width")
     p.add_argument("--img-size", type=int, help="export (and check) at this input size (default: the model's)")
     p.add_argument("--images", nargs="+", default=(), metavar="IMAGE", help="real images to check the export on")
-    p.add_argument("--int8", action="store_true", help="ONNX: post-training static int8 quantization (needs --calibration)")
-    p.add_argument("--calibration", metavar="DATA",
-                   help="data directory (class folders or MNIST-style IDX files): its train split calibrates int8, "
-                   "its val split measures the accuracy drop")  # fmt: skip
-    p.add_argument("--calibration-images", type=int, default=128, help="training images used to calibrate (default 128)")
+    p.add_argument(
+        "--int8", action="store_true", help="ONNX: post-training static int8 quantization (needs --calibration)"
+    )
+    p.add_argument(
+        "--calibration",
+        metavar="DATA",
+        help="data directory (class folders or MNIST-style IDX files): its train split calibrates int8, "
+        "its val split measures the accuracy drop",
+    )
+    p.add_argument(
+        "--calibration-images", type=int, default=128, help="training images used to calibrate (default 128)"
+    )
     p.add_argument("--eval-images", type=int, default=1000, help="validation images scored fp32 vs int8 (default 1000)")
     p.add_argument("--max-drop", type=float, metavar="POINTS", help="fail if int8 loses more top-1 points than this")
     p.set_defaults(func=run_export)
 
     p = subparsers.add_parser("predict", help="classify images: top-k class names and probabilities")
     p.add_argument("images", nargs="+", metavar="IMAGE")
-    p.add_argument("--checkpoint", help="checkpoint or .onnx file from `selecsls export` (default: published weights of --model)")
+    p.add_argument(
+        "--checkpoint", help="checkpoint or .onnx file from `selecsls export` (default: published weights of --model)"
+    )
     p.add_argument("--model", help="variant name (with no --checkpoint: its published ImageNet weights)")
     p.add_argument("--topk", type=int, default=5)
-    p.add_argument("--backend", choices=("auto", "eager", "fused", "onnxruntime"), default="auto",
-                   help="inference path; auto takes the fastest correct one (onnxruntime, else fused)")  # fmt: skip
+    p.add_argument(
+        "--backend",
+        choices=("auto", *predict_backends()),
+        default="auto",
+        help="inference path; auto takes the fastest correct one (onnxruntime, else fused_channels_last)",
+    )
     p.set_defaults(func=run_predict)
 
 
@@ -64,11 +83,11 @@ def _require_files(images) -> None:
 
 def _prepare_model(args: argparse.Namespace):
     """The checkpoint's model, pruned and/or fused as asked, with its input size set."""
-    from .. import fuse, prune
-    from ..checkpoint import load_model
-    from ..complexity import count_params
+    from selecsls import fuse, prune
+    from selecsls.models.complexity import count_params
+    from selecsls.models.serialization import load
 
-    model = load_model(args.checkpoint, args.model).eval()
+    model = load(args.checkpoint, args.model).eval()
     if args.prune is not None:
         before = count_params(model)
         model = prune(model, args.prune)
@@ -83,9 +102,9 @@ def _prepare_model(args: argparse.Namespace):
 
 def run_export(args: argparse.Namespace) -> int:
     _check_export_args(args)
-    from ..export import export_model
-    from ..inference import load_images
-    from ..transforms import eval_transform_from_cfg
+    from selecsls.data.transforms import eval_transform_from_cfg
+    from selecsls.deploy.export import export_model
+    from selecsls.deploy.inference import load_images
 
     model = _prepare_model(args)
     transform = eval_transform_from_cfg(model.pretrained_cfg)
@@ -93,11 +112,12 @@ def run_export(args: argparse.Namespace) -> int:
     if images is None:
         print("no --images given: the export is checked on random inputs only")
     if args.int8:
-        from ..quantization import export_int8
+        from selecsls.deploy.quantization import export_int8
 
         calibration, evaluation = _int8_data(args, transform)
-        checks, comparison = export_int8(model, args.out, calibration, evaluation, dynamic=args.dynamic,
-                                         images=images, max_drop=args.max_drop)  # fmt: skip
+        checks, comparison = export_int8(
+            model, args.out, calibration, evaluation, dynamic=args.dynamic, images=images, max_drop=args.max_drop
+        )
     else:
         checks = export_model(model, args.out, args.format, dynamic=args.dynamic, images=images)
     print("fp32 export vs PyTorch:")
@@ -113,7 +133,7 @@ def _int8_data(args: argparse.Namespace, transform):
     """(calibration images, validation loader): seeded random subsets of the data directory."""
     import torch
 
-    from ..data import TransformedDataset, build_dataset, build_loader, training_classes
+    from selecsls.data.datasets import TransformedDataset, build_dataset, build_loader, training_classes
 
     def subset(split: str, count: int, classes=None):
         dataset = build_dataset(args.calibration, split, classes)
@@ -128,7 +148,7 @@ def _int8_data(args: argparse.Namespace, transform):
 
 def run_predict(args: argparse.Namespace) -> int:
     _require_files(args.images)
-    from ..inference import Predictor
+    from selecsls.deploy.inference import Predictor
 
     if args.checkpoint and args.checkpoint.endswith(".onnx"):
         if args.backend not in ("auto", "onnxruntime"):
@@ -143,11 +163,11 @@ def run_predict(args: argparse.Namespace) -> int:
 
 
 def _predict_model(args: argparse.Namespace):
-    from ..checkpoint import load_model
-    from ..factory import create_model
+    from selecsls.models.factory import create_model
+    from selecsls.models.serialization import load
 
     if args.checkpoint:
-        return load_model(args.checkpoint, args.model)
+        return load(args.checkpoint, args.model)
     if not args.model:
         raise CLIError("give --checkpoint FILE, or --model NAME to use that variant's published ImageNet weights")
     return create_model(args.model, pretrained=True)

@@ -17,8 +17,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_models(args: argparse.Namespace) -> int:
-    from .. import count_macs, count_params, create_model, list_models
-    from ..weights import default_weights
+    from selecsls import count_macs, count_params, create_model, list_models
+    from selecsls.models.weights import default_weights
 
     print(f"{'model':<14}{'params':>14}{f'GMACs@{args.img_size}':>12}{'top-1':>8}{'top-5':>8}  pretrained weights")
     for name in list_models():
@@ -31,15 +31,17 @@ def run_models(args: argparse.Namespace) -> int:
 
 
 def run_info(args: argparse.Namespace) -> int:
-    from .. import create_model, get_spec
+    from selecsls import create_model, get_spec
 
     spec = get_spec(args.name)
     if args.json:
         print(json.dumps(spec.to_dict(), indent=2))
         return 0
     model = create_model(spec)
-    print(f"{spec.name}: stem {spec.stem_chs}, {len(spec.blocks)} blocks in {len(spec.stages())} stages, "
-          f"{len(spec.head)} head convs, {spec.num_features} features")
+    print(
+        f"{spec.name}: stem {spec.stem_chs}, {len(spec.blocks)} blocks in {len(spec.stages())} stages, "
+        f"{len(spec.head)} head convs, {spec.num_features} features"
+    )
     print(f"{'layer':<18}{'in':>6}{'out':>6}{'k':>3}")
     for layer, cin, cout, k in spec.conv_layers():
         print(f"{layer:<18}{cin:>6}{cout:>6}{k:>3}")

@@ -17,12 +17,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="model file to prune")
     p.add_argument("--model", help="architecture name when the file holds a plain state dict, e.g. selecsls60")
-    p.add_argument("--threshold", type=float, default=1e-3, help="|gamma| below this marks a channel inactive (default 1e-3)")
+    p.add_argument(
+        "--threshold", type=float, default=1e-3, help="|gamma| below this marks a channel inactive (default 1e-3)"
+    )
     budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--target-macs", type=float, metavar="FRACTION", help="prune further to this fraction of the MACs, e.g. 0.7")
-    budget.add_argument("--target-params", type=float, metavar="FRACTION", help="prune further to this fraction of the parameters")
-    p.add_argument("--out", required=True, metavar="FILE", help="where the pruned model is saved (selecsls.load reads it)")
-    p.add_argument("--img-size", type=int, default=224, help="input size for GMACs, the MACs budget and latency (default 224)")
+    budget.add_argument(
+        "--target-macs", type=float, metavar="FRACTION", help="prune further to this fraction of the MACs, e.g. 0.7"
+    )
+    budget.add_argument(
+        "--target-params", type=float, metavar="FRACTION", help="prune further to this fraction of the parameters"
+    )
+    p.add_argument(
+        "--out", required=True, metavar="FILE", help="where the pruned model is saved (selecsls.load reads it)"
+    )
+    p.add_argument(
+        "--img-size", type=int, default=224, help="input size for GMACs, the MACs budget and latency (default 224)"
+    )
     p.add_argument("--histogram", metavar="PNG", help="also write a histogram of |gamma| per stage")
     p.add_argument("--warmup", type=int, default=2, help="untimed runs per model before timing (default 2)")
     p.add_argument("--repeats", type=int, default=10, help="timed runs per model, interleaved (default 10)")
@@ -32,16 +42,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_prune(args: argparse.Namespace) -> int:
     import torch
 
-    from .. import analyze_sparsity, count_macs, count_params, prune, prune_to_budget, save
-    from ..benchmark import summarize, time_interleaved
-    from ..checkpoint import load_model
-    from ..sparsity import save_scale_histogram
+    from selecsls import analyze_sparsity, count_macs, count_params, prune, prune_to_budget, save
+    from selecsls.bench.runner import summarize, time_interleaved
+    from selecsls.compress.sparsity import save_scale_histogram
+    from selecsls.models.serialization import load
 
     if args.img_size < 1:
         raise ValueError(f"--img-size must be a positive number of pixels, got {args.img_size}")
     if args.repeats < 1 or args.warmup < 0:
         raise ValueError(f"--repeats must be >= 1 and --warmup >= 0, got {args.repeats} and {args.warmup}")
-    model = load_model(args.checkpoint, args.model).cpu().eval()
+    model = load(args.checkpoint, args.model).cpu().eval()
     size = (1, model.in_chans, args.img_size, args.img_size)
     report = analyze_sparsity(model, args.threshold)
     budgeted = args.target_macs is not None or args.target_params is not None

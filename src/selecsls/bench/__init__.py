@@ -1,0 +1,1 @@
+"""Compare networks on this machine: timing, memory and the report."""

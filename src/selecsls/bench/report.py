@@ -1,0 +1,174 @@
+"""Present a :func:`selecsls.bench.runner.run_benchmark` result: terminal tables, JSON, PNG plot.
+
+Every ratio is to the reference model (ResNet-50) measured in the same run: speed-up is the
+reference's eager median latency over this median at the same batch and image size; a memory
+fraction is this model's bytes over the reference's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+
+from selecsls._io import atomic_path, atomic_write
+
+__all__ = ["format_report", "write_json", "write_plot"]
+
+MIB = 2**20
+# Memory measures in the result, with their table titles.
+MEMORY_MEASURES = {
+    "saved_tensor_bytes": "Activations saved for backward, one training forward pass (exact, machine-independent)",
+    "cuda_training_peak_bytes": "Peak CUDA memory of one training step above weights and optimizer state",
+    "inference_rss_growth_bytes": "Peak process RSS growth of one steady-state CPU inference call",
+}
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Columns padded to their widest cell; the first column left-aligned, the rest right-aligned."""
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(cells, widths)))
+
+    return "\n".join([line(header), line(["-" * w for w in widths]), *(line(row) for row in rows)])
+
+
+def _ratio(value: float | None, reference: float | None, suffix: str) -> str:
+    return f"{value / reference:.2f}{suffix}" if value and reference else "-"
+
+
+def _machine_line(result: dict) -> str:
+    machine, settings = result["machine"], result["settings"]
+    load = machine.get("load_average")
+    load_text = f", load average {load[0]:.1f} at start, {machine['load_average_end'][0]:.1f} at end" if load else ""
+    precision = "AMP" if settings["amp"] else "fp32"
+    return (
+        f"{machine['cpu']} ({machine['cpu_count']} CPUs), {machine['torch_threads']} torch threads, "
+        f"torch {machine['torch']}, device {machine['device']}, {precision}{load_text}"
+    )
+
+
+def _latency_table(result: dict) -> str:
+    """Medians (IQR) per model and backend; speed-up vs the reference's eager run and, with several
+    backends, vs the reference on the same backend (equal footing: same runtime and precision)."""
+    records = {(r["model"], r["backend"], r["batch"], r["size"]): r for r in result["latency"]}
+    cells = list(dict.fromkeys((batch, size) for _, _, batch, size in records))
+    several_backends = len(result["settings"]["backends"]) > 1
+    reference = result["reference"]
+
+    def reference_median(backend: str, batch: int, size: int) -> float | None:
+        return records.get((reference, backend, batch, size), {}).get("summary", {}).get("median")
+
+    rows, skipped = [], []
+    for model, backend in dict.fromkeys((model, backend) for model, backend, _, _ in records):
+        row = [f"{model} {backend}"]
+        for batch, size in cells:
+            record = records[(model, backend, batch, size)]
+            if record["status"] != "ok":
+                row += ["skipped", "-"] + (["-"] if several_backends else [])
+                skipped.append(f"  {model} {backend}: {record['reason']}")
+                continue
+            median, iqr = record["summary"]["median"], record["summary"]["iqr"]
+            row += [
+                f"{median * 1e3:.1f} ({iqr * 1e3:.1f})",
+                _ratio(reference_median("eager", batch, size), median, "x"),
+            ]
+            if several_backends:
+                row.append(_ratio(reference_median(backend, batch, size), median, "x"))
+        rows.append(row)
+    header = ["model backend"]
+    for batch, size in cells:
+        header += [f"b{batch} {size}px ms (IQR)", f"x {reference} eager"] + (
+            [f"x {reference} same"] if several_backends else []
+        )
+    notes = "\n".join(dict.fromkeys(skipped))
+    return _table(header, rows) + (f"\nskipped:\n{notes}" if notes else "")
+
+
+def _models_table(result: dict) -> str:
+    sizes = list(dict.fromkeys(size for info in result["models"].values() for size in info["macs_per_image"]))
+    header = ["model", "params (M)", *(f"GMACs {size}px" for size in sizes)]
+    rows = [
+        [name, f"{info['params'] / 1e6:.2f}", *(f"{info['macs_per_image'][size] / 1e9:.2f}" for size in sizes)]
+        for name, info in result["models"].items()
+    ]
+    return _table(header, rows)
+
+
+def _memory_table(measure: str, values: dict[str, dict[str, int]], reference: str) -> str:
+    keys = list(dict.fromkeys(key for per_model in values.values() for key in per_model))
+    header = ["model"]
+    for key in keys:
+        header += [f"{key} MiB", f"x {reference}"]
+    rows = []
+    for name, per_model in values.items():
+        row = [name]
+        for key in keys:
+            row += [f"{per_model[key] / MIB:.1f}", _ratio(per_model[key], values.get(reference, {}).get(key), "")]
+        rows.append(row)
+    return f"{MEMORY_MEASURES[measure]}:\n" + _table(header, rows)
+
+
+def format_report(result: dict) -> str:
+    """The terminal report: machine, models, latency with speed-ups, memory with fractions."""
+    parts = [
+        _machine_line(result),
+        _models_table(result),
+        "Latency, median of interleaved rounds in ms (inter-quartile range); speed-up vs "
+        f"{result['reference']} at the same batch and size:\n" + _latency_table(result),
+    ]
+    memory = result["memory"]
+    parts += [
+        _memory_table(measure, memory[measure], result["reference"]) for measure in MEMORY_MEASURES if measure in memory
+    ]
+    if "skipped" in memory:
+        parts.append(f"memory measure skipped: {memory['skipped']}")
+    return "\n\n".join(parts)
+
+
+def write_json(result: dict, path: str | os.PathLike) -> None:
+    with atomic_write(path, "w") as handle:
+        json.dump(result, handle, indent=1)
+        handle.write("\n")
+
+
+def write_plot(result: dict, path: str | os.PathLike) -> None:
+    """Left: eager median latency vs image size per model (one line style per batch size).
+    Right: saved-activation memory per model at each memory shape (grouped bars)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (latency_axes, memory_axes) = plt.subplots(1, 2, figsize=(12, 4.5))
+    eager = [r for r in result["latency"] if r["backend"] == "eager" and r["status"] == "ok"]
+    batches = sorted({r["batch"] for r in eager})
+    styles = ["-o", "--s", ":^", "-.v"]
+    for index, model in enumerate(result["models"]):
+        for batch, style in zip(batches, styles * len(batches)):
+            points = sorted(
+                (r["size"], r["summary"]["median"] * 1e3) for r in eager if r["model"] == model and r["batch"] == batch
+            )
+            if points:
+                latency_axes.plot(*zip(*points), style, color=f"C{index % 10}", label=f"{model} b{batch}")
+    latency_axes.set(
+        xlabel="image size (px)", ylabel="median latency (ms)", yscale="log", title="Eager inference latency"
+    )
+    latency_axes.legend(fontsize="small")
+
+    saved = result["memory"]["saved_tensor_bytes"]
+    keys = list(dict.fromkeys(key for per_model in saved.values() for key in per_model))
+    width = 0.8 / max(len(keys), 1)
+    for index, key in enumerate(keys):
+        positions = [m + index * width for m in range(len(saved))]
+        memory_axes.bar(
+            positions, [per_model[key] / MIB for per_model in saved.values()], width, label=f"batch x size {key}"
+        )
+    memory_axes.set_xticks([m + width * (len(keys) - 1) / 2 for m in range(len(saved))], list(saved))
+    memory_axes.set(ylabel="MiB", yscale="log", title="Activations saved for backward")
+    memory_axes.legend(fontsize="small")
+    figure.tight_layout()
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=120)
+    plt.close(figure)

@@ -1,0 +1,320 @@
+"""Fair side-by-side benchmarks: interleaved timing, robust summaries, the model x size grid.
+
+Timings on a shared machine drift (other processes, clock boosts, thermal limits). Measuring
+models round-robin, one call each per round, exposes every model to the same drift, and the
+median with its inter-quartile range is robust to the odd slow call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import datetime
+import os
+import platform
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from selecsls.bench.memory import (
+    MemoryUnavailable,
+    cuda_training_peak_bytes,
+    inference_rss_growth_bytes,
+    saved_tensor_bytes,
+)
+from selecsls.deploy.backends import BACKENDS, BackendUnavailable
+from selecsls.models.complexity import count_macs, count_params
+from selecsls.models.factory import create_model, list_models
+
+__all__ = [
+    "BackendUnavailable",
+    "BenchSettings",
+    "cuda_event_clock",
+    "grid_shapes",
+    "run_benchmark",
+    "summarize",
+    "time_interleaved",
+    "wall_clock",
+]
+
+REFERENCE_MODEL = "resnet50"
+QUICK_MODELS = ("selecsls42b", "selecsls60", "resnet50", "vovnet39")
+# (batch, image size): the published claims at a small and a large image, and at a large batch.
+QUICK_SHAPES = ((1, 224), (1, 512), (16, 224))
+FULL_SIZES = (224, 400, 512)
+FULL_BATCH_SIZES = (1, 16)
+# Saved activations are counted on the meta device (free), at a small and a large training load.
+MEMORY_SHAPES = ((1, 224), (8, 512))
+
+Clock = Callable[[Callable[[], object]], float]
+
+
+def wall_clock(sync: Callable[[], None] | None = None) -> Clock:
+    """A clock timing one call with ``time.perf_counter``; ``sync`` (if given) runs before and after
+    so asynchronous work queued by the call is inside the measurement."""
+
+    def measure(fn: Callable[[], object]) -> float:
+        if sync is not None:
+            sync()
+        start = time.perf_counter()
+        fn()
+        if sync is not None:
+            sync()
+        return time.perf_counter() - start
+
+    return measure
+
+
+def time_interleaved(
+    fns: Mapping[str, Callable[[], object]],
+    warmup: int,
+    repeats: int,
+    sync: Callable[[], None] | None = None,
+    *,
+    clock: Clock | None = None,
+) -> dict[str, list[float]]:
+    """Seconds per call of each function, ``repeats`` samples each, measured round-robin.
+
+    Each round calls every function once; the starting function rotates from round to round
+    so no function always runs right after the same neighbour. ``warmup`` untimed rounds
+    come first (allocator, caches, cudnn autotuning, lazy compilation). ``sync`` waits for
+    queued device work (e.g. ``torch.cuda.synchronize``); ``clock`` replaces the default
+    wall clock, e.g. with CUDA events (:func:`selecsls.bench.runner.cuda_event_clock`).
+    """
+    if warmup < 0:
+        raise ValueError(f"warmup must be >= 0, got {warmup}")
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    if not fns:
+        raise ValueError("time_interleaved needs at least one function to time")
+    measure = clock or wall_clock(sync)
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    if sync is not None:
+        sync()
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for round_index in range(repeats):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            samples[name].append(measure(fns[name]))
+    return samples
+
+
+def summarize(samples: Sequence[float]) -> dict[str, float]:
+    """median, q1, q3, iqr (linear interpolation between samples), min and n of ``samples``."""
+    if len(samples) == 0:
+        raise ValueError("summarize needs at least one sample")
+    q1, median, q3 = (float(v) for v in np.percentile(np.asarray(samples, dtype=float), [25, 50, 75]))
+    return dict(median=median, q1=q1, q3=q3, iqr=q3 - q1, min=float(min(samples)), n=len(samples))
+
+
+def cuda_event_clock() -> Clock:
+    """A clock timing one call with CUDA events, recorded after the queue has drained."""
+
+    def measure(fn: Callable[[], object]) -> float:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1000.0
+
+    return measure
+
+
+def grid_shapes(
+    full: bool = False, sizes: Sequence[int] = (), batch_sizes: Sequence[int] = ()
+) -> tuple[tuple[int, int], ...]:
+    """(batch, image size) cells to time: the quick list, or the full grid; ``sizes`` or
+    ``batch_sizes`` replace that axis and make the grid every size with every batch size."""
+    if not (full or sizes or batch_sizes):
+        return QUICK_SHAPES
+    sizes = tuple(sizes) or (FULL_SIZES if full else tuple(sorted({s for _, s in QUICK_SHAPES})))
+    batch_sizes = tuple(batch_sizes) or (FULL_BATCH_SIZES if full else tuple(sorted({b for b, _ in QUICK_SHAPES})))
+    return tuple((batch, size) for batch in batch_sizes for size in sizes)
+
+
+def shape_key(batch: int, size: int) -> str:
+    """JSON key of a (batch, image size) cell, e.g. '1x224'."""
+    return f"{batch}x{size}"
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """What to measure. ``shapes`` are (batch, image size) cells; ``threads`` None keeps torch's default."""
+
+    models: tuple[str, ...] = QUICK_MODELS
+    shapes: tuple[tuple[int, int], ...] = QUICK_SHAPES
+    backends: tuple[str, ...] = ("eager",)
+    device: str = "cpu"
+    threads: int | None = None
+    amp: bool = False
+    warmup: int = 1
+    repeats: int = 7
+    memory_shapes: tuple[tuple[int, int], ...] = field(default=MEMORY_SHAPES)
+
+    def __post_init__(self) -> None:
+        known = list_models(baselines=True)
+        unknown = [m for m in self.models if m not in known]
+        if unknown or not self.models:
+            raise ValueError(f"unknown or no models {unknown}; choose from {', '.join(known)}")
+        unknown = [b for b in self.backends if b not in BACKENDS]
+        if unknown or not self.backends:
+            raise ValueError(f"unknown or no backends {unknown}; choose from {', '.join(BACKENDS)}")
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda: CUDA is not available in this PyTorch build or machine; use --device cpu")
+        bad = [cell for cell in self.shapes + self.memory_shapes if min(cell) < 1]
+        if bad or not self.shapes:
+            raise ValueError(f"batch sizes and image sizes must be positive, got {bad or 'none'}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
+        if self.warmup < 0 or self.repeats < 1:
+            raise ValueError(f"need warmup >= 0 and repeats >= 1, got {self.warmup} and {self.repeats}")
+
+
+def machine_description(device: str) -> dict[str, object]:
+    """What the numbers depend on: CPU, threads, library versions, accelerator, load."""
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as cpuinfo:
+        cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), cpu)
+    return dict(
+        cpu=cpu,
+        cpu_count=os.cpu_count(),
+        torch_threads=torch.get_num_threads(),
+        torch=torch.__version__,
+        python=platform.python_version(),
+        platform=platform.platform(),
+        device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        cuda=torch.version.cuda if device == "cuda" else None,
+        cudnn=torch.backends.cudnn.version() if device == "cuda" else None,
+        load_average=os.getloadavg() if hasattr(os, "getloadavg") else None,
+        time=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    )
+
+
+def _inference(call: Callable[[], object], device: str, amp: bool) -> Callable[[], object]:
+    """``call`` without autograd, under autocast when ``amp`` (fp16 on CUDA, bf16 on CPU)."""
+    dtype = torch.float16 if device == "cuda" else torch.bfloat16
+
+    def run() -> object:
+        with torch.no_grad(), torch.autocast(device, dtype=dtype, enabled=amp):
+            return call()
+
+    return run
+
+
+def _time_cell(models: Mapping[str, nn.Module], batch: int, size: int, settings: BenchSettings) -> list[dict]:
+    """Latency of every (model, backend) at one (batch, size), interleaved; skipped ones with reasons."""
+    example = torch.randn(batch, 3, size, size, device=settings.device)
+    records, calls = [], {}
+    for model_name, model in models.items():
+        for backend in settings.backends:
+            record = dict(model=model_name, backend=backend, batch=batch, size=size)
+            try:
+                calls[(model_name, backend)] = _inference(
+                    BACKENDS[backend](model, example), settings.device, settings.amp
+                )
+                record["status"] = "ok"
+            except BackendUnavailable as exc:
+                record.update(status="skipped", reason=exc.reason)
+            records.append(record)
+    if calls:
+        on_cuda = settings.device == "cuda"
+        samples = time_interleaved(
+            {f"{m}/{b}": call for (m, b), call in calls.items()},
+            settings.warmup,
+            settings.repeats,
+            sync=torch.cuda.synchronize if on_cuda else None,
+            clock=cuda_event_clock() if on_cuda else None,
+        )
+        for record in records:
+            if record["status"] == "ok":
+                record["samples_s"] = samples[f"{record['model']}/{record['backend']}"]
+                record["summary"] = summarize(record["samples_s"])
+    return records
+
+
+def _model_info(model: nn.Module, settings: BenchSettings) -> dict[str, object]:
+    """Implementation, parameters and MACs per image at each benchmarked size (counted on meta: free)."""
+    meta = copy.deepcopy(model).to("meta")
+    return dict(
+        implementation=f"{type(model).__module__}.{type(model).__qualname__}",
+        params=count_params(model),
+        macs_per_image={str(s): count_macs(meta, (1, 3, s, s)) for s in sorted({s for _, s in settings.shapes})},
+    )
+
+
+def _memory(models: Mapping[str, nn.Module], settings: BenchSettings) -> dict[str, object]:
+    """Saved activations (exact) at the memory shapes; CUDA training peak or CPU inference RSS growth."""
+    memory: dict[str, object] = {
+        "saved_tensor_bytes": {
+            name: {shape_key(b, s): saved_tensor_bytes(model, (b, 3, s, s)) for b, s in settings.memory_shapes}
+            for name, model in models.items()
+        }
+    }
+    try:
+        if settings.device == "cuda":
+            memory["cuda_training_peak_bytes"] = {
+                name: {
+                    shape_key(b, s): cuda_training_peak_bytes(model, (b, 3, s, s), settings.device, settings.amp)
+                    for b, s in settings.memory_shapes
+                }
+                for name, model in models.items()
+            }
+        else:
+            growth = inference_rss_growth_bytes(models, [(b, 3, s, s) for b, s in settings.shapes], settings.threads)
+            memory["inference_rss_growth_bytes"] = {
+                name: {shape_key(b, s): value for (b, s), value in zip(settings.shapes, values)}
+                for name, values in growth.items()
+            }
+    except MemoryUnavailable as exc:
+        memory["skipped"] = str(exc)
+    return memory
+
+
+@contextlib.contextmanager
+def _benchmark_mode(settings: BenchSettings) -> Iterator[None]:
+    """Fixed torch thread count and (on CUDA) cudnn autotuning, restored afterwards."""
+    threads, cudnn_benchmark = torch.get_num_threads(), torch.backends.cudnn.benchmark
+    torch.set_num_threads(settings.threads or threads)
+    torch.backends.cudnn.benchmark = settings.device == "cuda" or cudnn_benchmark
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.backends.cudnn.benchmark = cudnn_benchmark
+
+
+def run_benchmark(settings: BenchSettings, log: Callable[[str], None] = lambda message: None) -> dict[str, object]:
+    """Measure ``settings`` and return every raw sample, summary and the machine, JSON-ready."""
+    with _benchmark_mode(settings):
+        torch.manual_seed(0)
+        models = {name: create_model(name).to(settings.device).eval() for name in settings.models}
+        result: dict[str, object] = dict(
+            machine=machine_description(settings.device),
+            settings=asdict(settings),
+            backends={name: BACKENDS[name].summary for name in settings.backends},
+            reference=REFERENCE_MODEL,
+        )
+        log(f"counting parameters and MACs of {', '.join(models)}")
+        result["models"] = {name: _model_info(model, settings) for name, model in models.items()}
+        result["latency"] = []
+        for batch, size in settings.shapes:
+            log(
+                f"timing batch {batch} at {size}x{size}: "
+                f"{settings.warmup} warm-up + {settings.repeats} interleaved rounds"
+            )
+            result["latency"] += _time_cell(models, batch, size, settings)
+        log("measuring memory")
+        result["memory"] = _memory(models, settings)
+        result["machine"]["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return result

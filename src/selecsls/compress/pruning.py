@@ -1,0 +1,244 @@
+"""Remove channels from a trained SelecSLS: a new, smaller, BN-fused model with the same spec shape.
+
+Pruning decides which output channels every conv keeps, then slices the fused state
+dict along the channel flow of :mod:`selecsls.models.channel_flow` (a producer's rows, and its
+columns in every consumer at the producer's offset) and builds the same
+:class:`~selecsls.models.network.SelecSLS` class from ``spec.with_widths(...)`` with ``fused=True``.
+
+Exactness rules of :func:`prune` (free pruning):
+
+* An inactive channel whose output is zero is removed everywhere (exact).
+* An inactive channel with a non-zero constant output ReLU(bias) (gamma ~ 0, beta > 0) is
+  removed only when every consumer is a 1x1 conv or the classifier: its constant is then
+  folded into their biases (exact). A 3x3 consumer zero-pads, so at the border the
+  constant is not constant there; such channels are kept (no output change at all).
+* Every layer keeps at least its most important channel; the classifier's outputs and
+  any layer whose output the model returns (feature maps of ``features_only`` models,
+  the last layer of a ``num_classes=0`` model) keep every channel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from selecsls.compress.sparsity import LayerSparsity, analyze_sparsity
+from selecsls.models.channel_flow import CLASSIFIER, Consumer, channel_flow, consumers_of
+from selecsls.models.fusion import fused_state_dict
+from selecsls.models.network import SelecSLS, SelecSLSFeatures
+
+__all__ = ["prune", "prune_to_budget"]
+
+PRUNED_SUFFIX = "_pruned"
+
+
+def prune(model: SelecSLS, threshold: float = 1e-3, loader: Iterable | None = None) -> SelecSLS:
+    """A new fused model without the channels that do not change the output.
+
+    A channel is inactive when its |gamma| (for a model without BatchNorm: the L2 norm of
+    its fused filter) is below ``threshold``, or, given a calibration ``loader``, when its
+    post-ReLU output is zero on every calibration image (exact on that data only). The
+    input model is not modified. See the module docstring for the exactness rules.
+    """
+    plan = _ExactPlan(model, threshold, loader)
+    return _build_pruned(model, plan)
+
+
+def prune_to_budget(
+    model: SelecSLS,
+    macs: float | None = None,
+    params: float | None = None,
+    loader: Iterable | None = None,
+    threshold: float = 1e-3,
+    input_size: Sequence[int] | None = None,
+) -> SelecSLS:
+    """Step 1 of 2: prune to ``macs`` (or ``params``) times the fused input model's cost.
+
+    First the free pruning of :func:`prune`, then the least important channels across the
+    whole network (see :attr:`selecsls.compress.sparsity.LayerSparsity.importance`: |gamma| times the
+    BN-normalised filter norm, or with a calibration ``loader`` the mean activation, relative
+    to the layer's mean) until the target is met. A channel is one unit everywhere it flows, so concatenation
+    groups stay consistent. This changes the outputs: step 2 is fine-tuning the result,
+    e.g. ``selecsls train --init pruned.pt ...``. MACs are counted at ``input_size``
+    (default: the model's ``pretrained_cfg`` input size, batch 1).
+    """
+    if (macs is None) == (params is None):
+        raise ValueError("give exactly one budget: macs=FRACTION or params=FRACTION (e.g. macs=0.7)")
+    fraction, metric = (macs, "macs") if macs is not None else (params, "params")
+    if not 0 < fraction <= 1:
+        raise ValueError(f"{metric} must be a fraction in (0, 1] of the input model's cost, got {fraction}")
+    plan = _ExactPlan(model, threshold, loader)
+    _remove_to_budget(plan, _CostModel(model, plan.flow, metric, input_size), fraction)
+    return _build_pruned(model, plan)
+
+
+def _output_layers(model: SelecSLS) -> set[str]:
+    """Layers whose output channels the model returns (never pruned)."""
+    if isinstance(model, SelecSLSFeatures):
+        return {
+            info["module"] + (".conv6" if info["module"].startswith("features.") else "") for info in model.feature_info
+        }
+    if not isinstance(model.fc, nn.Linear):
+        return {list(model.spec.conv_layers())[-1][0]}
+    return set()
+
+
+class _ExactPlan:
+    """What free pruning decides for one model: the channel flow, the fused weights, each
+    channel's constant output, and the channels every layer keeps (``keep``, sorted indices)."""
+
+    def __init__(self, model: SelecSLS, threshold: float, loader: Iterable | None) -> None:
+        if not isinstance(model, SelecSLS):
+            raise TypeError(f"pruning expects a SelecSLS model, got {type(model).__name__}")
+        self.report = analyze_sparsity(model, threshold, loader)
+        self.flow = channel_flow(model.spec, with_classifier=isinstance(model.fc, nn.Linear))
+        self.state = fused_state_dict(model)
+        self.outputs = _output_layers(model)
+        self.constants = {layer.name: self._constant(layer) for layer in self.report.layers}
+        readers = consumers_of(self.flow)
+        self.keep = {}
+        for layer in self.report.layers:
+            if layer.name in self.outputs:
+                self.keep[layer.name] = torch.arange(layer.channels)
+                continue
+            foldable = all(consumer.kernel_size == 1 for consumer, _ in readers[layer.name])
+            removable = layer.inactive & ((self.constants[layer.name] == 0) | foldable)
+            kept = (~removable).nonzero().flatten()
+            self.keep[layer.name] = kept if kept.numel() else layer.importance.argmax().reshape(1)
+
+    def _constant(self, layer: LayerSparsity) -> Tensor:
+        """Each channel's value where it is input-independent: ReLU(fused bias) if its scale is
+        below the threshold and it was not seen to be always zero; otherwise 0 (so a removed
+        active channel is simply dropped)."""
+        constant = torch.relu(self.state[f"{layer.name}.conv.bias"]).cpu()
+        return torch.where(layer.low_scale & ~layer.dead, constant, torch.zeros_like(constant))
+
+
+class _CostModel:
+    """MACs or parameters of the fused network as a function of its widths.
+
+    Each conv costs ``unit * in_channels * out_channels`` (+ ``out_channels`` biases for
+    params), where ``unit`` is k*k for params and k*k*H_out*W_out for MACs (output sizes
+    measured once at ``input_size``); the classifier costs ``in * out`` (+ ``out``).
+    """
+
+    def __init__(self, model: SelecSLS, flow: tuple[Consumer, ...], metric: str, input_size: Sequence[int] | None):
+        self.flow = flow
+        self.by_name = {consumer.name: consumer for consumer in flow}
+        self.readers = consumers_of(flow)
+        self.in_chans = model.spec.in_chans
+        self.num_classes = model.num_classes
+        self.bias = 1 if metric == "params" else 0
+        kernels = {name: k * k for name, _, _, k in model.spec.conv_layers()}
+        self.unit = kernels | {CLASSIFIER: 1}
+        if metric == "macs":
+            self.unit |= {
+                name: kernels[name] * pixels for name, pixels in self._output_pixels(model, input_size).items()
+            }
+
+    @staticmethod
+    @torch.no_grad()
+    def _output_pixels(model: SelecSLS, input_size: Sequence[int] | None) -> dict[str, int]:
+        modules = dict(model.named_modules())
+        pixels: dict[str, int] = {}
+
+        def recorder(name: str):
+            def hook(module: nn.Module, inputs: tuple, output: Tensor) -> None:
+                pixels[name] = output[0, 0].numel()
+
+            return hook
+
+        hooks = [modules[name].register_forward_hook(recorder(name)) for name, *_ in model.spec.conv_layers()]
+        size = tuple(input_size) if input_size is not None else (1, *model.pretrained_cfg["input_size"])
+        was_training = model.training
+        try:
+            param = next(model.parameters())
+            model.eval()(torch.zeros(size, device=param.device, dtype=param.dtype))
+        finally:
+            model.train(was_training)
+            for hook in hooks:
+                hook.remove()
+        return pixels
+
+    def _in_chs(self, consumer: Consumer, widths: dict[str, int]) -> int:
+        return sum(widths[segment.producer] for segment in consumer.inputs) if consumer.inputs else self.in_chans
+
+    def _out_chs(self, name: str, widths: dict[str, int]) -> int:
+        return self.num_classes if name == CLASSIFIER else widths[name]
+
+    def total(self, widths: dict[str, int]) -> int:
+        return sum(
+            (self.unit[c.name] * self._in_chs(c, widths) + self.bias) * self._out_chs(c.name, widths) for c in self.flow
+        )
+
+    def saving(self, layer: str, widths: dict[str, int]) -> int:
+        """Cost removed by dropping one output channel of ``layer``: its own filter and every reader's column."""
+        saved = self.unit[layer] * self._in_chs(self.by_name[layer], widths) + self.bias
+        return saved + sum(self.unit[c.name] * self._out_chs(c.name, widths) for c, _ in self.readers[layer])
+
+
+def _remove_to_budget(plan: _ExactPlan, cost: _CostModel, fraction: float) -> None:
+    """Drop the least important kept channels, network-wide, until the cost is within budget (edits ``plan.keep``)."""
+    keep, report = plan.keep, plan.report
+    dense = {layer.name: layer.channels for layer in report.layers}
+    target = fraction * cost.total(dense)
+    widths = {name: len(kept) for name, kept in keep.items()}
+    current = cost.total(widths)
+    candidates = sorted(
+        (float(layer.importance[c]), layer.name, int(c))
+        for layer in report.layers
+        if layer.name not in plan.outputs
+        for c in keep[layer.name]
+    )
+    removed: dict[str, set[int]] = {name: set() for name in keep}
+    for _, name, channel in candidates:
+        if current <= target:
+            break
+        if widths[name] > 1:
+            current -= cost.saving(name, widths)
+            widths[name] -= 1
+            removed[name].add(channel)
+    if current > target:
+        raise ValueError(
+            f"cannot prune to {fraction:g} of the cost: with one channel left in every prunable layer it is "
+            f"{current / cost.total(dense):.3f}; ask for a larger fraction"
+        )
+    for name, channels in removed.items():
+        if channels:
+            keep[name] = torch.tensor([c for c in keep[name].tolist() if c not in channels], dtype=torch.long)
+
+
+@torch.no_grad()
+def _build_pruned(model: SelecSLS, plan: _ExactPlan) -> SelecSLS:
+    """Slice the fused weights to ``plan.keep`` and build the smaller fused model.
+
+    In each consumer, a removed input channel's constant times its weights (summed over
+    the kernel) moves into the bias before its column is dropped.
+    """
+    keep, sliced = plan.keep, {}
+    dropped = {}
+    for name, kept in keep.items():
+        mask = torch.ones(len(plan.constants[name]), dtype=torch.bool)
+        mask[kept] = False
+        dropped[name] = mask.nonzero().flatten()
+    for consumer in plan.flow:
+        prefix = "fc" if consumer.name == CLASSIFIER else f"{consumer.name}.conv"
+        weight, bias = plan.state[f"{prefix}.weight"].cpu(), plan.state[f"{prefix}.bias"].cpu().clone()
+        if consumer.inputs:
+            for segment in consumer.inputs:
+                gone = dropped[segment.producer]
+                bias += torch.einsum(
+                    "oi...,i->o", weight[:, segment.offset + gone], plan.constants[segment.producer][gone]
+                )
+            weight = weight[:, torch.cat([segment.offset + keep[segment.producer] for segment in consumer.inputs])]
+        if consumer.name in keep:
+            weight, bias = weight[keep[consumer.name]], bias[keep[consumer.name]]
+        sliced[f"{prefix}.weight"], sliced[f"{prefix}.bias"] = weight.contiguous(), bias
+    name = model.spec.name if model.spec.name.endswith(PRUNED_SUFFIX) else model.spec.name + PRUNED_SUFFIX
+    spec = model.spec.with_widths({layer: len(kept) for layer, kept in keep.items()}, name=name)
+    pruned = type(model)(spec, **model.build_args | {"fused": True})
+    pruned.load_state_dict(sliced)
+    pruned.pretrained_cfg = dict(model.pretrained_cfg)
+    return pruned.to(next(model.parameters()).device).train(model.training)

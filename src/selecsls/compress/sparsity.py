@@ -1,0 +1,214 @@
+"""Which channels a trained SelecSLS no longer uses, and how much each of the others matters.
+
+Adam with L2 regularisation coupled into the gradient drives the BatchNorm scale (gamma)
+of unused channels to zero ("implicit filter-level sparsity", Mehta et al., CVPR 2019).
+Such a channel's output no longer depends on the input: it is the constant ReLU(beta').
+This module measures that per layer; :mod:`selecsls.compress.pruning` acts on it.
+
+A model without BatchNorm (fused or already pruned) has no gamma; there the per-channel
+L2 norm of the fused filter plays its role (it is exactly zero when gamma was zero).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from selecsls._io import atomic_path
+from selecsls.models.fusion import fold_bn
+from selecsls.models.network import ConvNormAct, SelecSLS
+
+__all__ = ["LayerSparsity", "SparsityReport", "analyze_sparsity", "calibration_activations", "save_scale_histogram"]
+
+
+@dataclass(frozen=True)
+class LayerSparsity:
+    """Per-channel measurements of one conv layer (all tensors have one entry per output channel).
+
+    ``scale`` is |gamma| (or the fused filter norm). ``importance`` ranks channels for budgeted
+    pruning: |gamma| times the BN-normalised filter norm (that is, the fused filter's norm, the
+    same number before and after fusion) or, with calibration, the mean activation; divided by
+    the layer's mean so that layers of different scale compare fairly (1 = an average channel
+    of its layer). ``activation_max`` is the largest post-ReLU value seen on calibration images
+    (None without a calibration loader).
+    """
+
+    name: str
+    stage: str
+    scale: Tensor
+    importance: Tensor
+    activation_max: Tensor | None
+    threshold: float
+
+    @property
+    def channels(self) -> int:
+        return self.scale.numel()
+
+    @property
+    def low_scale(self) -> Tensor:
+        """Channels whose output is (nearly) constant: scale below the threshold."""
+        return self.scale < self.threshold
+
+    @property
+    def dead(self) -> Tensor:
+        """Channels that were zero after ReLU on every calibration image."""
+        if self.activation_max is None:
+            return torch.zeros_like(self.scale, dtype=torch.bool)
+        return self.activation_max <= 0
+
+    @property
+    def inactive(self) -> Tensor:
+        return self.low_scale | self.dead
+
+
+@dataclass(frozen=True)
+class SparsityReport:
+    """The per-layer analysis of one model; ``criterion`` names what ``scale`` measures."""
+
+    criterion: str
+    threshold: float
+    calibrated: bool
+    layers: tuple[LayerSparsity, ...]
+
+    def layer(self, name: str) -> LayerSparsity:
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(f"no conv layer {name!r} in this report; layers are named like 'features.3.conv2'")
+
+    @property
+    def total_channels(self) -> int:
+        return sum(layer.channels for layer in self.layers)
+
+    @property
+    def inactive_channels(self) -> int:
+        return sum(int(layer.inactive.sum()) for layer in self.layers)
+
+    def table(self, kept: dict[str, int] | None = None) -> str:
+        """A text table, one row per layer; ``kept`` (layer -> width after pruning) adds a column."""
+        columns = [
+            ("channels", lambda layer: layer.channels),
+            (f"{self.criterion}<{self.threshold:g}", lambda layer: int(layer.low_scale.sum())),
+        ]
+        if self.calibrated:
+            columns.append(("dead on calib", lambda layer: int(layer.dead.sum())))
+        columns.append(("inactive", lambda layer: int(layer.inactive.sum())))
+        if kept is not None:
+            columns.append(("kept", lambda layer: kept[layer.name]))
+        rows = [[layer.name] + [value(layer) for _, value in columns] for layer in self.layers]
+        rows.append(["total"] + [sum(row[i] for row in rows) for i in range(1, len(columns) + 1)])
+        header = ["layer"] + [title for title, _ in columns]
+        widths = [max(len(str(row[i])) for row in [header, *rows]) + 2 for i in range(len(header))]
+        return "\n".join(
+            f"{row[0]:<{widths[0]}}" + "".join(f"{value:>{w}}" for value, w in zip(row[1:], widths[1:]))
+            for row in [header, *rows]
+        )
+
+
+def _conv_layers(model: SelecSLS) -> dict[str, ConvNormAct]:
+    """Layer name (as in ``spec.conv_layers()``) -> its ConvNormAct."""
+    modules = dict(model.named_modules())
+    return {name: modules[name] for name, *_ in model.spec.conv_layers()}
+
+
+def _stage_names(model: SelecSLS) -> dict[str, str]:
+    names = {"stem": "stem"} | {f"head.{i}": "head" for i in range(len(model.spec.head))}
+    for number, blocks in enumerate(model.spec.stages(), start=1):
+        for i in blocks:
+            names |= {f"features.{i}.conv{k}": f"stage{number}" for k in range(1, 7)}
+    return names
+
+
+@torch.no_grad()
+def calibration_activations(model: SelecSLS, loader: Iterable) -> dict[str, tuple[Tensor, Tensor]]:
+    """Layer name -> (max, mean) of each channel's post-ReLU output over every calibration batch.
+
+    ``loader`` yields image batches, or tuples whose first item is the batch (as a
+    DataLoader over (image, label) pairs does). The model runs in eval mode.
+    """
+    layers = _conv_layers(model)
+    maxima: dict[str, Tensor] = {}
+    sums: dict[str, Tensor] = {}
+    counts = dict.fromkeys(layers, 0)
+
+    def recorder(name: str):
+        def hook(module: nn.Module, inputs: tuple, output: Tensor) -> None:
+            per_channel = output.detach().float().transpose(0, 1).flatten(1)
+            batch_max, batch_sum = per_channel.amax(1).cpu(), per_channel.sum(1).cpu()
+            maxima[name] = torch.maximum(maxima[name], batch_max) if name in maxima else batch_max
+            sums[name] = sums[name] + batch_sum if name in sums else batch_sum
+            counts[name] += per_channel.shape[1]
+
+        return hook
+
+    device = next(model.parameters()).device
+    handles = [module.register_forward_hook(recorder(name)) for name, module in layers.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in loader:
+            images = batch[0] if isinstance(batch, (tuple, list)) else batch
+            if not isinstance(images, Tensor) or images.dim() != 4:
+                raise ValueError(
+                    "calibration loader must yield image batches (N, C, H, W) or (images, labels) tuples, "
+                    f"got {type(images).__name__}"
+                )
+            model(images.to(device))
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    if not maxima:
+        raise ValueError("calibration loader yielded no batches; pass a loader with at least one image batch")
+    return {name: (maxima[name], sums[name] / counts[name]) for name in layers}
+
+
+@torch.no_grad()
+def analyze_sparsity(model: SelecSLS, threshold: float = 1e-3, loader: Iterable | None = None) -> SparsityReport:
+    """Per layer, which channels are inactive: |gamma| below ``threshold`` (or, for a model
+    without BatchNorm, fused filter L2 norm below it) and, with a calibration ``loader``,
+    post-ReLU output zero on every calibration image.
+    """
+    if not isinstance(model, SelecSLS):
+        raise TypeError(f"analyze_sparsity expects a SelecSLS model, got {type(model).__name__}")
+    if not threshold >= 0:
+        raise ValueError(f"threshold must be >= 0, got {threshold}")
+    activations = calibration_activations(model, loader) if loader is not None else {}
+    stages = _stage_names(model)
+    layers = []
+    for name, module in _conv_layers(model).items():
+        has_bn = isinstance(module.bn, nn.BatchNorm2d)
+        fused_weight = fold_bn(module.conv, module.bn)[0] if has_bn else module.conv.weight
+        fused_norm = fused_weight.detach().flatten(1).norm(dim=1).cpu()
+        scale = module.bn.weight.detach().abs().cpu() if has_bn else fused_norm
+        activation_max, activation_mean = activations.get(name, (None, None))
+        score = fused_norm if activation_mean is None else activation_mean
+        importance = score / score.mean().clamp_min(torch.finfo(score.dtype).tiny)
+        layers.append(LayerSparsity(name, stages[name], scale, importance, activation_max, threshold))
+    criterion = "fused filter norm" if model.fused else "|gamma|"
+    return SparsityReport(criterion, threshold, loader is not None, tuple(layers))
+
+
+def save_scale_histogram(report: SparsityReport, path: str) -> None:
+    """Write a PNG with one histogram of per-channel scale (|gamma|) per stage; needs matplotlib."""
+    from matplotlib.figure import Figure
+
+    stages: dict[str, list[Tensor]] = {}
+    for layer in report.layers:
+        stages.setdefault(layer.stage, []).append(layer.scale)
+    fig = Figure(figsize=(7, 2.2 * len(stages)))
+    axes = fig.subplots(len(stages), 1, squeeze=False)
+    for ax, (stage, scales) in zip(axes[:, 0], stages.items()):
+        values = torch.cat(scales)
+        inactive = int((values < report.threshold).sum())
+        ax.hist(values.numpy(), bins=60, color="tab:blue")
+        ax.axvline(report.threshold, color="tab:red", linestyle="--", linewidth=1)
+        ax.set_yscale("log")
+        ax.set_title(f"{stage}: {inactive}/{values.numel()} channels below {report.threshold:g}", fontsize=9)
+    axes[-1, 0].set_xlabel(report.criterion)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)

@@ -1,0 +1,1 @@
+"""Read image folders and IDX files; the train and eval preprocessing."""

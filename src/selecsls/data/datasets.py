@@ -1,0 +1,278 @@
+"""Datasets for training and evaluation: class folders of images, and MNIST-style IDX files.
+
+A data directory is either ``root/train/<class>/*`` + ``root/val/<class>/*`` (decoded with
+Pillow), or the four IDX files of MNIST / Fashion-MNIST (``train-images-idx3-ubyte[.gz]``,
+``t10k-...`` for validation). Unreadable images never crash an epoch: the sample comes back
+as a :class:`SkippedImage` that :func:`collate_skipping` drops and reports.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from selecsls._io import PathLike
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "ImageFolder",
+    "IdxDataset",
+    "SkippedImage",
+    "TransformedDataset",
+    "UnreadableImageError",
+    "build_dataset",
+    "build_loader",
+    "collate_skipping",
+    "open_image",
+    "read_idx",
+    "training_classes",
+]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+SPLITS = {"train": "train", "val": "t10k"}  # split -> IDX file prefix
+
+
+class UnreadableImageError(ValueError):
+    """An image file that is missing, corrupt, truncated or not an image."""
+
+    def __init__(self, path: PathLike, reason: str) -> None:
+        super().__init__(f"cannot read image {os.fspath(path)!r}: {reason}")
+        self.path = os.fspath(path)
+
+
+def open_image(path: PathLike, draft_size: int | None = None) -> Image.Image:
+    """Decode an image fully (so errors surface here, not later in a transform).
+
+    ``draft_size`` lets a JPEG decode at a reduced scale (1/2, 1/4, 1/8) whose shorter side
+    is still at least ``draft_size`` pixels: far faster for large photos that are then
+    downscaled anyway.
+    """
+    try:
+        with Image.open(path) as image:
+            if draft_size and image.format == "JPEG":
+                image.draft("RGB", (draft_size, draft_size))
+            image.load()
+            return image
+    except FileNotFoundError:
+        raise UnreadableImageError(path, "no such file") from None
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
+        raise UnreadableImageError(path, str(exc) or type(exc).__name__) from None
+
+
+# --------------------------------------------------------------------------- IDX files
+_IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def read_idx(path: PathLike) -> np.ndarray:
+    """An IDX file (the MNIST format), gzip-compressed or not, as a numpy array."""
+    with open(path, "rb") as raw:
+        compressed = raw.read(2) == b"\x1f\x8b"
+    opener = gzip.open if compressed else open
+    try:
+        with opener(path, "rb") as handle:
+            data = handle.read()
+    except (OSError, EOFError) as exc:
+        raise ValueError(f"cannot read IDX file {os.fspath(path)!r}: {exc}") from None
+    if len(data) < 4 or data[:2] != b"\0\0" or data[2] not in _IDX_DTYPES:
+        raise ValueError(f"{os.fspath(path)!r} is not an IDX file (bad magic number)")
+    ndim = data[3]
+    shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
+    dtype = np.dtype(_IDX_DTYPES[data[2]])
+    expected = int(np.prod(shape)) * dtype.itemsize
+    body = data[4 + 4 * ndim :]
+    if len(body) != expected:
+        raise ValueError(
+            f"IDX file {os.fspath(path)!r} is truncated or padded: header says {shape} "
+            f"({expected} bytes) but it holds {len(body)} bytes"
+        )
+    return np.frombuffer(body, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
+
+
+def _idx_file(root: Path, prefix: str, kind: str) -> Path | None:
+    for name in (f"{prefix}-{kind}", f"{prefix}-{kind}.gz"):
+        if (root / name).is_file():
+            return root / name
+    return None
+
+
+class IdxDataset(Dataset):
+    """Images and labels from a pair of IDX files; samples are grayscale PIL images."""
+
+    def __init__(self, images_path: PathLike, labels_path: PathLike) -> None:
+        images, labels = read_idx(images_path), read_idx(labels_path)
+        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+            raise ValueError(
+                f"IDX pair {os.fspath(images_path)!r} / {os.fspath(labels_path)!r} does not match: "
+                f"expected N images (N, H, W) and N labels, got {images.shape} and {labels.shape}"
+            )
+        self.images = images.astype(np.uint8)
+        self.targets = labels.astype(np.int64)
+        self.classes = [str(c) for c in range(int(self.targets.max()) + 1)]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def load(self, index: int, draft_size: int | None = None) -> tuple[Image.Image, int]:
+        return Image.fromarray(self.images[index]), int(self.targets[index])
+
+
+# ------------------------------------------------------------------------ class folders
+class ImageFolder(Dataset):
+    """``root/<class>/<image>`` files; class indices follow ``classes`` (default: sorted folder names).
+
+    Passing the training classes for a validation folder keeps indices aligned and makes a
+    validation class the model never saw a clear error rather than silently wrong labels.
+    """
+
+    def __init__(self, root: PathLike, classes: Sequence[str] | None = None) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"image folder {os.fspath(self.root)!r} does not exist")
+        folders = _subfolders(self.root)
+        if not folders:
+            raise ValueError(f"{os.fspath(self.root)!r} has no class folders; expected {self.root}/<class>/<image>")
+        self.classes = list(classes) if classes is not None else folders
+        index = {name: i for i, name in enumerate(self.classes)}
+        unknown = [name for name in folders if name not in index]
+        if unknown:
+            raise ValueError(
+                f"{os.fspath(self.root)!r} has class folder(s) {unknown} that are not training classes; "
+                "remove them or add the same folders under train/"
+            )
+        self.samples: list[tuple[str, int]] = []
+        for name in folders:
+            files = sorted(
+                os.path.join(dirpath, f)
+                for dirpath, _, filenames in os.walk(self.root / name)
+                for f in filenames
+                if f.lower().endswith(IMAGE_EXTENSIONS)
+            )
+            if not files:
+                raise ValueError(
+                    f"class folder {os.fspath(self.root / name)!r} holds no images "
+                    f"({', '.join(IMAGE_EXTENSIONS)}); add images or remove the folder"
+                )
+            self.samples.extend((f, index[name]) for f in files)
+        self.targets = [target for _, target in self.samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load(self, index: int, draft_size: int | None = None) -> tuple[Image.Image, int]:
+        path, target = self.samples[index]
+        return open_image(path, draft_size), target
+
+
+def _subfolders(root: Path) -> list[str]:
+    return sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+
+
+def training_classes(root: PathLike) -> list[str] | None:
+    """Class names in training order for a class-folder layout (``root/train/<class>``), else None.
+
+    Validating against these keeps label indices aligned with the model even when the
+    validation split lacks some classes.
+    """
+    train = Path(root) / "train"
+    return _subfolders(train) if train.is_dir() else None
+
+
+def build_dataset(root: PathLike, split: str, classes: Sequence[str] | None = None) -> ImageFolder | IdxDataset:
+    """The ``split`` ('train' or 'val') of the data directory ``root``, whichever layout it uses."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"data directory {os.fspath(root)!r} does not exist")
+    images = _idx_file(root, SPLITS[split], "images-idx3-ubyte")
+    labels = _idx_file(root, SPLITS[split], "labels-idx1-ubyte")
+    if images and labels:
+        return IdxDataset(images, labels)
+    if (root / split).is_dir():
+        return ImageFolder(root / split, classes)
+    raise FileNotFoundError(
+        f"no {split} data in {os.fspath(root)!r}: expected {root}/{split}/<class>/<image> folders "
+        f"or IDX files {SPLITS[split]}-images-idx3-ubyte[.gz] and {SPLITS[split]}-labels-idx1-ubyte[.gz]"
+    )
+
+
+# ------------------------------------------------------------- transforms and batching
+class SkippedImage(NamedTuple):
+    """Stands in for a sample whose image could not be read."""
+
+    path: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class TransformedDataset(Dataset):
+    """Applies ``transform`` to a dataset's images and turns unreadable ones into :class:`SkippedImage`.
+
+    With ``seed`` set, sample ``i`` of epoch ``e`` is augmented with a generator seeded from
+    (seed, e, i): augmentation does not depend on worker count, order or resumption.
+    """
+
+    base: ImageFolder | IdxDataset
+    transform: Callable[..., torch.Tensor]
+    seed: int | None = None
+    epoch: int = 0
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> Any:
+        try:
+            image, target = self.base.load(index, getattr(self.transform, "draft_size", None))
+        except UnreadableImageError as exc:
+            return SkippedImage(exc.path, str(exc))
+        if self.seed is None:
+            return self.transform(image), target
+        state = np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(2, np.uint32)
+        generator = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+        return self.transform(image, generator=generator), target
+
+
+class Batch(NamedTuple):
+    images: torch.Tensor
+    targets: torch.Tensor
+    skipped: list[SkippedImage]
+
+
+def collate_skipping(samples: list[Any]) -> Batch:
+    """Stack the readable samples; keep the unreadable ones aside for the end-of-epoch report."""
+    skipped = [s for s in samples if isinstance(s, SkippedImage)]
+    good = [s for s in samples if not isinstance(s, SkippedImage)]
+    if not good:
+        return Batch(torch.empty(0), torch.empty(0, dtype=torch.long), skipped)
+    images = torch.stack([image for image, _ in good])
+    targets = torch.tensor([target for _, target in good], dtype=torch.long)
+    return Batch(images, targets, skipped)
+
+
+def build_loader(
+    dataset: TransformedDataset, indices: Sequence[int], batch_size: int, workers: int, drop_last: bool = False
+) -> torch.utils.data.DataLoader:
+    """A loader over ``indices`` in the given order (the caller owns shuffling and sharding).
+
+    The loader gets its own generator so creating it does not consume the global RNG, which
+    a resumed run must find exactly as it was saved.
+    """
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=list(indices),
+        num_workers=workers,
+        collate_fn=collate_skipping,
+        drop_last=drop_last,
+        generator=torch.Generator(),
+    )

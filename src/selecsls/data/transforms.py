@@ -1,0 +1,236 @@
+"""Image preprocessing without torchvision: the standard ImageNet train and eval pipelines.
+
+Both pipelines are callables ``PIL.Image -> float tensor (C, H, W)`` built from Pillow,
+numpy and torch only. Training randomness comes from an optional ``torch.Generator`` so a
+data loader can make every sample's augmentation a function of (seed, epoch, index) and a
+resumed run sees exactly the crops an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageEnhance
+
+from selecsls.models.network import IMAGENET_MEAN, IMAGENET_STD
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "INTERPOLATIONS",
+    "EvalTransform",
+    "TrainTransform",
+    "build_eval_transform",
+    "build_train_transform",
+    "eval_transform_from_cfg",
+]
+
+#: Resampling filters accepted by the pipelines, by the names timm's ``pretrained_cfg`` uses.
+INTERPOLATIONS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+
+
+class _ToNormalizedTensor:
+    """PIL image -> (in_chans, H, W) float tensor, normalised by per-channel mean/std.
+
+    Grayscale sources are expanded to three channels (and colour reduced to luminance for
+    ``in_chans=1``), so one dataset feeds models built for either.
+    """
+
+    def __init__(self, in_chans: int, mean: Sequence[float], std: Sequence[float]) -> None:
+        if in_chans not in (1, 3):
+            raise ValueError(f"image pipelines produce 1 (grayscale) or 3 (RGB) channels, got in_chans={in_chans}")
+        self.mode = "L" if in_chans == 1 else "RGB"
+        self.mean = _per_channel("mean", mean, in_chans)
+        self.std = _per_channel("std", std, in_chans)
+        if (self.std <= 0).any():
+            raise ValueError(f"std must be positive, got {tuple(std)}")
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        pixels = np.asarray(image.convert(self.mode), dtype=np.float32) / 255.0
+        if pixels.ndim == 2:
+            pixels = pixels[:, :, None]
+        tensor = torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
+        return (tensor - self.mean) / self.std
+
+
+def _per_channel(name: str, values: Sequence[float], in_chans: int) -> torch.Tensor:
+    """Statistics as a (C, 1, 1) tensor; RGB statistics collapse to their average for grayscale."""
+    values = tuple(float(v) for v in values)
+    if len(values) == 3 and in_chans == 1:
+        values = (sum(values) / 3,)
+    if len(values) == 1:
+        values = values * in_chans
+    if len(values) != in_chans:
+        raise ValueError(f"{name} has {len(values)} values but the model takes {in_chans} channels")
+    return torch.tensor(values, dtype=torch.float32).reshape(-1, 1, 1)
+
+
+def _resampling(interpolation: str) -> Image.Resampling:
+    try:
+        return INTERPOLATIONS[interpolation]
+    except KeyError:
+        raise ValueError(f"interpolation must be one of {sorted(INTERPOLATIONS)}, got {interpolation!r}") from None
+
+
+def _check_size(img_size: int) -> int:
+    if not isinstance(img_size, int) or img_size < 1:
+        raise ValueError(f"img_size must be a positive integer, got {img_size!r}")
+    return img_size
+
+
+@dataclass(frozen=True)
+class EvalTransform:
+    """Resize the shorter side to ``img_size / crop_pct``, centre-crop ``img_size``, normalise."""
+
+    img_size: int
+    crop_pct: float
+    interpolation: str
+    to_tensor: _ToNormalizedTensor
+
+    @property
+    def resize_size(self) -> int:
+        return math.floor(self.img_size / self.crop_pct)
+
+    @property
+    def draft_size(self) -> int:
+        """Smallest shorter side a JPEG may be decoded at (draft mode) without changing the result much."""
+        return self.resize_size
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        width, height = image.size
+        scale = self.resize_size / min(width, height)
+        new_size = (max(self.resize_size, round(width * scale)), max(self.resize_size, round(height * scale)))
+        image = image.resize(new_size, _resampling(self.interpolation))
+        left = (new_size[0] - self.img_size) // 2
+        top = (new_size[1] - self.img_size) // 2
+        return self.to_tensor(image.crop((left, top, left + self.img_size, top + self.img_size)))
+
+
+@dataclass(frozen=True)
+class TrainTransform:
+    """Random-resized crop, horizontal flip, optional colour jitter, normalise.
+
+    The crop follows the ImageNet recipe: an area fraction in ``scale`` and an aspect ratio
+    log-uniform in ``ratio`` (ten tries, then a centre crop clamped to the ratio range).
+    """
+
+    img_size: int
+    scale: tuple[float, float]
+    ratio: tuple[float, float]
+    hflip: float
+    color_jitter: float
+    interpolation: str
+    to_tensor: _ToNormalizedTensor
+
+    draft_size = None  # random crops may zoom into a small region: always decode at full resolution
+
+    def __call__(self, image: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
+        box = self.crop_box(image.size, generator)
+        image = image.resize((self.img_size, self.img_size), _resampling(self.interpolation), box=box)
+        if _uniform(generator) < self.hflip:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        if self.color_jitter > 0:
+            image = self._jitter(image, generator)
+        return self.to_tensor(image)
+
+    def crop_box(self, size: tuple[int, int], generator: torch.Generator | None = None) -> tuple[int, int, int, int]:
+        """(left, top, right, bottom) of the random crop for an image of ``size`` (width, height)."""
+        width, height = size
+        area = width * height
+        log_ratio = (math.log(self.ratio[0]), math.log(self.ratio[1]))
+        for _ in range(10):
+            target_area = area * _uniform(generator, *self.scale)
+            aspect = math.exp(_uniform(generator, *log_ratio))
+            w = round(math.sqrt(target_area * aspect))
+            h = round(math.sqrt(target_area / aspect))
+            if 0 < w <= width and 0 < h <= height:
+                left = int(_uniform(generator) * (width - w + 1))
+                top = int(_uniform(generator) * (height - h + 1))
+                return left, top, left + w, top + h
+        aspect = min(max(width / height, self.ratio[0]), self.ratio[1])
+        w, h = (width, round(width / aspect)) if width / height <= aspect else (round(height * aspect), height)
+        left, top = (width - w) // 2, (height - h) // 2
+        return left, top, left + w, top + h
+
+    def _jitter(self, image: Image.Image, generator: torch.Generator | None) -> Image.Image:
+        """Brightness, contrast and saturation each scaled by a factor in [1 - j, 1 + j]."""
+        low, high = max(0.0, 1 - self.color_jitter), 1 + self.color_jitter
+        for enhancer in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
+            image = enhancer(image).enhance(_uniform(generator, low, high))
+        return image
+
+
+def _uniform(generator: torch.Generator | None, low: float = 0.0, high: float = 1.0) -> float:
+    return low + (high - low) * torch.rand((), generator=generator).item()
+
+
+def build_eval_transform(
+    img_size: int,
+    crop_pct: float = 0.875,
+    interpolation: str = "bilinear",
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    in_chans: int = 3,
+) -> EvalTransform:
+    """The evaluation pipeline ImageNet papers report with (resize, centre crop, normalise)."""
+    if not 0 < crop_pct <= 1:
+        raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
+    _resampling(interpolation)
+    return EvalTransform(
+        _check_size(img_size), float(crop_pct), interpolation, _ToNormalizedTensor(in_chans, mean, std)
+    )
+
+
+def build_train_transform(
+    img_size: int,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    hflip: float = 0.5,
+    color_jitter: float = 0.0,
+    interpolation: str = "bilinear",
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    in_chans: int = 3,
+) -> TrainTransform:
+    """The training pipeline: random-resized crop, flip, optional colour jitter, normalise."""
+    if not 0 < scale[0] <= scale[1] <= 1:
+        raise ValueError(f"scale must satisfy 0 < min <= max <= 1 (fractions of the image area), got {scale}")
+    if not 0 < ratio[0] <= ratio[1]:
+        raise ValueError(f"ratio must satisfy 0 < min <= max, got {ratio}")
+    if not 0 <= hflip <= 1:
+        raise ValueError(f"hflip is a probability in [0, 1], got {hflip}")
+    if color_jitter < 0:
+        raise ValueError(f"color_jitter must be >= 0, got {color_jitter}")
+    _resampling(interpolation)
+    return TrainTransform(
+        _check_size(img_size),
+        (float(scale[0]), float(scale[1])),
+        (float(ratio[0]), float(ratio[1])),
+        float(hflip),
+        float(color_jitter),
+        interpolation,
+        _ToNormalizedTensor(in_chans, mean, std),
+    )
+
+
+def eval_transform_from_cfg(
+    pretrained_cfg: Mapping[str, Any],
+    img_size: int | None = None,
+    crop_pct: float | None = None,
+    interpolation: str | None = None,
+) -> EvalTransform:
+    """The eval pipeline a model expects (``model.pretrained_cfg``); arguments given override it."""
+    in_chans, _, cfg_size = pretrained_cfg["input_size"]
+    return build_eval_transform(
+        img_size or int(cfg_size),
+        crop_pct or float(pretrained_cfg.get("crop_pct", 0.875)),
+        interpolation or str(pretrained_cfg.get("interpolation", "bilinear")),
+        pretrained_cfg.get("mean", IMAGENET_MEAN),
+        pretrained_cfg.get("std", IMAGENET_STD),
+        int(in_chans),
+    )

@@ -1,0 +1,121 @@
+"""The one table of inference backends, used by ``selecsls bench``, ``selecsls predict`` and export checks.
+
+A backend turns an fp32 model in eval mode and an example input (both on the target
+device) into a :data:`Runner`: a function running one inference on inputs shaped like the
+example (compiled, converted and warmed as needed), returning logits as a tensor. A backend
+that cannot run here raises :class:`BackendUnavailable` with the reason, and callers report
+it as skipped. Adding a backend is one :class:`Backend` entry in :data:`BACKENDS`; its code
+(and optional dependencies) are imported only when it is built, so this module, and the CLI
+help that lists the table, import neither torch nor any runtime.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from torch import Tensor, nn
+
+__all__ = ["BACKENDS", "Backend", "BackendUnavailable", "Runner", "first_line", "predict_backends"]
+
+#: One inference on an input shaped like the example the runner was built for.
+Runner = Callable[["Tensor"], "Tensor"]
+
+
+class BackendUnavailable(RuntimeError):
+    """This backend cannot run this model here; ``reason`` says why (shown as 'skipped: reason')."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def first_line(exc: BaseException) -> str:
+    """``Type: first line of the message``, for one-line skip reasons."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One way to run a model. ``builder`` is ``"module:function"``, imported on first use.
+
+    ``exact``: outputs equal the model's (fp32, same weights); int8 and pruning are not.
+    ``cpu_only``: refuses examples on another device (e.g. ONNX Runtime's CPU provider).
+    ``fixed_shape``: the runner accepts only the example's shape (a graph exported at it).
+    """
+
+    name: str
+    summary: str
+    builder: str
+    exact: bool = True
+    cpu_only: bool = False
+    fixed_shape: bool = False
+
+    def build(self, model: nn.Module, example: Tensor) -> Runner:
+        if self.cpu_only and example.device.type != "cpu":
+            raise BackendUnavailable(f"backend {self.name} runs on the CPU only; the example is on {example.device}")
+        module, function = self.builder.split(":")
+        try:
+            build = getattr(importlib.import_module(module), function)
+        except ImportError as exc:
+            raise BackendUnavailable(f"{module} is not importable: {first_line(exc)}") from exc
+        return build(model, example)
+
+    def __call__(self, model: nn.Module, example: Tensor) -> Callable[[], Any]:
+        """A zero-argument call running the built backend on ``example`` (what the benchmark times)."""
+        run = self.build(model, example)
+        return lambda: run(example)
+
+
+_TORCH = "selecsls.deploy.runtimes"
+BACKENDS: dict[str, Backend] = {
+    backend.name: backend
+    for backend in (
+        Backend("eager", "plain PyTorch, NCHW memory layout", f"{_TORCH}:eager"),
+        Backend("channels_last", "eager, weights and input in NHWC (channels-last) layout", f"{_TORCH}:channels_last"),
+        Backend("script", "TorchScript (torch.jit.script)", f"{_TORCH}:script"),
+        Backend("compile", "torch.compile (inductor), compiled before timing", f"{_TORCH}:compile_inductor"),
+        Backend("fused", "BatchNorm folded into the convs (selecsls.fuse; torch.fx for baselines)", f"{_TORCH}:fused"),
+        Backend(
+            "fused_channels_last", "BatchNorm folded, weights and input channels-last", f"{_TORCH}:fused_channels_last"
+        ),
+        Backend(
+            "onnxruntime",
+            "ONNX Runtime (CPU, fp32) on the model exported at the example's shape, checked against PyTorch",
+            "selecsls.deploy.export:onnxruntime_backend",
+            cpu_only=True,
+            fixed_shape=True,
+        ),
+        Backend(
+            "int8",
+            "ONNX Runtime int8 (static QDQ) on the model exported at the example's shape",
+            "selecsls.deploy.quantization:int8_backend",
+            exact=False,
+            cpu_only=True,
+            fixed_shape=True,
+        ),
+        Backend(
+            "pruned",
+            "selecsls.prune_to_budget to half the MACs (SelecSLS only): fused and narrower",
+            f"{_TORCH}:pruned",
+            exact=False,
+        ),
+        Backend(
+            "pruned_int8",
+            "the pruned model run by the int8 backend: the two speed-ups compound",
+            f"{_TORCH}:pruned_int8",
+            exact=False,
+            cpu_only=True,
+            fixed_shape=True,
+        ),
+    )
+}
+
+
+def predict_backends() -> list[str]:
+    """Backends that keep the model's function (exact, or int8 quantized): pruning changes the model."""
+    return [name for name, backend in BACKENDS.items() if not name.startswith("pruned")]

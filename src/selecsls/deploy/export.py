@@ -1,0 +1,263 @@
+"""Export a model to ONNX or frozen TorchScript, and prove the file computes what the model does.
+
+Every export is checked before it lands on disk: the written file is loaded back (ONNX
+Runtime for ONNX, ``torch.jit.load`` for TorchScript) and run on random inputs and on any
+real images given, and its outputs are compared with the PyTorch model's. The file is only
+moved into place when the largest difference is within :data:`RELATIVE_TOLERANCE` of the
+output's scale.
+
+ONNX is produced by torch's TorchScript-based exporter (``dynamo=False``): this network is
+only convs, ReLUs, additions and pooling, which that exporter handles completely, and it
+needs no extra package (the torch.export-based exporter needs ``onnxscript``). ONNX
+Runtime folds the BatchNorms into the convs when it loads the graph. docs/deployment.md has
+the measured speed of the exported graphs.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from selecsls._io import PathLike, atomic_path
+from selecsls.deploy.backends import BackendUnavailable, Runner
+
+__all__ = [
+    "EXPORT_FORMATS",
+    "ONNX_OPSET",
+    "RELATIVE_TOLERANCE",
+    "ExportCheck",
+    "ExportMismatchError",
+    "checked_session",
+    "compare_outputs",
+    "export_model",
+    "one_image_at_a_time",
+    "onnxruntime_backend",
+    "onnx_session",
+    "read_metadata",
+    "session_runner",
+    "to_onnx",
+    "to_torchscript",
+]
+
+EXPORT_FORMATS = ("onnx", "torchscript")
+ONNX_OPSET = 18
+#: An export fails when max |exported - pytorch| exceeds this fraction of max |pytorch output|.
+RELATIVE_TOLERANCE = 1e-4
+INPUT_NAME, OUTPUT_NAME = "input", "logits"
+#: Key under which exported files carry the preprocessing and class names (``pretrained_cfg``).
+METADATA_KEY = "selecsls.pretrained_cfg"
+
+
+class ExportMismatchError(RuntimeError):
+    """The exported file does not reproduce the PyTorch model's outputs."""
+
+
+@dataclass(frozen=True)
+class ExportCheck:
+    """How far an exported model's outputs are from PyTorch's on one set of inputs."""
+
+    inputs: str
+    max_abs_diff: float
+    output_scale: float
+
+    @property
+    def relative_diff(self) -> float:
+        return self.max_abs_diff / max(self.output_scale, torch.finfo(torch.float32).tiny)
+
+    @property
+    def passed(self) -> bool:
+        return self.relative_diff <= RELATIVE_TOLERANCE
+
+    def __str__(self) -> str:
+        verdict = "ok" if self.passed else f"FAILED (tolerance {RELATIVE_TOLERANCE:g})"
+        return f"{self.inputs}: max abs diff {self.max_abs_diff:.3g}, relative {self.relative_diff:.3g} {verdict}"
+
+
+@contextmanager
+def _quiet_deprecations() -> Iterator[None]:
+    """TorchScript and the TorchScript-based ONNX exporter warn that they are deprecated on every
+    call; the choice is deliberate (module docstring), so the warning is noise to users."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.(jit|onnx)")
+        warnings.filterwarnings(
+            "ignore", message=r".*legacy TorchScript-based ONNX export", category=DeprecationWarning
+        )
+        yield
+
+
+def _example_input(model: nn.Module, input_size: Sequence[int] | None, batch: int = 1) -> Tensor:
+    size = tuple(input_size or model.pretrained_cfg["input_size"])
+    if len(size) != 3:
+        raise ValueError(f"input_size must be (channels, height, width), got {size}")
+    return torch.randn(batch, *size, generator=torch.Generator().manual_seed(0))
+
+
+def _metadata(model: nn.Module) -> str:
+    return json.dumps(getattr(model, "pretrained_cfg", {}), sort_keys=True)
+
+
+def read_metadata(path: PathLike) -> dict[str, Any]:
+    """The ``pretrained_cfg`` (preprocessing, class names) stored in an exported ONNX file."""
+    import onnx
+
+    proto = onnx.load(os.fspath(path), load_external_data=False)
+    for prop in proto.metadata_props:
+        if prop.key == METADATA_KEY:
+            return json.loads(prop.value)
+    raise ValueError(
+        f"{os.fspath(path)!r} was not exported by selecsls (no {METADATA_KEY} metadata); "
+        "export it with `selecsls export` or pass the PyTorch checkpoint"
+    )
+
+
+# --------------------------------------------------------------------------------- writers
+def to_onnx(model: nn.Module, example: Tensor, dynamic: bool = False) -> bytes:
+    """The serialised ONNX model (opset :data:`ONNX_OPSET`) with ``pretrained_cfg`` as metadata.
+
+    ``dynamic`` makes batch, height and width free dimensions; otherwise the graph is fixed to
+    ``example``'s shape (which lets ONNX Runtime plan memory once).
+    """
+    import onnx
+
+    buffer = io.BytesIO()
+    dynamic_axes = {INPUT_NAME: {0: "batch", 2: "height", 3: "width"}, OUTPUT_NAME: {0: "batch"}} if dynamic else None
+    with _quiet_deprecations(), torch.no_grad():
+        torch.onnx.export(
+            model.eval(),
+            (example,),
+            buffer,
+            dynamo=False,
+            opset_version=ONNX_OPSET,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_axes=dynamic_axes,
+        )
+    proto = onnx.load_from_string(buffer.getvalue())
+    onnx.helper.set_model_props(proto, {METADATA_KEY: _metadata(model)})
+    return proto.SerializeToString()
+
+
+def to_torchscript(model: nn.Module) -> torch.jit.ScriptModule:
+    """The model scripted and frozen: weights become constants, BatchNorm is folded into convs."""
+    with _quiet_deprecations():
+        return torch.jit.freeze(torch.jit.script(model.eval()))
+
+
+def onnx_session(model: PathLike | bytes, threads: int | None = None):
+    """An ONNX Runtime CPU session for an ONNX file or serialised model.
+
+    Worker threads sleep between runs instead of spinning: on a shared CPU (and when ONNX
+    Runtime alternates with PyTorch, as in the interleaved benchmark) spinning threads steal
+    cores from everything else.
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    source = model if isinstance(model, bytes) else os.fspath(model)
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
+def checked_session(model: nn.Module, example: Tensor, dynamic: bool = False):
+    """An ONNX Runtime session of ``model`` exported in memory, trusted only after it matched
+    PyTorch on ``example``; raises :class:`ExportMismatchError` otherwise."""
+    session = onnx_session(to_onnx(model, example, dynamic))
+    check = compare_outputs(model, session_runner(session), [("example", example)])[0]
+    if not check.passed:
+        raise ExportMismatchError(f"the ONNX export is not exact: {check} (tolerance {RELATIVE_TOLERANCE:g})")
+    return session
+
+
+def onnxruntime_backend(model: nn.Module, example: Tensor) -> Runner:
+    """ONNX Runtime (CPU, fp32) on the model exported at the example's shape, checked against PyTorch."""
+    try:
+        return session_runner(checked_session(model, example))
+    except ExportMismatchError as exc:
+        raise BackendUnavailable(str(exc)) from exc
+
+
+def session_runner(session) -> Runner:
+    """``session`` as a function Tensor -> Tensor."""
+    input_name = session.get_inputs()[0].name
+    return lambda x: torch.from_numpy(session.run(None, {input_name: x.numpy()})[0])
+
+
+# ------------------------------------------------------------------------------- checking
+def one_image_at_a_time(run: Runner) -> Runner:
+    """``run`` of a graph exported with a fixed batch of 1, made to accept any batch."""
+    return lambda batch: torch.cat([run(image[None]) for image in batch])
+
+
+def compare_outputs(model: nn.Module, run: Runner, inputs: Sequence[tuple[str, Tensor]]) -> list[ExportCheck]:
+    """Run ``model`` and the exported ``run`` on each labelled input batch and measure the gap."""
+    checks = []
+    with torch.no_grad():
+        for label, batch in inputs:
+            expected = model(batch)
+            checks.append(ExportCheck(label, float((run(batch) - expected).abs().max()), float(expected.abs().max())))
+    return checks
+
+
+def _check_inputs(model: nn.Module, example: Tensor, varied_shape: bool, images: Tensor | None):
+    """Random inputs at the export size (and at another batch and size), plus the real images."""
+    inputs = [(f"random {tuple(example.shape)}", example)]
+    if varied_shape:
+        _, channels, height, width = example.shape
+        other = _example_input(model, (channels, height + 32, width + 64), batch=2)
+        inputs.append((f"random {tuple(other.shape)}", other))
+    if images is not None and len(images):
+        inputs.append((f"{len(images)} real image(s)", images))
+    return inputs
+
+
+def export_model(
+    model: nn.Module,
+    path: PathLike,
+    format: str,
+    *,
+    input_size: Sequence[int] | None = None,
+    dynamic: bool = False,
+    images: Tensor | None = None,
+) -> list[ExportCheck]:
+    """Write ``model`` to ``path`` as ``format`` ('onnx' or 'torchscript') and return the checks.
+
+    ``input_size`` (C, H, W) defaults to ``model.pretrained_cfg['input_size']``; ``images``
+    is a preprocessed batch of real images at that size. ``dynamic`` (ONNX only; TorchScript
+    always accepts any shape) frees batch and spatial size, and is then checked at a second
+    shape. Raises :class:`ExportMismatchError` (leaving ``path`` untouched) if any check fails.
+    """
+    if format not in EXPORT_FORMATS:
+        raise ValueError(f"format must be one of {EXPORT_FORMATS}, got {format!r}")
+    if dynamic and format != "onnx":
+        raise ValueError("dynamic applies to ONNX only: TorchScript already accepts any batch and image size")
+    model = model.eval()
+    example = _example_input(model, input_size)
+    if images is not None and tuple(images.shape[1:]) != tuple(example.shape[1:]):
+        raise ValueError(f"real images are {tuple(images.shape[1:])} but the export size is {tuple(example.shape[1:])}")
+    with atomic_path(path) as tmp:
+        if format == "onnx":
+            tmp.write_bytes(to_onnx(model, example, dynamic))
+            run = session_runner(onnx_session(tmp))
+            run = run if dynamic else one_image_at_a_time(run)
+        else:
+            with _quiet_deprecations():
+                torch.jit.save(to_torchscript(model), tmp, _extra_files={METADATA_KEY: _metadata(model)})
+                run = torch.jit.load(tmp)
+        checks = compare_outputs(model, run, _check_inputs(model, example, format == "torchscript" or dynamic, images))
+        failed = [check for check in checks if not check.passed]
+        if failed:
+            raise ExportMismatchError(
+                f"exported {format} model differs from PyTorch beyond {RELATIVE_TOLERANCE:g} relative "
+                f"({'; '.join(map(str, failed))}); {os.fspath(path)!r} was not written"
+            )
+    return checks

@@ -1,0 +1,138 @@
+"""Classify image files: load a model, pick an inference backend, report top-k class names.
+
+Any backend of :data:`selecsls.deploy.backends.BACKENDS` that keeps the model's function
+runs predictions (see :func:`~selecsls.deploy.backends.predict_backends`); an ``.onnx`` file
+exported by ``selecsls export`` runs on ONNX Runtime. ``auto`` takes the fastest per image
+that is available and correct: onnxruntime, else fused_channels_last (docs/deployment.md has
+the measurements behind that order).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from selecsls._io import PathLike
+from selecsls.data.datasets import open_image
+from selecsls.data.transforms import EvalTransform, eval_transform_from_cfg
+from selecsls.deploy.backends import BACKENDS, BackendUnavailable, Runner, predict_backends
+from selecsls.deploy.export import one_image_at_a_time, onnx_session, read_metadata, session_runner
+
+__all__ = ["AUTO_ORDER", "Prediction", "Predictor", "class_names", "imagenet_class_names", "load_images"]
+
+#: What ``backend="auto"`` tries, fastest first.
+AUTO_ORDER = ("onnxruntime", "fused_channels_last")
+IMAGENET_CLASSES = 1000
+
+
+@lru_cache(maxsize=1)
+def imagenet_class_names() -> tuple[str, ...]:
+    """The 1000 ILSVRC-2012 class names in index order (package data)."""
+    text = resources.files("selecsls").joinpath("resources/imagenet_classes.txt").read_text(encoding="utf-8")
+    return tuple(text.splitlines())
+
+
+def class_names(pretrained_cfg: Mapping[str, Any], num_classes: int) -> list[str]:
+    """Names for the model's outputs: the training folder names it records (``label_names``),
+    the ImageNet names for a 1000-class model, else ``class 0``, ``class 1``, ..."""
+    names = pretrained_cfg.get("label_names")
+    if names is not None:
+        if len(names) != num_classes:
+            raise ValueError(
+                f"the model records {len(names)} class names for {num_classes} outputs; "
+                "its pretrained_cfg['label_names'] does not belong to it"
+            )
+        return list(names)
+    if num_classes == IMAGENET_CLASSES:
+        return list(imagenet_class_names())
+    return [f"class {i}" for i in range(num_classes)]
+
+
+def load_images(paths: Sequence[PathLike], transform: EvalTransform) -> Tensor:
+    """Decode (Pillow) and preprocess image files into one batch; a bad file raises one clear error."""
+    if not paths:
+        raise ValueError("no images given")
+    return torch.stack([transform(open_image(path, transform.draft_size)) for path in paths])
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The ``k`` most likely classes for one image, most likely first."""
+
+    path: str
+    classes: tuple[tuple[str, float], ...]  # (class name, probability)
+
+    def __str__(self) -> str:
+        rows = [f"{self.path}"] + [
+            f"  {rank}. {name:<30} {100 * p:6.2f}%" for rank, (name, p) in enumerate(self.classes, start=1)
+        ]
+        return "\n".join(rows)
+
+
+def _runner(backend: str, model: nn.Module, example: Tensor) -> Runner:
+    """The backend's runner, taking any batch (a fixed-shape graph runs one image at a time)."""
+    run = BACKENDS[backend].build(model, example)
+    return one_image_at_a_time(run) if BACKENDS[backend].fixed_shape else run
+
+
+class Predictor:
+    """Image files -> top-k class names, with one model and one backend."""
+
+    def __init__(self, run: Runner, transform: EvalTransform, names: Sequence[str], backend: str) -> None:
+        self.run = run
+        self.transform = transform
+        self.names = list(names)
+        self.backend = backend
+
+    @classmethod
+    def from_model(cls, model: nn.Module, backend: str = "auto") -> Predictor:
+        """Wrap a PyTorch classifier; ``backend`` is ``auto`` or one of :func:`predict_backends`."""
+        choices = ["auto", *predict_backends()]
+        if backend not in choices:
+            raise ValueError(f"backend must be one of {', '.join(choices)}, got {backend!r}")
+        if getattr(model, "num_classes", 0) < 1:
+            raise ValueError("predict needs a classifier; this model has no classifier (num_classes=0)")
+        model = model.eval()
+        cfg = model.pretrained_cfg
+        example = torch.randn(1, *cfg["input_size"], generator=torch.Generator().manual_seed(0))
+        transform, names = eval_transform_from_cfg(cfg), class_names(cfg, model.num_classes)
+        candidates = AUTO_ORDER if backend == "auto" else (backend,)
+        for name in candidates[:-1]:
+            try:
+                return cls(_runner(name, model, example), transform, names, name)
+            except BackendUnavailable as exc:
+                warnings.warn(f"{name} backend unavailable ({exc.reason}); trying {candidates[-1]}", stacklevel=2)
+        return cls(_runner(candidates[-1], model, example), transform, names, candidates[-1])
+
+    @classmethod
+    def from_onnx(cls, path: PathLike) -> Predictor:
+        """Wrap an ONNX file written by ``selecsls export`` (its metadata holds the preprocessing)."""
+        cfg = read_metadata(path)
+        session = onnx_session(path)
+        num_classes = session.get_outputs()[0].shape[-1]
+        return cls(session_runner(session), eval_transform_from_cfg(cfg), class_names(cfg, num_classes), "onnxruntime")
+
+    def predict(self, paths: Sequence[PathLike], topk: int = 5, batch_size: int = 16) -> list[Prediction]:
+        """Top-``topk`` classes with softmax probabilities for each image, in input order."""
+        if topk < 1:
+            raise ValueError(f"topk must be >= 1, got {topk}")
+        k = min(topk, len(self.names))
+        predictions = []
+        for start in range(0, len(paths), batch_size):
+            chunk = paths[start : start + batch_size]
+            with torch.no_grad():
+                probs = self.run(load_images(chunk, self.transform)).float().softmax(dim=1)
+            top = probs.topk(k, dim=1)
+            for path, values, indices in zip(chunk, top.values.tolist(), top.indices.tolist()):
+                predictions.append(
+                    Prediction(os.fspath(path), tuple((self.names[i], v) for i, v in zip(indices, values)))
+                )
+        return predictions

@@ -1,0 +1,90 @@
+"""PyTorch backends of :data:`selecsls.deploy.backends.BACKENDS` (eager, channels-last, TorchScript,
+inductor, BN-fused, pruned): each turns a model and an example into a runner."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import Tensor, nn
+from torch.fx.experimental.optimization import fuse as fx_fuse
+
+from selecsls.compress.pruning import prune_to_budget
+from selecsls.deploy.backends import BACKENDS, BackendUnavailable, Runner, first_line
+from selecsls.models.fusion import fuse
+from selecsls.models.network import SelecSLS
+
+#: Budget of the ``pruned`` backends, as a fraction of the fused model's MACs. With random
+#: weights no channel is free to remove, so this budget alone decides the pruned width.
+PRUNED_MACS_FRACTION = 0.5
+
+
+def eager(model: nn.Module, example: Tensor) -> Runner:
+    """Plain PyTorch, NCHW memory layout."""
+    return model
+
+
+def channels_last(model: nn.Module, example: Tensor) -> Runner:
+    """Eager with weights and input in NHWC (channels-last) memory layout."""
+    converted = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    return lambda x: converted(x.contiguous(memory_format=torch.channels_last))
+
+
+def script(model: nn.Module, example: Tensor) -> Runner:
+    """TorchScript (``torch.jit.script``)."""
+    try:
+        scripted = torch.jit.script(model)
+    except Exception as exc:  # scripting rejects unsupported Python in many distinct ways
+        raise BackendUnavailable(f"torch.jit.script failed: {first_line(exc)}") from exc
+    return scripted
+
+
+def compile_inductor(model: nn.Module, example: Tensor) -> Runner:
+    """``torch.compile`` (inductor); compiled here, on the example, so timing excludes compilation."""
+    compiled = torch.compile(model)
+    try:
+        with torch.no_grad():
+            compiled(example)
+    except Exception as exc:  # inductor needs a working C++ (CPU) or Triton (GPU) toolchain at run time
+        raise BackendUnavailable(f"torch.compile failed: {first_line(exc)}") from exc
+    return compiled
+
+
+def fused_model(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` with BatchNorm folded into the convs, on ``device``: ``selecsls.fuse`` for
+    SelecSLS, torch.fx conv-BN fusion otherwise."""
+    if isinstance(model, SelecSLS):
+        return fuse(model).to(device)  # fuse builds the new model on the CPU
+    try:
+        return fx_fuse(model)
+    except Exception as exc:  # models that torch.fx cannot trace
+        raise BackendUnavailable(f"torch.fx conv-BN fusion failed: {first_line(exc)}") from exc
+
+
+def fused(model: nn.Module, example: Tensor) -> Runner:
+    """BatchNorm folded into the convs: ``selecsls.fuse`` for SelecSLS, torch.fx conv-BN fusion otherwise."""
+    return fused_model(model, example.device).eval()
+
+
+def fused_channels_last(model: nn.Module, example: Tensor) -> Runner:
+    """BatchNorm folded into the convs, weights and input in channels-last layout."""
+    return channels_last(fused_model(model, example.device).eval(), example)
+
+
+def _pruned_model(model: nn.Module, example: Tensor) -> nn.Module:
+    """``selecsls.prune_to_budget(model, macs=PRUNED_MACS_FRACTION)`` on the example's device."""
+    if not isinstance(model, SelecSLS):
+        raise BackendUnavailable("pruning applies to SelecSLS models only")
+    cpu_copy = copy.deepcopy(model).cpu()  # pruning is planned on the CPU, whatever the benchmark device
+    smaller = prune_to_budget(cpu_copy, macs=PRUNED_MACS_FRACTION, input_size=(1, *example.shape[1:]))
+    return smaller.to(example.device).eval()
+
+
+def pruned(model: nn.Module, example: Tensor) -> Runner:
+    """``selecsls.prune_to_budget(model, macs=PRUNED_MACS_FRACTION)`` (SelecSLS only): fused and narrower."""
+    return _pruned_model(model, example)
+
+
+def pruned_int8(model: nn.Module, example: Tensor) -> Runner:
+    """The ``pruned`` model run by the ``int8`` backend: the two speed-ups compound."""
+    return BACKENDS["int8"].build(_pruned_model(model, example), example)

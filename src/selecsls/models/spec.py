@@ -1,0 +1,316 @@
+"""Architecture as data: one spec type describes every SelecSLS network, dense or pruned.
+
+A :class:`ModelSpec` gives the output width of every convolution. Input widths are
+derived (and cross-checked where the spec states them), so a pruned network is simply
+a spec with smaller numbers, built by the same :class:`selecsls.models.network.SelecSLS` class.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+__all__ = [
+    "BlockSpec",
+    "HeadConvSpec",
+    "ModelSpec",
+    "SpecError",
+    "VARIANTS",
+    "canonical_name",
+    "get_spec",
+    "list_variants",
+]
+
+
+class SpecError(ValueError):
+    """An architecture spec that cannot describe a working network."""
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """One SelecSLS block.
+
+    ``widths`` are the output channels of conv1..conv6. conv1 (3x3, stride 2 when
+    ``first``) reads the block input; conv2 (1x1) and conv3 (3x3) refine conv1's output;
+    conv4 (1x1) and conv5 (3x3) refine conv3's; conv6 (1x1) reads the concatenation
+    ``[conv1, conv3, conv5, skip]``, where ``skip`` is the output of the stage's first
+    block (absent in the first block itself).
+    """
+
+    in_chs: int
+    skip_chs: int
+    widths: tuple[int, int, int, int, int, int]
+    first: bool
+
+    @classmethod
+    def dense(cls, in_chs: int, skip_chs: int, mid: int, out: int, first: bool = False) -> BlockSpec:
+        """The published block shape: widths (mid, mid, mid/2, mid, mid/2, out)."""
+        return cls(in_chs, skip_chs, (mid, mid, mid // 2, mid, mid // 2, out), first)
+
+    @property
+    def out_chs(self) -> int:
+        return self.widths[5]
+
+    @property
+    def concat_parts(self) -> tuple[int, ...]:
+        """Widths of what conv6 reads, in order: conv1, conv3 and conv5 outputs, then the skip."""
+        w = self.widths
+        return (w[0], w[2], w[4]) if self.first else (w[0], w[2], w[4], self.skip_chs)
+
+    @property
+    def concat_chs(self) -> int:
+        """Input width of conv6."""
+        return sum(self.concat_parts)
+
+    def conv_in_chs(self) -> tuple[int, int, int, int, int, int]:
+        w = self.widths
+        return (self.in_chs, w[0], w[1], w[2], w[3], self.concat_chs)
+
+
+@dataclass(frozen=True)
+class HeadConvSpec:
+    """A conv+BN+ReLU of the head that follows the last stage."""
+
+    out_chs: int
+    kernel_size: int
+    stride: int
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A whole SelecSLS network: stem width, blocks, head convs.
+
+    The classifier reads ``num_features`` (the last head width); its output size is a
+    build option, not part of the architecture.
+    """
+
+    name: str
+    stem_chs: int
+    blocks: tuple[BlockSpec, ...]
+    head: tuple[HeadConvSpec, ...]
+    in_chans: int = 3
+
+    def __post_init__(self) -> None:
+        # Accept lists (e.g. from JSON) but store tuples so specs stay hashable.
+        object.__setattr__(self, "blocks", tuple(self.blocks))
+        object.__setattr__(self, "head", tuple(self.head))
+        self.validate()
+
+    # ----------------------------------------------------------------- derived
+    @property
+    def num_features(self) -> int:
+        return self.head[-1].out_chs if self.head else self.blocks[-1].out_chs
+
+    def stages(self) -> list[list[int]]:
+        """Block indices grouped by stage (a stage starts at each ``first`` block)."""
+        stages: list[list[int]] = []
+        for i, block in enumerate(self.blocks):
+            if block.first:
+                stages.append([])
+            stages[-1].append(i)
+        return stages
+
+    def conv_layers(self) -> Iterator[tuple[str, int, int, int]]:
+        """(layer name, in channels, out channels, kernel size) of every conv, in order."""
+        yield "stem", self.in_chans, self.stem_chs, 3
+        kernels = (3, 1, 3, 1, 3, 1)
+        for i, block in enumerate(self.blocks):
+            for k, (cin, cout, ks) in enumerate(zip(block.conv_in_chs(), block.widths, kernels), start=1):
+                yield f"features.{i}.conv{k}", cin, cout, ks
+        cin = self.blocks[-1].out_chs
+        for i, conv in enumerate(self.head):
+            yield f"head.{i}", cin, conv.out_chs, conv.kernel_size
+            cin = conv.out_chs
+
+    # -------------------------------------------------------------- validation
+    def validate(self) -> None:
+        """Raise :class:`SpecError` naming the first layer that cannot be built."""
+        if self.in_chans < 1:
+            raise SpecError(f"spec {self.name!r}: in_chans must be >= 1, got {self.in_chans}")
+        if self.stem_chs < 1:
+            raise SpecError(f"spec {self.name!r}: layer 'stem' has width {self.stem_chs}; every width must be >= 1")
+        if not self.blocks:
+            raise SpecError(f"spec {self.name!r}: needs at least one block")
+        if not self.blocks[0].first:
+            raise SpecError(
+                f"spec {self.name!r}: block features.0 must be first of its stage (first=True); "
+                "the first block has no skip input"
+            )
+        prev_out = self.stem_chs
+        stage_out = 0
+        for i, block in enumerate(self.blocks):
+            where = f"spec {self.name!r}: block features.{i}"
+            if len(block.widths) != 6:
+                raise SpecError(f"{where} needs 6 conv widths, got {len(block.widths)}")
+            for k, w in enumerate(block.widths, start=1):
+                if not isinstance(w, int) or w < 1:
+                    raise SpecError(f"{where}.conv{k} has width {w!r}; every width must be an integer >= 1")
+            if block.in_chs != prev_out:
+                raise SpecError(
+                    f"{where} declares in_chs={block.in_chs} but the previous layer outputs {prev_out} channels"
+                )
+            expected_skip = 0 if block.first else stage_out
+            if block.skip_chs != expected_skip:
+                reason = (
+                    "a first block takes no skip input"
+                    if block.first
+                    else f"the skip is the output of the stage's first block ({stage_out} channels)"
+                )
+                raise SpecError(f"{where} declares skip_chs={block.skip_chs} but {reason}")
+            if block.first:
+                stage_out = block.out_chs
+            prev_out = block.out_chs
+        for i, conv in enumerate(self.head):
+            where = f"spec {self.name!r}: layer head.{i}"
+            if conv.out_chs < 1:
+                raise SpecError(f"{where} has width {conv.out_chs}; every width must be >= 1")
+            if conv.kernel_size not in (1, 3) or conv.stride not in (1, 2):
+                raise SpecError(
+                    f"{where} must have kernel 1 or 3 and stride 1 or 2, got {conv.kernel_size}/{conv.stride}"
+                )
+
+    # ----------------------------------------------------------- serialisation
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
+        try:
+            blocks = tuple(
+                BlockSpec(int(b["in_chs"]), int(b["skip_chs"]), tuple(int(w) for w in b["widths"]), bool(b["first"]))
+                for b in data["blocks"]
+            )
+            head = tuple(HeadConvSpec(int(h["out_chs"]), int(h["kernel_size"]), int(h["stride"])) for h in data["head"])
+            return cls(
+                name=str(data["name"]),
+                stem_chs=int(data["stem_chs"]),
+                blocks=blocks,
+                head=head,
+                in_chans=int(data.get("in_chans", 3)),
+            )
+        except (KeyError, TypeError) as exc:
+            raise SpecError(f"not a SelecSLS spec: missing or malformed field ({exc!r})") from exc
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelSpec:
+        return cls.from_dict(json.loads(text))
+
+    def with_in_chans(self, in_chans: int) -> ModelSpec:
+        return replace(self, in_chans=in_chans) if in_chans != self.in_chans else self
+
+    def with_widths(self, widths: dict[str, int], name: str | None = None) -> ModelSpec:
+        """A copy whose conv output widths are replaced by ``widths`` (layer name -> width).
+
+        Dependent input widths (next block's ``in_chs``, skip widths) are re-derived, so
+        pruning only has to decide how many channels each conv keeps.
+        """
+        known = {layer for layer, *_ in self.conv_layers()}
+        unknown = sorted(set(widths) - known)
+        if unknown:
+            raise SpecError(
+                f"spec {self.name!r} has no conv layer(s) {unknown}; valid names look like 'features.3.conv2'"
+            )
+        stem = widths.get("stem", self.stem_chs)
+        blocks = []
+        prev_out, stage_out = stem, 0
+        for i, block in enumerate(self.blocks):
+            new_widths = tuple(widths.get(f"features.{i}.conv{k}", w) for k, w in enumerate(block.widths, start=1))
+            skip = 0 if block.first else stage_out
+            new_block = BlockSpec(prev_out, skip, new_widths, block.first)
+            if block.first:
+                stage_out = new_block.out_chs
+            prev_out = new_block.out_chs
+            blocks.append(new_block)
+        head = tuple(replace(h, out_chs=widths.get(f"head.{i}", h.out_chs)) for i, h in enumerate(self.head))
+        return ModelSpec(name or self.name, stem, tuple(blocks), head, self.in_chans)
+
+
+def _head(*convs: tuple[int, int, int]) -> tuple[HeadConvSpec, ...]:
+    return tuple(HeadConvSpec(*c) for c in convs)
+
+
+def _blocks(*rows: tuple) -> tuple[BlockSpec, ...]:
+    return tuple(BlockSpec.dense(*row) for row in rows)
+
+
+_B42 = _blocks(
+    (32, 0, 64, 64, True),
+    (64, 64, 64, 128),
+    (128, 0, 144, 144, True),
+    (144, 144, 144, 288),
+    (288, 0, 304, 304, True),
+    (304, 304, 304, 480),
+)  # fmt: skip  (one row per stage)
+_B60 = _blocks(
+    (32, 0, 64, 64, True),
+    (64, 64, 64, 128),
+    (128, 0, 128, 128, True),
+    (128, 128, 128, 128),
+    (128, 128, 128, 288),
+    (288, 0, 288, 288, True),
+    (288, 288, 288, 288),
+    (288, 288, 288, 288),
+    (288, 288, 288, 416),
+)  # fmt: skip  (one row per stage)
+_B84 = _blocks(
+    (32, 0, 64, 64, True),
+    (64, 64, 64, 144),
+    (144, 0, 144, 144, True),
+    *[(144, 144, 144, 144)] * 3,
+    (144, 144, 144, 304),
+    (304, 0, 304, 304, True),
+    *[(304, 304, 304, 304)] * 4,
+    (304, 304, 304, 512),
+)  # fmt: skip  (one row per stage)
+_B102 = _blocks(
+    (32, 0, 64, 64, True),
+    *[(64, 64, 64, 64)] * 2,
+    (64, 64, 64, 128),
+    (128, 0, 128, 128, True),
+    *[(128, 128, 128, 128)] * 3,
+    (128, 128, 128, 288),
+    (288, 0, 288, 288, True),
+    *[(288, 288, 288, 288)] * 5,
+    (288, 288, 288, 480),
+)  # fmt: skip  (one row per stage)
+
+_HEAD = _head((960, 3, 2), (1024, 3, 1), (1024, 3, 2), (1280, 1, 1))
+_HEAD_B = _head((960, 3, 2), (1024, 3, 1), (1280, 3, 2), (1024, 1, 1))
+_HEAD_60 = _head((756, 3, 2), (1024, 3, 1), (1024, 3, 2), (1280, 1, 1))
+_HEAD_60B = _head((756, 3, 2), (1024, 3, 1), (1280, 3, 2), (1024, 1, 1))
+
+#: The published SelecSLS networks (XNect), by timm-compatible name.
+VARIANTS: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in (
+        ModelSpec("selecsls42", 32, _B42, _HEAD),
+        ModelSpec("selecsls42b", 32, _B42, _HEAD_B),
+        ModelSpec("selecsls60", 32, _B60, _HEAD_60),
+        ModelSpec("selecsls60b", 32, _B60, _HEAD_60B),
+        ModelSpec("selecsls84", 32, _B84, _HEAD),
+        ModelSpec("selecsls102", 32, _B102, _HEAD),
+    )
+}
+
+
+def list_variants() -> list[str]:
+    return sorted(VARIANTS)
+
+
+def canonical_name(name: str) -> str:
+    """'SelecSLS-60' / 'selecsls_60' / 'selecsls60' -> 'selecsls60' (a '.tag' suffix is kept as is)."""
+    architecture, dot, tag = name.partition(".")
+    return architecture.lower().replace("-", "").replace("_", "") + dot + tag
+
+
+def get_spec(name: str) -> ModelSpec:
+    """The published spec for ``name`` (case-insensitive; 'SelecSLS60' and 'selecsls60' both work)."""
+    key = canonical_name(name)
+    if key in VARIANTS:
+        return VARIANTS[key]
+    raise SpecError(f"unknown SelecSLS variant {name!r}; choose one of {', '.join(list_variants())}")

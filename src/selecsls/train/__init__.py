@@ -1,0 +1,1 @@
+"""Train, fine-tune and evaluate: recipes, the training loop and scoring."""

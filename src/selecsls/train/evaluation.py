@@ -1,0 +1,129 @@
+"""Validation as ImageNet papers report it: top-1, top-5, mean loss, throughput.
+
+:func:`evaluate` works in a single process or sharded across a torch.distributed group
+(each process scores its share; counts are summed), so training reuses it unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from selecsls.data.datasets import TransformedDataset, build_dataset, build_loader, training_classes
+from selecsls.data.transforms import eval_transform_from_cfg
+
+__all__ = ["evaluate", "evaluate_checkpoint", "topk_correct"]
+
+
+def topk_correct(logits: torch.Tensor, targets: torch.Tensor, ks: tuple[int, ...]) -> list[int]:
+    """How many targets are among the ``k`` highest logits, for each ``k`` (capped at the class count)."""
+    top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices
+    hits = top == targets[:, None]
+    return [int(hits[:, :k].any(dim=1).sum()) for k in ks]
+
+
+def autocast_for(device: torch.device, amp: str):
+    """The autocast context for ``amp`` ('off', 'bf16' or 'fp16'; fp16 needs CUDA)."""
+    if amp == "off":
+        return nullcontext()
+    if amp == "fp16" and device.type != "cuda":
+        raise ValueError("--amp fp16 needs a CUDA device; use --amp bf16 on CPU")
+    if amp not in ("bf16", "fp16"):
+        raise ValueError(f"amp must be 'off', 'bf16' or 'fp16', got {amp!r}")
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: torch.utils.data.DataLoader,
+    device: torch.device | str = "cpu",
+    amp: str = "off",
+    channels_last: bool = False,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """top1/top5 (%), mean cross-entropy, image count, images/s and skipped (unreadable) images."""
+    device = torch.device(device)
+    model.eval()
+    sums = torch.zeros(5, dtype=torch.float64)  # top1 hits, top5 hits, loss sum, images, skipped
+    skipped_paths: list[str] = []
+    batches = loader
+    if progress:
+        from tqdm import tqdm
+
+        batches = tqdm(loader, desc="eval", unit="batch", leave=False)
+    start = time.perf_counter()
+    for images, targets, skipped in batches:
+        sums[4] += len(skipped)
+        skipped_paths.extend(s.path for s in skipped)
+        if len(targets) == 0:
+            continue
+        images = images.to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast_for(device, amp):
+            logits = model(images).float()
+        logits = logits.cpu()
+        top1, top5 = topk_correct(logits, targets, (1, 5))
+        loss = nn.functional.cross_entropy(logits, targets, reduction="sum")
+        sums += torch.tensor([top1, top5, float(loss), len(targets), 0], dtype=torch.float64)
+    elapsed = time.perf_counter() - start
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(sums)
+    top1, top5, loss_sum, count, skipped_count = sums.tolist()
+    if count == 0:
+        raise ValueError("no readable validation images: every image was skipped as unreadable")
+    return dict(
+        top1=100.0 * top1 / count,
+        top5=100.0 * top5 / count,
+        loss=loss_sum / count,
+        images=int(count),
+        images_per_s=count / elapsed,
+        skipped=int(skipped_count),
+        skipped_examples=skipped_paths[:5],
+    )
+
+
+def evaluate_checkpoint(
+    data: str | os.PathLike,
+    checkpoint: str | os.PathLike,
+    model_name: str | None = None,
+    img_size: int | None = None,
+    crop_pct: float | None = None,
+    interpolation: str | None = None,
+    batch_size: int = 64,
+    workers: int = 0,
+    limit: int | None = None,
+) -> dict[str, Any]:
+    """Score a saved model (dense, pruned or a training checkpoint) on the val split of ``data``.
+
+    Preprocessing defaults to what the model records in ``pretrained_cfg`` (training stores
+    its image size there); the arguments override it.
+    """
+    from selecsls.models.serialization import load
+
+    model = load(checkpoint, model_name)
+    transform = eval_transform_from_cfg(model.pretrained_cfg, img_size, crop_pct, interpolation)
+    dataset = build_dataset(data, "val", classes=training_classes(data))
+    num_classes = getattr(model, "num_classes", None)
+    if num_classes is not None and len(dataset.classes) > num_classes:
+        raise ValueError(
+            f"{os.fspath(data)!r} has {len(dataset.classes)} classes but the model predicts {num_classes}; "
+            "evaluate on the data it was trained for"
+        )
+    count = len(dataset) if limit is None else min(limit, len(dataset))
+    loader = build_loader(TransformedDataset(dataset, transform), range(count), batch_size, workers)
+    result = evaluate(model, loader, progress=True)
+    return dict(
+        checkpoint=os.fspath(checkpoint),
+        img_size=transform.img_size,
+        crop_pct=transform.crop_pct,
+        interpolation=transform.interpolation,
+        **result,
+    )

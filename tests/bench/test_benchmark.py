@@ -1,0 +1,197 @@
+import json
+
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from selecsls import count_flops, count_macs, create_model
+from selecsls.bench.memory import saved_tensor_bytes
+from selecsls.bench.runner import (
+    FULL_BATCH_SIZES,
+    FULL_SIZES,
+    QUICK_SHAPES,
+    BenchSettings,
+    grid_shapes,
+    run_benchmark,
+    summarize,
+    time_interleaved,
+)
+from selecsls.cli import main
+from selecsls.deploy.backends import BACKENDS, Backend, BackendUnavailable
+from selecsls.models.baselines import create_baseline
+from sparse_models import tiny_spec, trained_like
+
+
+def test_time_interleaved_runs_round_robin_with_a_rotating_start():
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    samples = time_interleaved(fns, warmup=1, repeats=3)
+    assert calls == list("abc") + list("abc") + list("bca") + list("cab")
+    assert {name: len(values) for name, values in samples.items()} == {"a": 3, "b": 3, "c": 3}
+    assert all(value >= 0 for values in samples.values() for value in values)
+
+
+def test_time_interleaved_brackets_each_call_with_sync():
+    events = []
+    time_interleaved({"f": lambda: events.append("call")}, warmup=0, repeats=2, sync=lambda: events.append("sync"))
+    assert events == ["sync", "sync", "call", "sync", "sync", "call", "sync"]
+
+
+@pytest.mark.parametrize("warmup, repeats", [(-1, 3), (0, 0)])
+def test_time_interleaved_rejects_bad_counts(warmup, repeats):
+    with pytest.raises(ValueError, match="must be"):
+        time_interleaved({"f": lambda: None}, warmup, repeats)
+
+
+def test_summarize_gives_median_and_interquartile_range():
+    assert summarize([5.0, 1.0, 3.0, 2.0, 4.0]) == dict(median=3.0, q1=2.0, q3=4.0, iqr=2.0, min=1.0, n=5)
+
+
+def test_saved_tensor_bytes_of_a_hand_built_network():
+    network = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1, bias=False),
+        nn.BatchNorm2d(4),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(4, 5, 1, bias=False),
+    )
+    batch, size, float_bytes = 2, 8, 4
+    by_hand = float_bytes * (
+        batch * 3 * size * size  # conv1 keeps its input for the weight gradient
+        + batch * 4 * size * size  # BatchNorm keeps its input (conv1's output) ...
+        + 2 * 4  # ... and per-channel batch mean and inverse std
+        + batch * 4 * size * size  # ReLU keeps its output; conv2 reads that same storage (counted once)
+    )  # weights and BN running statistics are not activations
+    assert saved_tensor_bytes(network, (batch, 3, size, size)) == by_hand
+
+
+def test_selecsls60_keeps_about_half_the_activations_of_resnet50_for_backward():
+    # The published claim at large batch or image size; conv6 never materialises its concatenation.
+    shape = (8, 3, 512, 512)
+    ratio = saved_tensor_bytes(create_model("selecsls60"), shape) / saved_tensor_bytes(
+        create_baseline("resnet50"), shape
+    )
+    assert 0.50 < ratio < 0.55
+
+
+def test_flop_count_of_a_single_conv_matches_the_formula():
+    conv = nn.Conv2d(3, 8, 3, stride=2, padding=1, bias=False)
+    out_pixels = 8 * 8  # 16x16 input, stride 2
+    assert count_flops(conv, (2, 3, 16, 16)) == 2 * 2 * out_pixels * 8 * 3 * 3 * 3
+
+
+def test_grid_shapes_quick_full_and_overridden():
+    assert grid_shapes() == QUICK_SHAPES
+    assert grid_shapes(full=True) == tuple((b, s) for b in FULL_BATCH_SIZES for s in FULL_SIZES)
+    assert grid_shapes(sizes=(64, 96), batch_sizes=(2,)) == ((2, 64), (2, 96))
+    assert grid_shapes(full=True, batch_sizes=(1,)) == tuple((1, s) for s in FULL_SIZES)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(models=("resnet51",)), "choose from .*resnet50"),
+        (dict(backends=("tensorrt",)), "choose from eager"),
+        (dict(shapes=((1, 0),)), "must be positive"),
+        (dict(repeats=0), "repeats >= 1"),
+    ],
+)
+def test_bench_settings_name_the_bad_input(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        BenchSettings(**kwargs)
+
+
+def test_backends_match_eager_on_a_tiny_selecsls():
+    model = trained_like(create_model(tiny_spec(), num_classes=10))
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = BACKENDS["eager"](model, images)()
+        for name in ("channels_last", "script", "fused"):
+            torch.testing.assert_close(BACKENDS[name](model, images)(), expected, rtol=1e-4, atol=1e-4)
+        assert BACKENDS["pruned"](model, images)().shape == expected.shape
+        logits = BACKENDS["pruned_int8"](model, images)()
+        assert logits.shape == expected.shape
+
+
+def test_unavailable_backends_raise_with_a_reason():
+    with pytest.raises(BackendUnavailable, match="SelecSLS models only"):
+        BACKENDS["pruned"](create_model("resnet50"), torch.zeros(1, 3, 32, 32))
+    with pytest.raises(BackendUnavailable, match="SelecSLS models only"):
+        BACKENDS["pruned_int8"](create_model("resnet50"), torch.zeros(1, 3, 32, 32))
+    with pytest.raises(BackendUnavailable, match="selecsls_no_such_module is not importable"):
+        Backend("missing", "module absent", "selecsls_no_such_module:run")(nn.Identity(), torch.zeros(1))
+
+
+def needs_hardware(model, example):
+    raise BackendUnavailable("no accelerator here")
+
+
+def test_run_benchmark_records_a_skipped_backend_with_its_reason(monkeypatch):
+    monkeypatch.setitem(
+        BACKENDS, "needs_hardware", Backend("needs_hardware", "needs an accelerator", "test_benchmark:needs_hardware")
+    )
+    settings = BenchSettings(
+        models=("selecsls42b",),
+        shapes=((1, 32),),
+        backends=("eager", "needs_hardware"),
+        warmup=0,
+        repeats=2,
+        memory_shapes=((2, 64),),
+    )
+    monkeypatch.setattr("selecsls.bench.runner.inference_rss_growth_bytes", lambda *args: {"selecsls42b": [1]})
+    result = run_benchmark(settings)
+    eager, skipped = result["latency"]
+    assert eager["status"] == "ok" and len(eager["samples_s"]) == 2
+    assert skipped == dict(
+        model="selecsls42b", backend="needs_hardware", batch=1, size=32, status="skipped", reason="no accelerator here"
+    )
+
+
+def test_bench_command_writes_json_and_png(tmp_path, capsys):
+    prefix = tmp_path / "bench"
+    argv = [
+        "bench",
+        "--models",
+        "selecsls42b,resnet50",
+        "--sizes",
+        "64",
+        "--batch-sizes",
+        "1",
+        "--warmup",
+        "0",
+        "--repeats",
+        "2",
+        "--threads",
+        "1",
+        "--backends",
+        "eager,fused",
+        "--output",
+        str(prefix),
+    ]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "selecsls42b fused" in out and "speed-up" in out and "x resnet50" in out
+
+    result = json.loads(prefix.with_suffix(".json").read_text())
+    assert result["machine"]["torch_threads"] == 1 and result["machine"]["torch"] == torch.__version__
+    assert [(r["model"], r["backend"], r["status"]) for r in result["latency"]] == [
+        ("selecsls42b", "eager", "ok"),
+        ("selecsls42b", "fused", "ok"),
+        ("resnet50", "eager", "ok"),
+        ("resnet50", "fused", "ok"),
+    ]
+    assert all(len(r["samples_s"]) == 2 and r["summary"]["n"] == 2 for r in result["latency"])
+    assert result["models"]["selecsls42b"]["macs_per_image"]["64"] == count_macs(
+        create_model("selecsls42b"), (1, 3, 64, 64)
+    )
+    saved = result["memory"]["saved_tensor_bytes"]
+    assert saved["resnet50"]["8x512"] > saved["selecsls42b"]["8x512"] > 0
+    assert set(result["memory"]["inference_rss_growth_bytes"]["resnet50"]) == {"1x64"}
+    with Image.open(prefix.with_suffix(".png")) as plot:
+        assert plot.format == "PNG" and plot.size[0] > 0
+
+
+def test_bench_command_reports_a_bad_model_in_one_line(capsys):
+    assert main(["bench", "--models", "selecsls61"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("selecsls bench: error: unknown or no models ['selecsls61']") and "\n" not in error

@@ -1,0 +1,93 @@
+import pytest
+import torch
+
+from selecsls import create_model, fuse
+from selecsls.compress.sparsity import analyze_sparsity, calibration_activations, save_scale_histogram
+from sparse_models import IMAGE, deactivate, random_inactive, tiny_spec, trained_like
+
+
+@pytest.fixture
+def model_and_inactive():
+    model = trained_like(create_model(tiny_spec(), num_classes=10))
+    inactive = random_inactive(model, 0.3)
+    return deactivate(model, inactive), inactive
+
+
+def test_counts_channels_below_threshold_per_layer(model_and_inactive):
+    model, inactive = model_and_inactive
+    with torch.no_grad():
+        model.features[1].conv2.bn.weight[0] = 5e-4  # below the default 1e-3, not zero
+    report = analyze_sparsity(model)
+    expected = {name: set(idx) for name, idx in inactive.items()}
+    expected["features.1.conv2"].add(0)
+    assert report.criterion == "|gamma|" and not report.calibrated
+    assert [layer.name for layer in report.layers] == [name for name, *_ in model.spec.conv_layers()]
+    for layer in report.layers:
+        assert set(layer.inactive.nonzero().flatten().tolist()) == expected[layer.name], layer.name
+    assert report.inactive_channels == sum(len(v) for v in expected.values())
+    assert report.layer("head.0").stage == "head" and report.layer("features.3.conv6").stage == "stage2"
+    assert (
+        int(analyze_sparsity(model, threshold=1e-4).layer("features.1.conv2").inactive.sum())
+        == len(expected["features.1.conv2"]) - 1
+    )
+
+
+def test_fused_model_uses_filter_norm_and_finds_the_same_channels(model_and_inactive):
+    model, _ = model_and_inactive
+    dense, fused = analyze_sparsity(model), analyze_sparsity(fuse(model))
+    assert fused.criterion == "fused filter norm"
+    for a, b in zip(dense.layers, fused.layers):
+        assert torch.equal(a.inactive, b.inactive), a.name
+        # importance is relative to the layer's mean and the same number before and after fusion
+        assert torch.allclose(a.importance, b.importance, atol=1e-6) and float(a.importance.mean()) == pytest.approx(1)
+
+
+def test_calibration_finds_channels_that_are_always_zero(model_and_inactive):
+    model, _ = model_and_inactive
+    with torch.no_grad():
+        model.features[2].conv3.bn.bias[1] = -100.0  # active gamma, but ReLU always cuts it
+    loader = [torch.randn(IMAGE), (torch.randn(IMAGE), torch.zeros(2))]
+    report = analyze_sparsity(model, loader=loader)
+    layer = report.layer("features.2.conv3")
+    assert report.calibrated and bool(layer.dead[1]) and not bool(layer.low_scale[1])
+    activation_mean = calibration_activations(model, loader)["features.2.conv2"][1]
+    assert activation_mean.sum() > 0
+    assert torch.allclose(report.layer("features.2.conv2").importance, activation_mean / activation_mean.mean())
+    assert "dead on calib" in report.table() and "dead on calib" not in analyze_sparsity(model).table()
+
+
+def test_table_lists_every_layer_and_totals(model_and_inactive):
+    model, _ = model_and_inactive
+    report = analyze_sparsity(model)
+    kept = {name: cout for name, _, cout, _ in model.spec.conv_layers()}
+    lines = report.table(kept).splitlines()
+    assert len(lines) == 2 + len(report.layers)
+    assert lines[0].split()[-1] == "kept"
+    assert lines[-1].split() == [
+        "total",
+        str(report.total_channels),
+        str(report.inactive_channels),
+        str(report.inactive_channels),
+        str(sum(kept.values())),
+    ]
+
+
+def test_histogram_png(model_and_inactive, tmp_path):
+    path = tmp_path / "gamma.png"
+    save_scale_histogram(analyze_sparsity(model_and_inactive[0]), path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    "loader,match", [([], "no batches"), ([torch.zeros(3, 8, 8)], r"\(N, C, H, W\)"), (["x"], "image batches")]
+)
+def test_bad_calibration_loader(loader, match):
+    with pytest.raises(ValueError, match=match):
+        analyze_sparsity(create_model(tiny_spec()), loader=loader)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="threshold must be >= 0"):
+        analyze_sparsity(create_model(tiny_spec()), threshold=-1)
+    with pytest.raises(TypeError, match="SelecSLS model"):
+        analyze_sparsity(torch.nn.Linear(2, 2))

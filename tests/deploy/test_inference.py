@@ -1,0 +1,105 @@
+"""``selecsls predict`` / :class:`Predictor`: top-k class names on real image files, every backend, clear errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import selecsls
+from selecsls.cli import main
+from selecsls.deploy.inference import Predictor, class_names, imagenet_class_names
+from training_fixtures import corrupt_image, narrow_spec, write_image
+
+CLASSES = ["cat", "dog", "fox"]
+
+
+def biased_model(num_classes: int, favourite: int, label_names=None):
+    """A small model whose classifier bias makes ``favourite`` the clear top-1 for any image."""
+    model = selecsls.create_model(narrow_spec(8), num_classes=num_classes)
+    with torch.no_grad():
+        model.fc.bias[favourite] = 8.0
+    cfg = {**model.pretrained_cfg, "input_size": (3, 64, 64)}
+    model.pretrained_cfg = cfg if label_names is None else {**cfg, "label_names": label_names}
+    return model.eval()
+
+
+@pytest.fixture
+def image(tmp_path):
+    return write_image(tmp_path / "photo.jpg", (40, 200, 40), seed=0, size=(120, 90))
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    path = tmp_path / "trained.pt"
+    selecsls.save(biased_model(3, favourite=1, label_names=CLASSES), path)
+    return path
+
+
+def test_predict_prints_topk_with_training_class_names(checkpoint, image, capsys):
+    assert main(["predict", str(image), "--checkpoint", str(checkpoint), "--topk", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "backend: onnxruntime"  # auto: the fastest correct backend
+    assert lines[1] == str(image)
+    assert lines[2].split()[:2] == ["1.", "dog"] and float(lines[2].split()[-1].rstrip("%")) > 99.0
+    assert len(lines) == 4 and lines[3].split()[0] == "2."
+
+
+def test_a_1000_class_model_reports_imagenet_names(image):
+    predictor = Predictor.from_model(biased_model(1000, favourite=207), backend="eager")
+    (prediction,) = predictor.predict([image], topk=5)
+    assert prediction.classes[0][0] == "golden retriever"
+    assert len(prediction.classes) == 5
+    assert all(a[1] >= b[1] for a, b in zip(prediction.classes, prediction.classes[1:]))
+
+
+def test_imagenet_class_names_are_the_1000_ilsvrc_classes():
+    names = imagenet_class_names()
+    assert len(names) == 1000
+    assert (names[0], names[1], names[207], names[999]) == ("tench", "goldfish", "golden retriever", "toilet tissue")
+
+
+def test_class_names_fall_back_to_indices_and_reject_a_foreign_list():
+    assert class_names({}, 3) == ["class 0", "class 1", "class 2"]
+    with pytest.raises(ValueError, match="records 2 class names for 3 outputs"):
+        class_names({"label_names": ["a", "b"]}, 3)
+
+
+def test_every_backend_and_the_exported_file_give_the_same_probabilities(checkpoint, image, tmp_path):
+    model = selecsls.load(checkpoint)
+    results = {
+        backend: Predictor.from_model(model, backend).predict([image, image], topk=3)
+        for backend in ("eager", "fused", "onnxruntime")
+    }
+    onnx_path = tmp_path / "model.onnx"
+    assert main(["export", str(checkpoint), "--format", "onnx", "--dynamic", "--out", str(onnx_path)]) == 0
+    results["onnx file"] = Predictor.from_onnx(onnx_path).predict([image], topk=3)
+    reference = results["eager"][0].classes
+    for backend, predictions in results.items():
+        assert [name for name, _ in predictions[0].classes] == [name for name, _ in reference], backend
+        assert [p for _, p in predictions[0].classes] == pytest.approx([p for _, p in reference], abs=1e-5), backend
+
+
+def test_predict_rejects_a_missing_file(checkpoint, capsys):
+    assert main(["predict", "no_such_image.jpg", "--checkpoint", str(checkpoint)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "selecsls predict: error: image no_such_image.jpg does not exist"
+
+
+def test_predict_rejects_an_unreadable_image(checkpoint, image, capsys):
+    corrupt_image(image)
+    assert main(["predict", str(image), "--checkpoint", str(checkpoint), "--backend", "eager"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"selecsls predict: error: cannot read image '{image}'") and "\n" not in err
+
+
+def test_predict_reports_a_checkpoint_model_mismatch(tmp_path, image, capsys):
+    weights = tmp_path / "weights.pth"
+    torch.save(selecsls.create_model("selecsls42b").state_dict(), weights)
+    assert main(["predict", str(image), "--checkpoint", str(weights), "--model", "selecsls60"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "does not fit selecsls60" in err and "its shapes fit selecsls42b" in err and "\n" not in err
+
+
+def test_predict_needs_weights(image, capsys):
+    assert main(["predict", str(image)]) == 2
+    assert "give --checkpoint FILE, or --model NAME" in capsys.readouterr().err

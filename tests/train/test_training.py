@@ -1,0 +1,322 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import selecsls
+from selecsls.cli import main
+from training_fixtures import corrupt_image, make_image_folder, narrow_spec
+
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+# Subprocesses (kill -9, torchrun) run with a fixed thread count so results are comparable.
+SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _history(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _last(run: Path) -> dict:
+    return torch.load(run / "last.pt", map_location="cpu", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = make_image_folder(tmp_path_factory.mktemp("data"), per_class=8)
+    corrupt_image(root / "train" / "cat" / "3.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def init_checkpoint(tmp_path_factory):
+    """A narrow model with 5 classes: fine-tuning it on the 3-class folder re-initialises the classifier."""
+    path = tmp_path_factory.mktemp("init") / "narrow5.pt"
+    selecsls.save(selecsls.create_model(narrow_spec(), num_classes=5), path)
+    return path
+
+
+def _tiny_args(folder, init, output, *extra):
+    return [
+        "train",
+        "--data",
+        str(folder),
+        "--init",
+        str(init),
+        "--output",
+        str(output),
+        "--img-size",
+        "32",
+        "--batch-size",
+        "4",
+        "--workers",
+        "0",
+        "--no-progress",
+        *map(str, extra),
+    ]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(folder, init_checkpoint, tmp_path_factory):
+    """A 2-epoch fine-tuning run on the tiny folder (one corrupt training image), with EMA."""
+    output = tmp_path_factory.mktemp("run")
+    capture = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "selecsls",
+            *_tiny_args(folder, init_checkpoint, output, "--epochs", 2, "--ema-decay", 0.9),
+        ],
+        capture_output=True,
+        text=True,
+        env=SUBPROCESS_ENV,
+        timeout=120,
+    )
+    assert capture.returncode == 0, capture.stderr
+    return output, capture
+
+
+def test_fine_tuning_reinitialises_the_classifier_and_writes_every_output(tiny_run):
+    output, capture = tiny_run
+    assert "checkpoint has 5 classifier outputs, the model 3" in capture.stderr
+    assert {"last.pt", "best.pt", "metrics.jsonl", "training_curve.png"} <= {p.name for p in output.iterdir()}
+    assert not [p for p in output.iterdir() if p.name.endswith(".tmp")]
+    history = _history(output)
+    assert [r["epoch"] for r in history] == [1, 2] and "ema_val_top1" in history[0]
+    best = selecsls.load(output / "best.pt")
+    assert best.num_classes == 3 and best.spec == narrow_spec()
+    assert (output / "training_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "features.5.conv6" in capture.stdout and "have |gamma| < 0.001" in capture.stdout  # sparsity report
+    summary = json.loads((output / "summary.json").read_text())
+    assert 0.0 <= summary["low_gamma_fraction"] <= 1.0 and summary["best_top1"] == max(
+        r["ema_val_top1"] for r in history
+    )
+
+
+def test_corrupt_training_image_is_skipped_and_reported_once_per_epoch(tiny_run):
+    output, capture = tiny_run
+    assert [r["train_skipped"] for r in _history(output)] == [1, 1]
+    assert capture.stdout.count("skipped 1 unreadable training image(s)") == 2
+
+
+def test_training_checkpoint_holds_the_full_state(tiny_run):
+    state = _last(tiny_run[0])
+    assert {"optimizer", "scheduler", "ema", "rng", "position", "history", "config"} <= set(state)
+    assert state["position"]["epoch"] == 2 and state["position"]["global_step"] == 2 * (24 // 4)
+    assert isinstance(state["rng"]["torch"], torch.Tensor)
+
+
+def test_eval_of_best_checkpoint_reproduces_the_recorded_val_accuracy(tiny_run, folder, capsys):
+    output, _ = tiny_run
+    assert (
+        main(["eval", "--data", str(folder), "--checkpoint", str(output / "best.pt"), "--workers", "0", "--json"]) == 0
+    )
+    result = json.loads(capsys.readouterr().out)
+    best = max(_history(output), key=lambda r: r["ema_val_top1"])
+    assert result["img_size"] == 32  # the training size, recorded in the model
+    assert result["top1"] == pytest.approx(best["ema_val_top1"])
+
+
+def test_kill_and_resume_ends_with_the_same_weights(folder, init_checkpoint, tmp_path):
+    args = _tiny_args(folder, init_checkpoint, "{out}", "--epochs", 2, "--save-every", 1)
+    command = [sys.executable, "-m", "selecsls", *args]
+
+    def run(output, *extra):
+        cmd = [a.replace("{out}", str(output)) for a in command] + list(extra)
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=SUBPROCESS_ENV)
+
+    def finish(process):
+        out, err = process.communicate(timeout=120)
+        assert process.returncode == 0, err
+        return out
+
+    reference = run(tmp_path / "whole")
+    interrupted = run(tmp_path / "cut")
+    last = tmp_path / "cut" / "last.pt"
+    saves, seen = 0, None
+    while saves < 3 and interrupted.poll() is None:  # let a few saves land, then kill -9 mid-run
+        stamp = last.stat().st_mtime_ns if last.exists() else None
+        saves, seen = saves + (stamp is not None and stamp != seen), stamp
+        time.sleep(0.01)
+    interrupted.send_signal(signal.SIGKILL)
+    interrupted.wait()
+    assert interrupted.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    cut_at = _last(tmp_path / "cut")["position"]["global_step"]
+    assert 0 < cut_at < 2 * 6
+    assert "resumed from" in finish(run(tmp_path / "cut", "--resume"))
+    assert not list((tmp_path / "cut").glob(".*.tmp"))  # a save cut short leaves nothing behind
+    finish(reference)
+
+    whole, cut = _last(tmp_path / "whole"), _last(tmp_path / "cut")
+    assert cut["position"] == whole["position"]
+    assert cut["state_dict"].keys() == whole["state_dict"].keys()
+    for key, value in whole["state_dict"].items():
+        assert torch.equal(cut["state_dict"][key], value), key
+    assert [r["train_loss"] for r in _history(tmp_path / "cut")] == [
+        r["train_loss"] for r in _history(tmp_path / "whole")
+    ]
+
+
+def test_two_process_ddp_run(folder, init_checkpoint, tmp_path):
+    # Also exercises bf16 autocast, channels_last, gradient clipping and colour jitter.
+    options = ["--epochs", 1, "--amp", "bf16", "--channels-last", "--clip-grad", 1.0, "--color-jitter", 0.2]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "selecsls",
+        *_tiny_args(folder, init_checkpoint, tmp_path, *options),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("best val top-1") == 1  # only rank 0 reports
+    state = _last(tmp_path)
+    # 24 training images over 2 processes in batches of 4: 3 steps; validation is sharded, not padded.
+    assert state["position"]["global_step"] == 24 // 2 // 4
+    [record] = _history(tmp_path)
+    assert record["val_images"] == 24 and record["train_skipped"] in (0, 1)
+
+
+def test_fine_tuning_a_pruned_model_keeps_its_spec_and_reports_sparsity(folder, tmp_path, capsys):
+    # The second step of the prune -> fine-tune flow: the pruned model is fused (no BatchNorm).
+    dense = selecsls.create_model(narrow_spec(), num_classes=3).eval()
+    with torch.no_grad():
+        dense.features[1].conv2.bn.weight[:3] = 0.0
+    pruned = selecsls.prune(dense)
+    selecsls.save(pruned, tmp_path / "pruned.pt")
+    argv = _tiny_args(folder, tmp_path / "pruned.pt", tmp_path / "run", "--epochs", 1)
+    assert main(argv) == 0
+    assert "have fused filter norm < 0.001" in capsys.readouterr().out
+    tuned = selecsls.load(tmp_path / "run" / "best.pt")
+    assert tuned.fused and tuned.spec == pruned.spec
+
+
+@pytest.mark.skipif(
+    not (FASHION_MNIST / "train-images-idx3-ubyte.gz").exists(),
+    reason=f"Fashion-MNIST IDX files not installed in {FASHION_MNIST} (CI installs them)",
+)
+def test_fashion_mnist_smoke_training_learns(tmp_path):
+    # selecsls42b's topology at a quarter of its widths: ~2 M parameters, a few seconds per epoch.
+    init = tmp_path / "narrow42b.pt"
+    selecsls.save(selecsls.create_model(narrow_spec(4), num_classes=10), init)
+    args = [
+        "train",
+        "--data",
+        str(FASHION_MNIST),
+        "--init",
+        str(init),
+        "--output",
+        str(tmp_path / "run"),
+        "--img-size",
+        "32",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "32",
+        "--limit",
+        "2048",
+        "--val-limit",
+        "500",
+        "--lr",
+        "5e-3",
+        "--warmup-epochs",
+        "0.1",
+        "--smoothing",
+        "0",
+        "--min-crop-area",
+        "1",
+        "--workers",
+        "0",
+        "--no-progress",
+    ]
+    done = subprocess.run(
+        [sys.executable, "-m", "selecsls", *args], capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    final = _history(tmp_path / "run")[-1]
+    assert final["val_images"] == 500
+    assert final["val_top1"] > 40.0  # chance is 10%
+
+
+# ------------------------------------------------------------------------ errors
+def _error(capsys, argv) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("selecsls train: error:")
+    return err
+
+
+def test_existing_run_needs_resume(tiny_run, folder, init_checkpoint, capsys):
+    err = _error(capsys, _tiny_args(folder, init_checkpoint, tiny_run[0], "--epochs", 2))
+    assert "already holds a run" in err and "pass --resume" in err
+
+
+def test_resume_with_other_settings_names_them(tiny_run, folder, init_checkpoint, capsys):
+    err = _error(
+        capsys, _tiny_args(folder, init_checkpoint, tiny_run[0], "--epochs", 3, "--ema-decay", 0.9, "--resume")
+    )
+    assert "these differ: epochs (saved 2, given 3)" in err
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--limit", "3"], "3 training images give no full batch of 4 per process"),
+        (["--epochs", "0"], "--epochs must be >= 1, got 0"),
+        (["--ema-decay", "1.5"], "--ema-decay must be in [0, 1)"),
+        (["--save-every", "-1"], "--save-every must be >= 0"),
+        (["--clip-grad", "0"], "--clip-grad must be > 0"),
+        (["--amp", "fp16"], "--amp fp16 needs a CUDA device"),
+        (["--smoothing", "1"], "--smoothing must be in [0, 1)"),
+        (["--limit", "0"], "--limit must be >= 1, got 0"),
+        (["--img-size", "0"], "--img-size must be >= 1, got 0"),
+        (["--init", "missing.pt"], "checkpoint missing.pt does not exist"),
+    ],
+)
+def test_bad_settings_are_one_clear_error(folder, init_checkpoint, tmp_path, capsys, extra, message):
+    if "fp16" in extra and torch.cuda.is_available():
+        pytest.skip("fp16 is valid with CUDA")
+    assert message in _error(capsys, _tiny_args(folder, init_checkpoint, tmp_path / "out", *extra))
+
+
+def test_data_problems_stop_before_training(tmp_path, init_checkpoint, capsys):
+    data = make_image_folder(tmp_path / "data", per_class=1)
+    (data / "val" / "wolf").mkdir()
+    (data / "val" / "wolf" / "0.jpg").write_bytes((data / "val" / "cat" / "0.jpg").read_bytes())
+    err = _error(capsys, _tiny_args(data, init_checkpoint, tmp_path / "out"))
+    assert "['wolf'] that are not training classes" in err
+    (data / "train" / "owl").mkdir()
+    assert "holds no images" in _error(capsys, _tiny_args(data, init_checkpoint, tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_baseline_with_other_input_channels_is_one_clear_error(folder, tmp_path, capsys):
+    argv = [
+        "train",
+        "--data",
+        str(folder),
+        "--output",
+        str(tmp_path),
+        "--model",
+        "resnet50",
+        "--in-chans",
+        "1",
+        "--batch-size",
+        "4",
+    ]
+    assert "baseline resnet50 takes 3 input channels; drop --in-chans 1" in _error(capsys, argv)
+
+
+def test_unknown_model_name_is_one_clear_error(folder, tmp_path, capsys):
+    argv = ["train", "--data", str(folder), "--output", str(tmp_path), "--model", "selecsls999", "--batch-size", "4"]
+    err = _error(capsys, argv)
+    assert "unknown SelecSLS variant 'selecsls999'" in err
