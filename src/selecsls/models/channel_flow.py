@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from selecsls.models.spec import ModelSpec
+from selecsls.models.spec import CONCAT_CONVS, ModelSpec
 
 __all__ = ["CLASSIFIER", "InputSegment", "Consumer", "channel_flow", "consumers_of"]
 
@@ -40,7 +40,8 @@ def channel_flow(spec: ModelSpec, with_classifier: bool = True) -> tuple[Consume
 
     The stem reads the image and has no input segments. Inside a block: conv1 reads the
     block input, conv2..conv5 each read the previous conv, conv6 reads the concatenation
-    ``[conv1, conv3, conv5, skip]`` where the skip is the stage's first block output.
+    ``[conv1, conv3, conv5, skip]`` (:data:`~selecsls.models.spec.CONCAT_CONVS`, then the stage
+    skip of :meth:`~selecsls.models.spec.ModelSpec.block_sources`).
     """
     widths = {name: cout for name, _, cout, _ in spec.conv_layers()}
     kernels = {name: k for name, _, _, k in spec.conv_layers()}
@@ -53,16 +54,13 @@ def channel_flow(spec: ModelSpec, with_classifier: bool = True) -> tuple[Consume
         return Consumer(name, kernels[name], tuple(segments))
 
     flow = [Consumer("stem", kernels["stem"], ())]
-    current, stage_skip = "stem", ""
-    for i, block in enumerate(spec.blocks):
+    for i, (source, skip) in enumerate(spec.block_sources()):
         conv = [f"features.{i}.conv{k}" for k in range(1, 7)]
-        flow.append(reading(conv[0], current))
+        flow.append(reading(conv[0], source))
         flow.extend(reading(conv[k], conv[k - 1]) for k in range(1, 5))
-        concat = (conv[0], conv[2], conv[4]) if block.first else (conv[0], conv[2], conv[4], stage_skip)
+        concat = [conv[k - 1] for k in CONCAT_CONVS] + ([] if skip is None else [skip])
         flow.append(reading(conv[5], *concat))
-        current = conv[5]
-        if block.first:
-            stage_skip = current
+    current = f"features.{len(spec.blocks) - 1}.conv6"
     for i in range(len(spec.head)):
         flow.append(reading(f"head.{i}", current))
         current = f"head.{i}"

@@ -1,4 +1,5 @@
-"""``save`` / ``load``: a model stored as data (spec, build arguments, preprocessing, weights).
+"""``save`` / ``load``: a model stored as data (spec, build arguments, preprocessing, weights);
+``load`` also reads every other model file (plain state dicts of any layout, baseline checkpoints).
 
 The file rebuilds the model on its own: no pickled classes, so it loads with
 ``weights_only=True`` and survives refactors. The description is JSON text under one key

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 __all__ = [
+    "CONCAT_CONVS",
     "BlockSpec",
     "HeadConvSpec",
     "ModelSpec",
@@ -26,6 +27,11 @@ __all__ = [
 
 class SpecError(ValueError):
     """An architecture spec that cannot describe a working network."""
+
+
+#: The convs of a block whose outputs conv6 concatenates (before the stage skip): the wiring
+#: that makes every SelecSLS skip a concatenation, read by the spec, the network and pruning.
+CONCAT_CONVS = (1, 3, 5)
 
 
 @dataclass(frozen=True)
@@ -55,9 +61,9 @@ class BlockSpec:
 
     @property
     def concat_parts(self) -> tuple[int, ...]:
-        """Widths of what conv6 reads, in order: conv1, conv3 and conv5 outputs, then the skip."""
-        w = self.widths
-        return (w[0], w[2], w[4]) if self.first else (w[0], w[2], w[4], self.skip_chs)
+        """Widths of what conv6 reads, in order: the :data:`CONCAT_CONVS` outputs, then the skip."""
+        convs = tuple(self.widths[k - 1] for k in CONCAT_CONVS)
+        return convs if self.first else (*convs, self.skip_chs)
 
     @property
     def concat_chs(self) -> int:
@@ -103,6 +109,20 @@ class ModelSpec:
     def num_features(self) -> int:
         return self.head[-1].out_chs if self.head else self.blocks[-1].out_chs
 
+    def block_sources(self) -> tuple[tuple[str, str | None], ...]:
+        """For each block, the layers it reads: (its input, its stage skip or None for a first block).
+
+        The one place that tracks which block output each stage's skip is; everything that
+        needs the wiring (validation, re-widthing, channel flow) derives from it.
+        """
+        sources, current, stage_first = [], "stem", ""
+        for i, block in enumerate(self.blocks):
+            sources.append((current, None if block.first else stage_first))
+            current = f"features.{i}.conv6"
+            if block.first:
+                stage_first = current
+        return tuple(sources)
+
     def stages(self) -> list[list[int]]:
         """Block indices grouped by stage (a stage starts at each ``first`` block)."""
         stages: list[list[int]] = []
@@ -138,30 +158,26 @@ class ModelSpec:
                 f"spec {self.name!r}: block features.0 must be first of its stage (first=True); "
                 "the first block has no skip input"
             )
-        prev_out = self.stem_chs
-        stage_out = 0
-        for i, block in enumerate(self.blocks):
+        out_widths = {"stem": self.stem_chs} | {f"features.{i}.conv6": b.out_chs for i, b in enumerate(self.blocks)}
+        for i, (block, (source, skip)) in enumerate(zip(self.blocks, self.block_sources())):
             where = f"spec {self.name!r}: block features.{i}"
             if len(block.widths) != 6:
                 raise SpecError(f"{where} needs 6 conv widths, got {len(block.widths)}")
             for k, w in enumerate(block.widths, start=1):
                 if not isinstance(w, int) or w < 1:
                     raise SpecError(f"{where}.conv{k} has width {w!r}; every width must be an integer >= 1")
-            if block.in_chs != prev_out:
+            if block.in_chs != out_widths[source]:
                 raise SpecError(
-                    f"{where} declares in_chs={block.in_chs} but the previous layer outputs {prev_out} channels"
+                    f"{where} declares in_chs={block.in_chs} but {source} outputs {out_widths[source]} channels"
                 )
-            expected_skip = 0 if block.first else stage_out
+            expected_skip = 0 if skip is None else out_widths[skip]
             if block.skip_chs != expected_skip:
                 reason = (
                     "a first block takes no skip input"
-                    if block.first
-                    else f"the skip is the output of the stage's first block ({stage_out} channels)"
+                    if skip is None
+                    else f"the skip is the output of the stage's first block ({expected_skip} channels)"
                 )
                 raise SpecError(f"{where} declares skip_chs={block.skip_chs} but {reason}")
-            if block.first:
-                stage_out = block.out_chs
-            prev_out = block.out_chs
         for i, conv in enumerate(self.head):
             where = f"spec {self.name!r}: layer head.{i}"
             if conv.out_chs < 1:
@@ -215,19 +231,16 @@ class ModelSpec:
             raise SpecError(
                 f"spec {self.name!r} has no conv layer(s) {unknown}; valid names look like 'features.3.conv2'"
             )
-        stem = widths.get("stem", self.stem_chs)
+        out_widths = {"stem": widths.get("stem", self.stem_chs)}
         blocks = []
-        prev_out, stage_out = stem, 0
-        for i, block in enumerate(self.blocks):
+        for i, (block, (source, skip)) in enumerate(zip(self.blocks, self.block_sources())):
             new_widths = tuple(widths.get(f"features.{i}.conv{k}", w) for k, w in enumerate(block.widths, start=1))
-            skip = 0 if block.first else stage_out
-            new_block = BlockSpec(prev_out, skip, new_widths, block.first)
-            if block.first:
-                stage_out = new_block.out_chs
-            prev_out = new_block.out_chs
-            blocks.append(new_block)
+            blocks.append(
+                BlockSpec(out_widths[source], 0 if skip is None else out_widths[skip], new_widths, block.first)
+            )
+            out_widths[f"features.{i}.conv6"] = new_widths[5]
         head = tuple(replace(h, out_chs=widths.get(f"head.{i}", h.out_chs)) for i, h in enumerate(self.head))
-        return ModelSpec(name or self.name, stem, tuple(blocks), head, self.in_chans)
+        return ModelSpec(name or self.name, out_widths["stem"], tuple(blocks), head, self.in_chans)
 
 
 def _head(*convs: tuple[int, int, int]) -> tuple[HeadConvSpec, ...]:
