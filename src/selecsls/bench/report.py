@@ -12,6 +12,7 @@ import os
 from collections.abc import Sequence
 
 from selecsls._io import atomic_path, atomic_write
+from selecsls._optional import require
 
 __all__ = ["format_report", "write_json", "write_plot"]
 
@@ -136,10 +137,8 @@ def write_json(result: dict, path: str | os.PathLike) -> None:
 def write_plot(result: dict, path: str | os.PathLike) -> None:
     """Left: eager median latency vs image size per model (one line style per batch size).
     Right: saved-activation memory per model at each memory shape (grouped bars)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    require("matplotlib", "to plot benchmark results").use("Agg")
+    plt = require("matplotlib.pyplot", "to plot benchmark results")
 
     figure, (latency_axes, memory_axes) = plt.subplots(1, 2, figsize=(12, 4.5))
     eager = [r for r in result["latency"] if r["backend"] == "eager" and r["status"] == "ok"]

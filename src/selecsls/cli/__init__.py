@@ -7,8 +7,12 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-# Subcommand modules (``selecsls.cli.<name>``); each adds its parsers in ``register(subparsers)``
-# and keeps heavy imports inside its run functions so ``selecsls --help`` stays fast.
+from selecsls._optional import MissingDependency
+
+# Subcommand modules (``selecsls.cli.<name>``); each adds its parsers in ``register(subparsers)``.
+# Building the parser must not import torch or an optional package (tests/cli/test_core_install.py):
+# those imports stay inside the run functions, so ``selecsls --help`` takes a fraction of a second
+# and works on the core install.
 COMMAND_MODULES = ("models", "train", "prune", "deploy", "bench")
 
 
@@ -30,7 +34,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         result = args.func(args)
-    except (CLIError, ValueError, FileNotFoundError, RuntimeError) as exc:
+    except (CLIError, MissingDependency, ValueError, FileNotFoundError, RuntimeError) as exc:
         print(f"selecsls {args.command}: error: {exc}", file=sys.stderr)
         return 2
     return int(result or 0)

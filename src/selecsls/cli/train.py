@@ -4,57 +4,46 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import MISSING, fields
 
-DATA_HELP = "data directory: train/<class>/* and val/<class>/* images, or MNIST-style IDX files"
+from selecsls.cli import CLIError
+from selecsls.train.config import SettingError, TrainConfig
+
+DATA_HELP = next(f.metadata["help"] for f in fields(TrainConfig) if f.name == "data")
+ARGUMENT_TYPES = {"int": int, "float": float, "str": str}
+
+
+def flag(setting: str) -> str:
+    """The ``selecsls train`` option of a TrainConfig field: ``img_size`` -> ``--img-size``."""
+    return "--" + setting.replace("_", "-")
+
+
+def add_config_options(parser: argparse.ArgumentParser) -> None:
+    """One option per TrainConfig field, with the field's default and help (settings are declared once).
+
+    A field without a default is a required option; a bool is a switch (``--no-NAME`` where it defaults to on).
+    """
+    for setting in fields(TrainConfig):
+        options = dict(setting.metadata)
+        if setting.default is MISSING:
+            parser.add_argument(flag(setting.name), required=True, **options)
+        elif setting.type == "bool":
+            action = "store_false" if setting.default else "store_true"
+            name = "--no-" + flag(setting.name)[2:] if setting.default else flag(setting.name)
+            if setting.default:
+                options["help"] = f"turn off: {options['help']}"
+            parser.add_argument(name, dest=setting.name, action=action, **options)
+        else:
+            kind = ARGUMENT_TYPES[setting.type.split(" | ")[0]]
+            parser.add_argument(flag(setting.name), type=kind, default=setting.default, **options)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from selecsls.train.recipes import RECIPES
-
     p = subparsers.add_parser(
         "train",
         help="train or fine-tune on a data directory (multi-process: torchrun --nproc_per_node N -m selecsls train)",
     )
-    p.add_argument("--data", required=True, help=DATA_HELP)
-    p.add_argument(
-        "--output", required=True, metavar="DIR", help="where last.pt, best.pt, metrics.jsonl and the curve go"
-    )
-    p.add_argument("--model", help="variant name (default selecsls42b) or a baseline such as resnet50")
-    p.add_argument(
-        "--init",
-        metavar="CHECKPOINT",
-        help="fine-tune from this model file (a new class count re-initialises the classifier)",
-    )
-    p.add_argument("--resume", action="store_true", help="continue the run saved in --output/last.pt")
-    p.add_argument("--img-size", type=int, default=224)
-    p.add_argument(
-        "--in-chans", type=int, default=3, help="input channels of a new model: 3 (grayscale is expanded) or 1"
-    )
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=64, help="per process")
-    recipes = "; ".join(f"{r.name}: {r.description} (lr {r.lr:g}, wd {r.weight_decay:g})" for r in RECIPES.values())
-    p.add_argument("--recipe", default="sparsity", choices=sorted(RECIPES), help=recipes)
-    p.add_argument("--lr", type=float, help="peak learning rate (default: the recipe's)")
-    p.add_argument("--weight-decay", type=float, help="default: the recipe's")
-    p.add_argument("--warmup-epochs", type=float, help="linear warm-up before the cosine decay (default: the recipe's)")
-    p.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
-    p.add_argument(
-        "--ema-decay",
-        type=float,
-        default=0.0,
-        help="weight EMA decay, e.g. 0.9998 (0: off); best.pt then holds EMA weights",
-    )
-    p.add_argument("--amp", choices=("off", "bf16", "fp16"), default="off", help="mixed precision (fp16 needs CUDA)")
-    p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--clip-grad", type=float, metavar="NORM", help="clip the gradient norm to NORM")
-    p.add_argument("--color-jitter", type=float, default=0.0, help="brightness/contrast/saturation jitter strength")
-    p.add_argument("--min-crop-area", type=float, default=0.08, help="smallest random-resized-crop area fraction")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--limit", type=int, metavar="N", help="train on the first N training images only (smoke runs)")
-    p.add_argument("--val-limit", type=int, metavar="N", help="validate on the first N validation images only")
-    p.add_argument("--save-every", type=int, default=0, metavar="STEPS", help="also save last.pt every STEPS batches")
-    p.add_argument("--workers", type=int, default=2, help="data-loading processes (0: load in the main process)")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    add_config_options(p)
     p.set_defaults(func=run_train)
 
     p = subparsers.add_parser(
@@ -76,10 +65,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from selecsls.train.loop import TrainConfig, train
+    from selecsls.train.loop import train
 
-    settings = {k: v for k, v in vars(args).items() if k not in ("func", "command")}
-    train(TrainConfig(**settings))
+    settings = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
+    try:
+        train(TrainConfig(**settings))
+    except SettingError as exc:
+        raise CLIError(exc.spelled(flag)) from exc
     return 0
 
 

@@ -18,10 +18,30 @@ import torch
 from torch import Tensor, nn
 
 from selecsls._io import atomic_path
+from selecsls._optional import require
 from selecsls.models.fusion import fold_bn
 from selecsls.models.network import ConvNormAct, SelecSLS
 
-__all__ = ["LayerSparsity", "SparsityReport", "analyze_sparsity", "calibration_activations", "save_scale_histogram"]
+__all__ = [
+    "LayerSparsity",
+    "SparsityReport",
+    "analyze_sparsity",
+    "bn_scale",
+    "bn_scales",
+    "calibration_activations",
+    "save_scale_histogram",
+]
+
+
+def bn_scale(bn: nn.BatchNorm2d) -> Tensor:
+    """Per-channel |gamma| of one BatchNorm: the sparsity criterion (on the CPU)."""
+    return bn.weight.detach().abs().cpu()
+
+
+def bn_scales(model: nn.Module) -> Tensor:
+    """|gamma| of every BatchNorm2d channel of any model (a baseline too), concatenated; empty without BN."""
+    scales = [bn_scale(module) for module in model.modules() if isinstance(module, nn.BatchNorm2d)]
+    return torch.cat(scales) if scales else torch.empty(0)
 
 
 @dataclass(frozen=True)
@@ -183,7 +203,7 @@ def analyze_sparsity(model: SelecSLS, threshold: float = 1e-3, loader: Iterable 
         has_bn = isinstance(module.bn, nn.BatchNorm2d)
         fused_weight = fold_bn(module.conv, module.bn)[0] if has_bn else module.conv.weight
         fused_norm = fused_weight.detach().flatten(1).norm(dim=1).cpu()
-        scale = module.bn.weight.detach().abs().cpu() if has_bn else fused_norm
+        scale = bn_scale(module.bn) if has_bn else fused_norm
         activation_max, activation_mean = activations.get(name, (None, None))
         score = fused_norm if activation_mean is None else activation_mean
         importance = score / score.mean().clamp_min(torch.finfo(score.dtype).tiny)
@@ -194,7 +214,7 @@ def analyze_sparsity(model: SelecSLS, threshold: float = 1e-3, loader: Iterable 
 
 def save_scale_histogram(report: SparsityReport, path: str) -> None:
     """Write a PNG with one histogram of per-channel scale (|gamma|) per stage; needs matplotlib."""
-    from matplotlib.figure import Figure
+    Figure = require("matplotlib.figure", "to plot the scale histogram").Figure
 
     stages: dict[str, list[Tensor]] = {}
     for layer in report.layers:

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from selecsls._io import PathLike, atomic_path
+from selecsls._optional import require
 from selecsls.deploy.backends import BackendUnavailable, Runner
 
 __all__ = [
@@ -107,8 +108,7 @@ def _metadata(model: nn.Module) -> str:
 
 def read_metadata(path: PathLike) -> dict[str, Any]:
     """The ``pretrained_cfg`` (preprocessing, class names) stored in an exported ONNX file."""
-    import onnx
-
+    onnx = require("onnx", "to read an ONNX file")
     proto = onnx.load(os.fspath(path), load_external_data=False)
     for prop in proto.metadata_props:
         if prop.key == METADATA_KEY:
@@ -126,8 +126,7 @@ def to_onnx(model: nn.Module, example: Tensor, dynamic: bool = False) -> bytes:
     ``dynamic`` makes batch, height and width free dimensions; otherwise the graph is fixed to
     ``example``'s shape (which lets ONNX Runtime plan memory once).
     """
-    import onnx
-
+    onnx = require("onnx", "to export to ONNX")
     buffer = io.BytesIO()
     dynamic_axes = {INPUT_NAME: {0: "batch", 2: "height", 3: "width"}, OUTPUT_NAME: {0: "batch"}} if dynamic else None
     with _quiet_deprecations(), torch.no_grad():
@@ -159,8 +158,7 @@ def onnx_session(model: PathLike | bytes, threads: int | None = None):
     Runtime alternates with PyTorch, as in the interleaved benchmark) spinning threads steal
     cores from everything else.
     """
-    import onnxruntime as ort
-
+    ort = require("onnxruntime", "to run ONNX models")
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or torch.get_num_threads()
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from selecsls._io import PathLike, atomic_path
+from selecsls._optional import require
 from selecsls.deploy.backends import Runner
 from selecsls.deploy.export import (
     ExportCheck,
@@ -43,7 +44,8 @@ def quantize_onnx(fp32_model: bytes, calibration_images: Tensor) -> bytes:
     fed in batches of the graph's fixed batch size (one at a time for a dynamic batch); a
     few dozen to a few hundred images from the training distribution are enough.
     """
-    import onnx
+    onnx = require("onnx", "for int8 quantization")
+    require("onnxruntime", "for int8 quantization")
     from onnxruntime.quantization import (
         CalibrationDataReader,
         QuantFormat,

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from selecsls._io import PathLike
+from selecsls._optional import require
 from selecsls.models.spec import VARIANTS, ModelSpec
 
 __all__ = [
@@ -61,7 +62,8 @@ def read_file(path: PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError, safe_open
+        safetensors = require("safetensors", "to read .safetensors files")
+        SafetensorError, safe_open = safetensors.SafetensorError, safetensors.safe_open
 
         try:
             with safe_open(str(path), framework="pt") as handle:

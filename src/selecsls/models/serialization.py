@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from selecsls._io import atomic_path, atomic_write
+from selecsls._optional import require
 from selecsls.models.checkpoint import (
     CheckpointError,
     build_args_of,
@@ -131,8 +132,7 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
     """Write ``model`` to ``path`` (atomically): ``.safetensors`` or a weights-only torch file."""
     payload = to_payload(model)
     if os.fspath(path).endswith(".safetensors"):
-        from safetensors.torch import save_file
-
+        save_file = require("safetensors.torch", "to write .safetensors files").save_file
         with atomic_path(path) as tmp:
             save_file(payload["state_dict"], str(tmp), metadata={PAYLOAD_KEY: payload[PAYLOAD_KEY]})
     else:

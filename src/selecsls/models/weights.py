@@ -256,4 +256,4 @@ def _progress_bar(length: str | None, name: str):
         from tqdm import tqdm
     except ImportError:
         return None
-    return tqdm(total=int(length) if length else None, unit="B", unit_scale=True, desc=name, leave=False)
+    return tqdm(total=int(length) if length else None, unit="B", unit_scale=True, desc=name, leave=False, disable=None)

@@ -17,6 +17,7 @@ from torch import nn
 
 from selecsls.data.datasets import TransformedDataset, build_dataset, build_loader, training_classes
 from selecsls.data.transforms import eval_transform_from_cfg
+from selecsls.train.reporting import progress_bar
 
 __all__ = ["evaluate", "evaluate_checkpoint", "topk_correct"]
 
@@ -55,9 +56,7 @@ def evaluate(
     skipped_paths: list[str] = []
     batches = loader
     if progress:
-        from tqdm import tqdm
-
-        batches = tqdm(loader, desc="eval", unit="batch", leave=False)
+        batches = progress_bar(iterable=loader, desc="eval", unit="batch", leave=False)
     start = time.perf_counter()
     for images, targets, skipped in batches:
         sums[4] += len(skipped)

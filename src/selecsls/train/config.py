@@ -1,0 +1,109 @@
+"""The settings of a training run, declared once.
+
+Each field carries its help text (and any argparse options) in its metadata; ``selecsls train``
+builds its options from these fields, so the CLI and the library cannot disagree on a default.
+Importing this module does not import torch (the CLI builds its parser from it).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from selecsls.train.recipes import RECIPES, get_recipe
+
+__all__ = ["DEFAULT_MODEL", "SettingError", "TrainConfig"]
+
+DEFAULT_MODEL = "selecsls42b"
+
+
+class SettingError(ValueError):
+    """A bad training setting. The message writes settings as ``{name}``: the library shows the field
+    name (``img_size``), the CLI its flag (``--img-size``)."""
+
+    def __init__(self, template: str) -> None:
+        self.template = template
+        super().__init__(self.spelled(lambda name: name))
+
+    def spelled(self, spell: Callable[[str], str]) -> str:
+        """The message with each ``{setting}`` written as ``spell(setting)``."""
+        names = {f.name for f in fields(TrainConfig)}
+        return re.sub(r"\{(\w+)\}", lambda m: spell(m[1]) if m[1] in names else m[0], self.template)
+
+
+def _setting(default: Any = None, help: str | None = None, **argparse_options: Any) -> Any:
+    """A field with its command-line help (and argparse options such as ``metavar``) in its metadata."""
+    return field(default=default, metadata={"help": help, **argparse_options})
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one training run (the ``selecsls train`` options)."""
+
+    data: str = field(
+        metadata={"help": "data directory: train/<class>/* and val/<class>/* images, or MNIST-style IDX files"}
+    )
+    output: str = field(metadata={"help": "where last.pt, best.pt, metrics.jsonl and the curve go", "metavar": "DIR"})
+    model: str | None = _setting(help=f"variant name (default {DEFAULT_MODEL}) or a baseline such as resnet50")
+    init: str | None = _setting(
+        help="fine-tune from this model file (a new class count re-initialises the classifier)", metavar="CHECKPOINT"
+    )
+    img_size: int = _setting(224)
+    in_chans: int = _setting(3, "input channels of a new model: 3 (grayscale is expanded) or 1")
+    epochs: int = _setting(10)
+    batch_size: int = _setting(64, "per process")
+    recipe: str = _setting(
+        "sparsity",
+        "; ".join(f"{r.name}: {r.description} (lr {r.lr:g}, wd {r.weight_decay:g})" for r in RECIPES.values()),
+        choices=tuple(sorted(RECIPES)),
+    )
+    lr: float | None = _setting(help="peak learning rate (default: the recipe's)")
+    weight_decay: float | None = _setting(help="default: the recipe's")
+    warmup_epochs: float | None = _setting(help="linear warm-up before the cosine decay (default: the recipe's)")
+    smoothing: float = _setting(0.1, "label smoothing")
+    ema_decay: float = _setting(0.0, "weight EMA decay, e.g. 0.9998 (0: off); best.pt then holds EMA weights")
+    amp: str = _setting("off", "mixed precision (fp16 needs CUDA)", choices=("off", "bf16", "fp16"))
+    channels_last: bool = _setting(False, "train and validate in channels-last memory format")
+    clip_grad: float | None = _setting(help="clip the gradient norm to NORM", metavar="NORM")
+    color_jitter: float = _setting(0.0, "brightness/contrast/saturation jitter strength")
+    min_crop_area: float = _setting(0.08, "smallest random-resized-crop area fraction")
+    seed: int = _setting(0)
+    limit: int | None = _setting(help="train on the first N training images only (smoke runs)", metavar="N")
+    val_limit: int | None = _setting(help="validate on the first N validation images only", metavar="N")
+    # How the run is carried out, not what it computes: may change between resumptions.
+    resume: bool = _setting(False, "continue the run saved in output/last.pt")
+    save_every: int = _setting(0, "also save last.pt every STEPS batches (0: only at epoch ends)", metavar="STEPS")
+    workers: int = _setting(2, "data-loading processes (0: load in the main process)")
+    progress: bool = _setting(True, "progress bars (shown on a terminal only)")
+
+    CARRIED_OUT = frozenset({"output", "save_every", "workers", "resume", "progress"})
+
+    def run_settings(self) -> dict[str, Any]:
+        """The settings a resumed run must share with the saved one."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in self.CARRIED_OUT}
+
+    def validate(self) -> None:
+        """Raise :class:`SettingError` for the first bad setting (before any data is read)."""
+        import torch
+
+        from selecsls.models.factory import list_models
+
+        for name in ("img_size", "epochs", "batch_size", "limit", "val_limit"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise SettingError(f"{{{name}}} must be >= 1, got {value}")
+        if self.save_every < 0:
+            raise SettingError(f"{{save_every}} must be >= 0 (0: only at epoch ends), got {self.save_every}")
+        if not 0 <= self.ema_decay < 1:
+            raise SettingError(f"{{ema_decay}} must be in [0, 1) (0 disables EMA), got {self.ema_decay}")
+        if not 0 <= self.smoothing < 1:
+            raise SettingError(f"{{smoothing}} must be in [0, 1), got {self.smoothing}")
+        if self.clip_grad is not None and self.clip_grad <= 0:
+            raise SettingError(f"{{clip_grad}} must be > 0, got {self.clip_grad}")
+        if self.amp == "fp16" and not torch.cuda.is_available():
+            raise SettingError("{amp} fp16 needs a CUDA device; use {amp} bf16 on CPU")
+        get_recipe(self.recipe)
+        if self.model in list_models(baselines=True) and self.model not in list_models() and self.in_chans != 3:
+            raise SettingError(f"baseline {self.model} takes 3 input channels; drop {{in_chans}} {self.in_chans}")

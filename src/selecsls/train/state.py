@@ -1,0 +1,114 @@
+"""What a run saves and resumes from: ``last.pt`` (everything needed to continue) and ``best.pt``.
+
+Both are ordinary model files (``selecsls.load`` reads them) written atomically, so a kill at any
+moment leaves the previous complete save.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from selecsls._io import atomic_write
+from selecsls.models.checkpoint import read_file
+from selecsls.models.network import SelecSLS
+from selecsls.models.serialization import baseline_payload, to_payload
+from selecsls.train.config import SettingError, TrainConfig
+
+__all__ = ["Position", "read_saved_run", "restore_rng_state", "save_best", "save_last"]
+
+
+@dataclass
+class Position:
+    """Where the run is, plus the running sums of the epoch in progress."""
+
+    epoch: int = 0
+    step: int = 0  # batches of ``epoch`` already trained
+    global_step: int = 0
+    loss_sum: float = 0.0
+    samples: int = 0
+    skipped: int = 0
+    seconds: float = 0.0
+
+    def next_epoch(self) -> None:
+        self.epoch, self.step = self.epoch + 1, 0
+        self.loss_sum, self.samples, self.skipped, self.seconds = 0.0, 0, 0, 0.0
+
+
+def read_saved_run(config: TrainConfig, is_main: bool) -> dict[str, Any] | None:
+    """The ``last.pt`` to continue, or None for a fresh run.
+
+    A saved run is continued only with ``resume`` and only with the same settings; with ``resume``
+    the main process first removes the temporary files of saves that a kill interrupted.
+    """
+    output = Path(config.output)
+    last = output / "last.pt"
+    if config.resume and is_main:
+        for stale in output.glob(".*.tmp"):
+            stale.unlink()
+    if not last.exists():
+        return None
+    if not config.resume:
+        raise SettingError(
+            f"{output} already holds a run ({last}); pass {{resume}} to continue it or choose another {{output}}"
+        )
+    saved = read_file(last)
+    differing = {
+        key: (saved["config"].get(key), value)
+        for key, value in config.run_settings().items()
+        if saved["config"].get(key) != value
+    }
+    if differing:
+        listed = ", ".join(f"{k} (saved {old!r}, given {new!r})" for k, (old, new) in differing.items())
+        raise SettingError(f"{{resume}} continues the run saved in {last} with its settings; these differ: {listed}")
+    return saved
+
+
+def _rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _model_part(model: nn.Module, name: str | None) -> dict[str, Any]:
+    """The model entries of a checkpoint: ``selecsls.save``'s payload, or name + weights for a baseline."""
+    return to_payload(model) if isinstance(model, SelecSLS) else baseline_payload(model, name)
+
+
+def save_last(
+    config: TrainConfig,
+    model: nn.Module,
+    optimization: dict[str, Any],
+    position: Position,
+    history: list[dict[str, Any]],
+    best_top1: float,
+) -> None:
+    """Everything needed to continue: the model, ``optimization`` (optimiser, scheduler, EMA and grad
+    scaler states), RNG states, position, history and the settings a resumption must match."""
+    state = {
+        **_model_part(model, config.model),
+        **optimization,
+        "rng": _rng_state(),
+        "position": asdict(position),
+        "epoch": position.epoch,
+        "step": position.global_step,
+        "history": history,
+        "best_top1": best_top1,
+        "config": config.run_settings(),
+    }
+    with atomic_write(Path(config.output) / "last.pt") as handle:
+        torch.save(state, handle)
+
+
+def save_best(config: TrainConfig, model: nn.Module, record: dict[str, Any]) -> None:
+    """The best model so far with its epoch's metrics."""
+    with atomic_write(Path(config.output) / "best.pt") as handle:
+        torch.save({**_model_part(model, config.model), "epoch": record["epoch"], "metrics": record}, handle)
