@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from selecsls import create_model, fuse
-from selecsls.compress.sparsity import analyze_sparsity, calibration_activations, save_scale_histogram
+from selecsls.compress.sparsity import analyze_sparsity, bn_scales, calibration_activations, save_scale_histogram
 from sparse_models import IMAGE, deactivate, random_inactive, tiny_spec, trained_like
 
 
@@ -91,3 +91,12 @@ def test_bad_arguments():
         analyze_sparsity(create_model(tiny_spec()), threshold=-1)
     with pytest.raises(TypeError, match="SelecSLS model"):
         analyze_sparsity(torch.nn.Linear(2, 2))
+
+
+def test_bn_scales_of_any_model_agree_with_the_per_layer_analysis(model_and_inactive):
+    model, inactive = model_and_inactive
+    report = analyze_sparsity(model)
+    scales = bn_scales(model)
+    assert scales.numel() == report.total_channels  # every BatchNorm of a SelecSLS sits in a conv layer
+    assert int((scales < 1e-3).sum()) == report.inactive_channels == sum(len(v) for v in inactive.values())
+    assert bn_scales(fuse(model)).numel() == 0  # nothing to count without BatchNorm
