@@ -42,7 +42,9 @@ class Preset:
 PRESETS = {
     # Sized from measured cost on the 2-core development CPU (see docs/cifar10.md).
     "cpu": Preset(img_size=32, limit=10000, val_limit=2000, epochs=15, batch_size=64, finetune_epochs=3, save_every=50),
-    "gpu": Preset(img_size=32, limit=None, val_limit=None, epochs=30, batch_size=128, finetune_epochs=5, save_every=200),
+    "gpu": Preset(
+        img_size=32, limit=None, val_limit=None, epochs=30, batch_size=128, finetune_epochs=5, save_every=200
+    ),
 }
 
 
@@ -170,7 +172,9 @@ def prune_and_finetune(data: str, out: Path, preset: Preset) -> None:
             if not log.exists():
                 scratch = out / f".{name}-{size}.pt"
                 run(
-                    selecsls("prune", str(source), "--out", str(scratch), "--img-size", str(size), "--repeats", "20", *extra),
+                    selecsls(
+                        "prune", str(source), "--out", str(scratch), "--img-size", str(size), "--repeats", "20", *extra
+                    ),
                     log,
                 )
                 scratch.replace(target) if size == preset.img_size else scratch.unlink()
@@ -195,10 +199,23 @@ def deploy(data: str, out: Path, preset: Preset) -> None:
         target = out / f"deployed-{name}.onnx"
         if not target.exists():
             run(
-                selecsls("export", str(model), "--format", "onnx", "--out", str(target), "--images", *map(str, images), *extra),
+                selecsls(
+                    "export",
+                    str(model),
+                    "--format",
+                    "onnx",
+                    "--out",
+                    str(target),
+                    "--images",
+                    *map(str, images),
+                    *extra,
+                ),
                 out / "logs" / f"export-{name}.log",
             )
-        run(selecsls("predict", *map(str, images), "--checkpoint", str(target), "--topk", "1"), out / "logs" / f"predict-{name}.log")
+        run(
+            selecsls("predict", *map(str, images), "--checkpoint", str(target), "--topk", "1"),
+            out / "logs" / f"predict-{name}.log",
+        )
 
 
 if __name__ == "__main__":
