@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 from selecsls.models.spec import BlockSpec, ModelSpec
 
 __all__ = [
+    "SmallMapConv2d",
     "ConvNormAct",
     "ConcatConvNormAct",
     "SelecSLSBlock",
@@ -30,6 +31,54 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 GLOBAL_POOLS = ("avg", "max", "")
 
 
+def _taps_reading(size: int, kernel: int, stride: int, padding: int, dilation: int, like: Tensor) -> Tensor:
+    """One-hot ``[kernel, out_size, size]``: entry (i, o, y) is 1 iff tap i of output o reads input y.
+
+    Taps that land on zero padding match no ``y``, so they drop out of the dense matrix below.
+    """
+    out_size = (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+    reads = torch.arange(out_size, device=like.device)[None] * stride - padding
+    reads = reads + torch.arange(kernel, device=like.device)[:, None] * dilation
+    return (reads[..., None] == torch.arange(size, device=like.device)).to(like.dtype)
+
+
+class SmallMapConv2d(nn.Conv2d):
+    """``nn.Conv2d`` (same parameters, same state dict) that trains fast on tiny feature maps.
+
+    At 32-64 px inputs the head's 3x3 convs run on 2x2 and 1x1 maps, where most taps only
+    multiply zero padding (8 of 9 on a 1x1 map) and oneDNN's backward is many times slower
+    than a matrix product of the same size. When the map has no more pixels than the kernel
+    has taps, the conv is computed as one GEMM with its exact dense matrix, built from the
+    weight by one-hot tap selection: fewer multiplies, the same sums, and autograd returns
+    exactly the conv's gradients (zero for taps that only read padding). Eval mode, and
+    larger maps, run the ordinary conv, so inference and export are unchanged.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        height, width = x.shape[-2], x.shape[-1]
+        kernel_h, kernel_w = self.kernel_size
+        if self.training and self.groups == 1 and height * width <= kernel_h * kernel_w:
+            return self._dense_forward(x)
+        return self._conv_forward(x, self.weight, self.bias)
+
+    def _dense_forward(self, x: Tensor) -> Tensor:
+        batch, channels, height, width = x.shape
+        weight = self.weight
+        rows = _taps_reading(height, weight.shape[2], self.stride[0], self.padding[0], self.dilation[0], weight)
+        cols = _taps_reading(width, weight.shape[3], self.stride[1], self.padding[1], self.dilation[1], weight)
+        out_h, out_w = rows.shape[1], cols.shape[1]
+        # matrix[(o, p, q), (c, y, x)] = weight[o, c, i, j] for the tap (i, j) reading (y, x) from (p, q).
+        # tensordot, not einsum: TorchScript passes einsum's operands as a list, which keeps
+        # torch.jit.freeze from turning the weight into a constant.
+        matrix = torch.tensordot(torch.tensordot(weight, rows, dims=([2], [0])), cols, dims=([2], [0]))
+        matrix = matrix.permute(0, 2, 4, 1, 3, 5)  # (o, c, p, y, q, x) -> (o, p, q, c, y, x)
+        matrix = matrix.reshape(weight.shape[0] * out_h * out_w, channels * height * width)
+        out = torch.mm(x.reshape(batch, channels * height * width), matrix.t())
+        out = out.reshape(batch, weight.shape[0], out_h, out_w)
+        bias = self.bias
+        return out if bias is None else out + bias.reshape(1, -1, 1, 1)
+
+
 class ConvNormAct(nn.Module):
     """conv (no bias) + BatchNorm + ReLU; with ``fused=True`` a biased conv + ReLU (BN folded in)."""
 
@@ -38,7 +87,8 @@ class ConvNormAct(nn.Module):
     ) -> None:
         super().__init__()
         padding = dilation * (kernel_size - 1) // 2
-        self.conv = nn.Conv2d(in_chs, out_chs, kernel_size, stride, padding, dilation=dilation, bias=fused)
+        conv = SmallMapConv2d if kernel_size > 1 else nn.Conv2d
+        self.conv = conv(in_chs, out_chs, kernel_size, stride, padding, dilation=dilation, bias=fused)
         self.bn = nn.Identity() if fused else nn.BatchNorm2d(out_chs)
         self.act = nn.ReLU(inplace=True)
 
