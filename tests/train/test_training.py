@@ -11,6 +11,8 @@ import torch
 
 import selecsls
 from selecsls.cli import main
+from selecsls.train.distributed import Workers
+from selecsls.train.loop import Run, TrainConfig
 from training_fixtures import corrupt_image, make_image_folder, narrow_spec
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -120,6 +122,57 @@ def test_eval_of_best_checkpoint_reproduces_the_recorded_val_accuracy(tiny_run, 
     best = max(_history(output), key=lambda r: r["ema_val_top1"])
     assert result["img_size"] == 32  # the training size, recorded in the model
     assert result["top1"] == pytest.approx(best["ema_val_top1"])
+
+
+def _predicted_names(capsys, argv) -> set[str]:
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    return {line.split()[1] for line in lines if line.lstrip()[:2] in ("1.", "2.", "3.")}
+
+
+def test_class_names_survive_checkpoints_save_load_predict_eval_and_onnx(tiny_run, folder, tmp_path, capsys):
+    output, capture = tiny_run
+    names = ("cat", "dog", "fox")
+    assert f"validating on 24 of 24 in {folder / 'val'}" in capture.stdout
+    for checkpoint in ("best.pt", "last.pt"):
+        assert selecsls.load(output / checkpoint).pretrained_cfg["label_names"] == names
+    saved = tmp_path / "saved.safetensors"
+    selecsls.save(selecsls.load(output / "best.pt"), saved)
+    assert selecsls.load(saved).pretrained_cfg["label_names"] == names
+    image = str(folder / "val" / "dog" / "0.jpg")
+    assert _predicted_names(capsys, ["predict", image, "--checkpoint", str(saved), "--backend", "eager"]) == set(names)
+    onnx = tmp_path / "model.onnx"
+    assert main(["export", str(output / "best.pt"), "--format", "onnx", "--out", str(onnx)]) == 0
+    capsys.readouterr()
+    assert _predicted_names(capsys, ["predict", image, "--checkpoint", str(onnx)]) == set(names)
+    assert main(["eval", "--data", str(folder), "--checkpoint", str(saved), "--workers", "0", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["classes"] == list(names) and result["classes_matched_by"] == "name"
+
+
+def test_training_takes_a_test_split_and_class_balanced_limits(init_checkpoint, tmp_path, capsys):
+    data = make_image_folder(tmp_path / "data", per_class=4, splits=("train", "test"))
+    config = TrainConfig(
+        data=str(data),
+        output=str(tmp_path / "run"),
+        init=str(init_checkpoint),
+        img_size=32,
+        epochs=1,
+        batch_size=2,
+        limit=6,
+        val_limit=3,
+        workers=0,
+        progress=False,
+    )
+    run = Run(config, Workers(0, 1, torch.device("cpu")))
+    assert sorted(run.train_data.targets[i] for i in run.train_indices) == [0, 0, 1, 1, 2, 2]
+    assert sorted(run.val_data.targets[i] for i in run.val_indices) == [0, 1, 2]
+    assert f"training on 6 of 12 images in {data / 'train'}, validating on 3 of 12 in {data / 'test'}" in (
+        capsys.readouterr().out
+    )
+    run.fit()
+    [record] = _history(tmp_path / "run")
+    assert record["val_images"] == 3 and record["step"] == 3
 
 
 def test_kill_and_resume_ends_with_the_same_weights(folder, init_checkpoint, tmp_path):
