@@ -11,6 +11,7 @@ import torch
 
 import selecsls
 from selecsls.cli import main
+from selecsls.compress.sparsity import bn_scales
 from selecsls.train.distributed import Workers
 from selecsls.train.loop import Run, TrainConfig
 from training_fixtures import corrupt_image, make_image_folder, narrow_spec
@@ -86,18 +87,32 @@ def tiny_run(folder, init_checkpoint, tmp_path_factory):
 def test_fine_tuning_reinitialises_the_classifier_and_writes_every_output(tiny_run):
     output, capture = tiny_run
     assert "checkpoint has 5 classifier outputs, the model 3" in capture.stderr
-    assert {"last.pt", "best.pt", "metrics.jsonl", "training_curve.png"} <= {p.name for p in output.iterdir()}
+    outputs = {"last.pt", "best.pt", "metrics.jsonl", "training_curve.png", "gamma_histograms.png"}
+    assert outputs <= {p.name for p in output.iterdir()}
     assert not [p for p in output.iterdir() if p.name.endswith(".tmp")]
     history = _history(output)
     assert [r["epoch"] for r in history] == [1, 2] and "ema_val_top1" in history[0]
     best = selecsls.load(output / "best.pt")
     assert best.num_classes == 3 and best.spec == narrow_spec()
-    assert (output / "training_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for plot in ("training_curve.png", "gamma_histograms.png"):
+        assert (output / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "features.5.conv6" in capture.stdout and "have |gamma| < 0.001" in capture.stdout  # sparsity report
     summary = json.loads((output / "summary.json").read_text())
     assert 0.0 <= summary["low_gamma_fraction"] <= 1.0 and summary["best_top1"] == max(
         r["ema_val_top1"] for r in history
     )
+
+
+def test_metrics_record_the_bn_scale_sparsity_of_every_epoch(tiny_run):
+    output, capture = tiny_run
+    channels = bn_scales(selecsls.load(output / "last.pt")).numel()
+    for record in _history(output):
+        assert 0.0 <= record["gamma_below_1e-3"] <= record["gamma_below_1e-2"] <= 1.0
+        assert 0.0 <= record["gamma_min"] <= record["gamma_median"]
+        assert sum(record["gamma_histogram"]["counts"]) == channels
+    final = _history(output)[-1]
+    assert final["gamma_median"] == pytest.approx(bn_scales(selecsls.load(output / "last.pt")).median().item())
+    assert "gamma_histogram" not in capture.stdout  # the log line stays short
 
 
 def test_corrupt_training_image_is_skipped_and_reported_once_per_epoch(tiny_run):
@@ -249,6 +264,9 @@ def test_fine_tuning_a_pruned_model_keeps_its_spec_and_reports_sparsity(folder, 
     argv = _tiny_args(folder, tmp_path / "pruned.pt", tmp_path / "run", "--epochs", 1)
     assert main(argv) == 0
     assert "have fused filter norm < 0.001" in capsys.readouterr().out
+    [record] = _history(tmp_path / "run")
+    assert "gamma_min" not in record and not (tmp_path / "run" / "gamma_histograms.png").exists()  # no BN left
+    assert (tmp_path / "run" / "training_curve.png").exists()
     tuned = selecsls.load(tmp_path / "run" / "best.pt")
     assert tuned.fused and tuned.spec == pruned.spec
 

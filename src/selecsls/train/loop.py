@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.data.distributed import DistributedSampler
 
 from selecsls._io import atomic_write
+from selecsls.compress.sparsity import bn_scales, scale_statistics
 from selecsls.data.datasets import (
     IdxDataset,
     ImageFolder,
@@ -222,6 +223,7 @@ class Run:
             "train_images_per_s": samples / max(seconds / self.workers.world_size, 1e-9),
             "train_skipped": int(skipped),
         }
+        record.update(scale_statistics(bn_scales(self.model)))  # how sparse the BN scales have become
         scored = self._validate(self.model)
         record.update({f"val_{k}": v for k, v in scored.items() if k != "skipped_examples"})
         best_model = self.model
@@ -235,7 +237,7 @@ class Run:
                 f"e.g. {scored['skipped_examples']}"
             )
         self.history.append(record)
-        self.report.log(json.dumps(record))
+        self.report.log(json.dumps({key: value for key, value in record.items() if key != "gamma_histogram"}))
         position.next_epoch()
         is_best = scored["top1"] > self.best_top1
         if is_best:
