@@ -1,5 +1,4 @@
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -14,11 +13,9 @@ from selecsls.cli import main
 from selecsls.compress.sparsity import bn_scales
 from selecsls.train.distributed import Workers
 from selecsls.train.loop import Run, TrainConfig
-from training_fixtures import corrupt_image, make_image_folder, narrow_spec
+from training_fixtures import SUBPROCESS_ENV, corrupt_image, make_image_folder, narrow_spec
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
-# Subprocesses (kill -9, torchrun) run with a fixed thread count so results are comparable.
-SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
 def _history(run: Path) -> list[dict]:
