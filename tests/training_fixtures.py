@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from selecsls import ModelSpec, get_spec
+
+# Subprocesses (kill -9, torchrun, real-data runs) use one thread: results and times then do not
+# depend on how many other jobs share the CPU's cores.
+SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 # One clearly different colour per class, so even a few training steps can separate them.
 CLASS_COLOURS = {"cat": (220, 40, 40), "dog": (40, 200, 40), "fox": (40, 40, 220)}

@@ -2,7 +2,14 @@ import pytest
 import torch
 
 from selecsls import create_model, fuse
-from selecsls.compress.sparsity import analyze_sparsity, bn_scales, calibration_activations, save_scale_histogram
+from selecsls.compress.sparsity import (
+    SCALE_HISTOGRAM_LOG10_EDGES,
+    analyze_sparsity,
+    bn_scales,
+    calibration_activations,
+    save_scale_histogram,
+    scale_statistics,
+)
 from sparse_models import IMAGE, deactivate, random_inactive, tiny_spec, trained_like
 
 
@@ -100,3 +107,18 @@ def test_bn_scales_of_any_model_agree_with_the_per_layer_analysis(model_and_inac
     assert scales.numel() == report.total_channels  # every BatchNorm of a SelecSLS sits in a conv layer
     assert int((scales < 1e-3).sum()) == report.inactive_channels == sum(len(v) for v in inactive.values())
     assert bn_scales(fuse(model)).numel() == 0  # nothing to count without BatchNorm
+
+
+def test_scale_statistics_count_fractions_extremes_and_a_fixed_log_histogram():
+    scales = torch.tensor([0.0, 1e-7, 5e-4, 1e-3, 9e-3, 0.5, 1.0, 20.0])
+    stats = scale_statistics(scales)
+    assert stats["gamma_below_1e-3"] == 3 / 8 and stats["gamma_below_1e-2"] == 5 / 8
+    assert stats["gamma_min"] == 0.0 and stats["gamma_median"] == pytest.approx(1e-3)
+    histogram = stats["gamma_histogram"]
+    assert histogram["log10_edges"] == list(SCALE_HISTOGRAM_LOG10_EDGES) == [k / 4 for k in range(-24, 5)]
+    counts = histogram["counts"]
+    assert len(counts) == 28 and sum(counts) == 8
+    bin_of = {edge: i for i, edge in enumerate(SCALE_HISTOGRAM_LOG10_EDGES)}
+    # 0 and 1e-7 fall in the first bin, 20 in the last; 1e-3 opens the bin [1e-3, 10^-2.75).
+    assert counts[0] == 2 and counts[-1] == 1 and counts[bin_of[-3.0]] == 1 and counts[bin_of[0.0]] == 1
+    assert scale_statistics(torch.empty(0)) == {}

@@ -11,7 +11,9 @@ from selecsls.data.datasets import (
     ImageFolder,
     SkippedImage,
     TransformedDataset,
+    UnknownClassError,
     UnreadableImageError,
+    balanced_subset,
     build_dataset,
     build_loader,
     collate_skipping,
@@ -89,10 +91,25 @@ def test_idx_pair_with_different_counts_is_an_error(tmp_path):
         IdxDataset(images, labels)
 
 
+def test_idx_data_has_no_label_names_and_reindexes_by_name(tmp_path):
+    _write_idx(tmp_path / "t10k-images-idx3-ubyte", np.zeros((4, 2, 2), np.uint8), compress=False)
+    _write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.array([0, 2, 1, 2], np.uint8), compress=False)
+    val = build_dataset(tmp_path, "val")
+    assert val.label_names is None and val.classes == ["0", "1", "2"] and val.targets.tolist() == [0, 2, 1, 2]
+    reordered = build_dataset(tmp_path, "val", classes=["2", "1", "0", "3"])
+    assert reordered.targets.tolist() == [2, 0, 1, 0] and reordered.classes == ["2", "1", "0", "3"]
+    with pytest.raises(UnknownClassError, match=r"class\(es\) \['1'\]") as info:
+        build_dataset(tmp_path, "val", classes=["0", "2"])
+    assert info.value.unknown == ["1"]
+
+
 @needs_fashion_mnist
-def test_fashion_mnist_splits_are_read_as_grayscale_images():
+def test_fashion_mnist_splits_are_read_as_grayscale_images_with_their_class_names():
     train, val = build_dataset(FASHION_MNIST, "train"), build_dataset(FASHION_MNIST, "val")
     assert (len(train), len(val), len(train.classes)) == (60000, 10000, 10)
+    assert train.label_names == val.label_names == train.classes
+    assert train.classes[0] == "T-shirt/top" and train.classes[9] == "Ankle boot"
+    assert train.classes[train.targets[0]] == "Ankle boot"  # the well-known first training image
     image, target = val.load(0)
     assert image.mode == "L" and image.size == (28, 28) and 0 <= target < 10
     rgb = TransformedDataset(val, build_eval_transform(32, in_chans=3))[0][0]
@@ -120,8 +137,32 @@ def test_val_folder_uses_training_class_indices(tmp_path):
 def test_val_class_unknown_to_training_is_an_error(tmp_path):
     make_image_folder(tmp_path, per_class=1)
     write_image(tmp_path / "val" / "wolf" / "0.jpg", (0, 0, 0), seed=0)
-    with pytest.raises(ValueError, match=r"class folder\(s\) \['wolf'\] that are not training classes"):
+    with pytest.raises(UnknownClassError, match=r"val' has class\(es\) \['wolf'\] that are not training classes"):
         build_dataset(tmp_path, "val", classes=training_classes(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "present, used", [(("test",), "test"), (("validation", "test"), "validation"), (("test", "val"), "val")]
+)
+def test_val_split_is_the_first_of_val_validation_test(tmp_path, present, used):
+    make_image_folder(tmp_path, per_class=1, splits=("train", *present))
+    val = build_dataset(tmp_path, "val", classes=training_classes(tmp_path))
+    assert val.source == str(tmp_path / used) and len(val) == 3 and val.targets == [0, 1, 2]
+
+
+def test_balanced_subset_spans_all_classes_evenly_and_is_seeded():
+    targets = [0] * 50 + [1] * 5 + [2] * 45  # sorted, like the files of a class-folder tree
+    subset = balanced_subset(targets, 20, seed=3)
+    counts = np.bincount([targets[i] for i in subset], minlength=3)
+    assert len(set(subset)) == 20 and subset == sorted(subset)
+    assert counts[1] == 5 and sorted(counts[[0, 2]].tolist()) == [7, 8]  # the small class is used up first
+    even = np.bincount([targets[i] for i in balanced_subset(targets, 15, seed=3)], minlength=3)
+    assert even.tolist() == [5, 5, 5]
+    assert balanced_subset(targets, 20, seed=3) == subset
+    assert balanced_subset(targets, 20, seed=4) != subset
+    assert balanced_subset(targets, None) == balanced_subset(targets, 1000) == list(range(100))
+    with pytest.raises(ValueError, match="at least 1 image"):
+        balanced_subset(targets, 0)
 
 
 def test_empty_class_folder_is_an_error(tmp_path):
@@ -135,7 +176,11 @@ def test_empty_class_folder_is_an_error(tmp_path):
 def test_missing_data_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         build_dataset(tmp_path / "nowhere", "train")
-    with pytest.raises(FileNotFoundError, match="no val data in .*val/<class>/<image>.*t10k-images-idx3-ubyte"):
+    with pytest.raises(
+        FileNotFoundError,
+        match="no val data in .*/val/<class>/<image> or .*/validation/<class>/<image> or .*/test/<class>/<image> "
+        "folders or IDX files t10k-images-idx3-ubyte",
+    ):
         build_dataset(tmp_path, "val")
     (tmp_path / "train").mkdir()
     with pytest.raises(ValueError, match="has no class folders"):

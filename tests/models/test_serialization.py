@@ -106,6 +106,20 @@ def test_loaded_model_keeps_preprocessing_and_scripts(tmp_path):
         torch.testing.assert_close(scripted(x), model.eval()(x))
 
 
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_class_names_survive_save_and_load_and_leave_with_a_new_classifier(tmp_path, suffix):
+    model = MODELS["pruned"]()
+    names = tuple(f"kind {i}" for i in range(7))
+    model.pretrained_cfg = {**model.pretrained_cfg, "label_names": names}
+    selecsls.save(model, tmp_path / f"model{suffix}")
+    assert selecsls.load(tmp_path / f"model{suffix}").pretrained_cfg["label_names"] == names
+    with pytest.warns(UserWarning, match="backbone loaded"):
+        finetune = selecsls.load(tmp_path / f"model{suffix}", num_classes=3)
+    assert "label_names" not in finetune.pretrained_cfg  # the 7 names belonged to the old classifier
+    model.reset_classifier(4)
+    assert "label_names" not in model.pretrained_cfg and model.pretrained_cfg["num_classes"] == 4
+
+
 def test_training_checkpoints_embedding_the_payload_load(tmp_path):
     model = MODELS["pruned"]()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)

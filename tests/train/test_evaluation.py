@@ -1,4 +1,6 @@
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,7 +10,7 @@ from selecsls.cli import main
 from selecsls.data.datasets import open_image
 from selecsls.data.transforms import build_eval_transform
 from selecsls.train.evaluation import autocast_for, topk_correct
-from training_fixtures import corrupt_image, make_image_folder, narrow_spec
+from training_fixtures import corrupt_image, make_image_folder, narrow_spec, write_image
 
 
 def test_topk_counts_hits_among_the_highest_logits():
@@ -85,6 +87,49 @@ def test_eval_text_output(folder, saved_model, capsys):
     )
     out = capsys.readouterr().out
     assert "top-1" in out and "top-5 100.00%" in out and "12 images at 32px" in out
+
+
+@pytest.fixture(scope="module")
+def named_model(tmp_path_factory):
+    """A narrow model that records its class names in an order unlike the sorted folders."""
+    torch.manual_seed(2)
+    model = selecsls.create_model(narrow_spec(), num_classes=4).eval()
+    model.pretrained_cfg = {**model.pretrained_cfg, "label_names": ("fox", "owl", "cat", "dog")}
+    path = tmp_path_factory.mktemp("named") / "named.pt"
+    selecsls.save(model, path)
+    return model, path
+
+
+def test_eval_matches_class_folders_to_outputs_by_name(tmp_path, named_model, capsys):
+    model, path = named_model
+    folder = make_image_folder(tmp_path, per_class=3, splits=("train", "test"))
+    shutil.rmtree(folder / "test" / "cat")  # a subset of the model's classes, in another order
+    result = _eval(capsys, "--data", folder, "--checkpoint", path, "--img-size", 32)
+    names = model.pretrained_cfg["label_names"]
+    samples = [(p, names.index(Path(p).parent.name)) for p in sorted(map(str, (folder / "test").glob("*/*")))]
+    top1, loss = _reference(model, samples, 32)
+    assert result["val_data"] == str(folder / "test") and result["images"] == 6
+    assert result["classes"] == ["fox", "dog"] and result["classes_matched_by"] == "name"
+    assert result["top1"] == pytest.approx(top1) and result["loss"] == pytest.approx(loss, rel=1e-4)
+    assert main(["eval", "--data", str(folder), "--checkpoint", str(path), "--img-size", "32", "--workers", "0"]) == 0
+    assert f"val data: {folder / 'test'}; 2 classes matched by name: fox, dog" in capsys.readouterr().out
+
+
+def test_eval_names_a_class_folder_the_model_does_not_know(tmp_path, named_model, capsys):
+    folder = make_image_folder(tmp_path, per_class=1)
+    write_image(folder / "val" / "wolf" / "0.jpg", (0, 0, 0), seed=0)
+    assert main(["eval", "--data", str(folder), "--checkpoint", str(named_model[1]), "--workers", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "has class(es) ['wolf'] that the model does not know (it predicts fox, owl, cat, dog)" in err
+    assert "\n" not in err
+
+
+def test_eval_limit_scores_a_class_balanced_subset(folder, saved_model, capsys):
+    result = _eval(capsys, "--data", folder, "--checkpoint", saved_model[1], "--img-size", 32, "--limit", 3)
+    assert result["images"] == 3 and result["classes"] == ["cat", "dog", "fox"]
+    assert result["classes_matched_by"] == "position"  # this model records no names
+    assert main(["eval", "--data", str(folder), "--checkpoint", str(saved_model[1]), "--limit", "0"]) == 2
+    assert "--limit must be >= 1, got 0" in capsys.readouterr().err
 
 
 def test_eval_rejects_data_with_more_classes_than_the_model(tmp_path, folder, capsys):

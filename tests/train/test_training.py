@@ -1,5 +1,4 @@
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -11,11 +10,12 @@ import torch
 
 import selecsls
 from selecsls.cli import main
-from training_fixtures import corrupt_image, make_image_folder, narrow_spec
+from selecsls.compress.sparsity import bn_scales
+from selecsls.train.distributed import Workers
+from selecsls.train.loop import Run, TrainConfig
+from training_fixtures import SUBPROCESS_ENV, corrupt_image, make_image_folder, narrow_spec
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
-# Subprocesses (kill -9, torchrun) run with a fixed thread count so results are comparable.
-SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
 def _history(run: Path) -> list[dict]:
@@ -84,18 +84,32 @@ def tiny_run(folder, init_checkpoint, tmp_path_factory):
 def test_fine_tuning_reinitialises_the_classifier_and_writes_every_output(tiny_run):
     output, capture = tiny_run
     assert "checkpoint has 5 classifier outputs, the model 3" in capture.stderr
-    assert {"last.pt", "best.pt", "metrics.jsonl", "training_curve.png"} <= {p.name for p in output.iterdir()}
+    outputs = {"last.pt", "best.pt", "metrics.jsonl", "training_curve.png", "gamma_histograms.png"}
+    assert outputs <= {p.name for p in output.iterdir()}
     assert not [p for p in output.iterdir() if p.name.endswith(".tmp")]
     history = _history(output)
     assert [r["epoch"] for r in history] == [1, 2] and "ema_val_top1" in history[0]
     best = selecsls.load(output / "best.pt")
     assert best.num_classes == 3 and best.spec == narrow_spec()
-    assert (output / "training_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for plot in ("training_curve.png", "gamma_histograms.png"):
+        assert (output / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "features.5.conv6" in capture.stdout and "have |gamma| < 0.001" in capture.stdout  # sparsity report
     summary = json.loads((output / "summary.json").read_text())
     assert 0.0 <= summary["low_gamma_fraction"] <= 1.0 and summary["best_top1"] == max(
         r["ema_val_top1"] for r in history
     )
+
+
+def test_metrics_record_the_bn_scale_sparsity_of_every_epoch(tiny_run):
+    output, capture = tiny_run
+    channels = bn_scales(selecsls.load(output / "last.pt")).numel()
+    for record in _history(output):
+        assert 0.0 <= record["gamma_below_1e-3"] <= record["gamma_below_1e-2"] <= 1.0
+        assert 0.0 <= record["gamma_min"] <= record["gamma_median"]
+        assert sum(record["gamma_histogram"]["counts"]) == channels
+    final = _history(output)[-1]
+    assert final["gamma_median"] == pytest.approx(bn_scales(selecsls.load(output / "last.pt")).median().item())
+    assert "gamma_histogram" not in capture.stdout  # the log line stays short
 
 
 def test_corrupt_training_image_is_skipped_and_reported_once_per_epoch(tiny_run):
@@ -120,6 +134,57 @@ def test_eval_of_best_checkpoint_reproduces_the_recorded_val_accuracy(tiny_run, 
     best = max(_history(output), key=lambda r: r["ema_val_top1"])
     assert result["img_size"] == 32  # the training size, recorded in the model
     assert result["top1"] == pytest.approx(best["ema_val_top1"])
+
+
+def _predicted_names(capsys, argv) -> set[str]:
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    return {line.split()[1] for line in lines if line.lstrip()[:2] in ("1.", "2.", "3.")}
+
+
+def test_class_names_survive_checkpoints_save_load_predict_eval_and_onnx(tiny_run, folder, tmp_path, capsys):
+    output, capture = tiny_run
+    names = ("cat", "dog", "fox")
+    assert f"validating on 24 of 24 in {folder / 'val'}" in capture.stdout
+    for checkpoint in ("best.pt", "last.pt"):
+        assert selecsls.load(output / checkpoint).pretrained_cfg["label_names"] == names
+    saved = tmp_path / "saved.safetensors"
+    selecsls.save(selecsls.load(output / "best.pt"), saved)
+    assert selecsls.load(saved).pretrained_cfg["label_names"] == names
+    image = str(folder / "val" / "dog" / "0.jpg")
+    assert _predicted_names(capsys, ["predict", image, "--checkpoint", str(saved), "--backend", "eager"]) == set(names)
+    onnx = tmp_path / "model.onnx"
+    assert main(["export", str(output / "best.pt"), "--format", "onnx", "--out", str(onnx)]) == 0
+    capsys.readouterr()
+    assert _predicted_names(capsys, ["predict", image, "--checkpoint", str(onnx)]) == set(names)
+    assert main(["eval", "--data", str(folder), "--checkpoint", str(saved), "--workers", "0", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["classes"] == list(names) and result["classes_matched_by"] == "name"
+
+
+def test_training_takes_a_test_split_and_class_balanced_limits(init_checkpoint, tmp_path, capsys):
+    data = make_image_folder(tmp_path / "data", per_class=4, splits=("train", "test"))
+    config = TrainConfig(
+        data=str(data),
+        output=str(tmp_path / "run"),
+        init=str(init_checkpoint),
+        img_size=32,
+        epochs=1,
+        batch_size=2,
+        limit=6,
+        val_limit=3,
+        workers=0,
+        progress=False,
+    )
+    run = Run(config, Workers(0, 1, torch.device("cpu")))
+    assert sorted(run.train_data.targets[i] for i in run.train_indices) == [0, 0, 1, 1, 2, 2]
+    assert sorted(run.val_data.targets[i] for i in run.val_indices) == [0, 1, 2]
+    assert f"training on 6 of 12 images in {data / 'train'}, validating on 3 of 12 in {data / 'test'}" in (
+        capsys.readouterr().out
+    )
+    run.fit()
+    [record] = _history(tmp_path / "run")
+    assert record["val_images"] == 3 and record["step"] == 3
 
 
 def test_kill_and_resume_ends_with_the_same_weights(folder, init_checkpoint, tmp_path):
@@ -196,6 +261,9 @@ def test_fine_tuning_a_pruned_model_keeps_its_spec_and_reports_sparsity(folder, 
     argv = _tiny_args(folder, tmp_path / "pruned.pt", tmp_path / "run", "--epochs", 1)
     assert main(argv) == 0
     assert "have fused filter norm < 0.001" in capsys.readouterr().out
+    [record] = _history(tmp_path / "run")
+    assert "gamma_min" not in record and not (tmp_path / "run" / "gamma_histograms.png").exists()  # no BN left
+    assert (tmp_path / "run" / "training_curve.png").exists()
     tuned = selecsls.load(tmp_path / "run" / "best.pt")
     assert tuned.fused and tuned.spec == pruned.spec
 

@@ -114,7 +114,7 @@ def run_export(args: argparse.Namespace) -> int:
     if args.int8:
         from selecsls.deploy.quantization import export_int8
 
-        calibration, evaluation = _int8_data(args, transform)
+        calibration, evaluation = _int8_data(args, model, transform)
         checks, comparison = export_int8(
             model, args.out, calibration, evaluation, dynamic=args.dynamic, images=images, max_drop=args.max_drop
         )
@@ -129,21 +129,26 @@ def run_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _int8_data(args: argparse.Namespace, transform):
-    """(calibration images, validation loader): seeded random subsets of the data directory."""
+def _int8_data(args: argparse.Namespace, model, transform):
+    """(calibration images, validation loader): seeded class-balanced subsets of the data directory.
+
+    Validation labels follow the model's class names, as in ``selecsls eval``.
+    """
     import torch
 
-    from selecsls.data.datasets import TransformedDataset, build_dataset, build_loader, training_classes
+    from selecsls.data.datasets import TransformedDataset, balanced_subset, build_dataset, build_loader
+    from selecsls.train.evaluation import VAL_SUBSET_SEED, validation_data
 
-    def subset(split: str, count: int, classes=None):
-        dataset = build_dataset(args.calibration, split, classes)
-        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:count].tolist()
-        return build_loader(TransformedDataset(dataset, transform), order, batch_size=64, workers=0)
+    def loader(dataset, count: int):
+        indices = balanced_subset(dataset.targets, count, VAL_SUBSET_SEED)
+        return build_loader(TransformedDataset(dataset, transform), indices, batch_size=64, workers=0)
 
     if args.calibration_images < 1 or args.eval_images < 1:
         raise CLIError("--calibration-images and --eval-images must be >= 1")
-    calibration = torch.cat([batch.images for batch in subset("train", args.calibration_images)])
-    return calibration, subset("val", args.eval_images, training_classes(args.calibration))
+    calibration = torch.cat(
+        [batch.images for batch in loader(build_dataset(args.calibration, "train"), args.calibration_images)]
+    )
+    return calibration, loader(validation_data(args.calibration, model), args.eval_images)
 
 
 def run_predict(args: argparse.Namespace) -> int:

@@ -59,7 +59,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--interpolation", choices=("bilinear", "bicubic"), help="default: the model's")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--limit", type=int, metavar="N", help="score the first N validation images only")
+    p.add_argument(
+        "--limit",
+        type=int,
+        metavar="N",
+        help="score N validation images, class-balanced (the same draw as train --val-limit N)",
+    )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=run_eval)
 
@@ -76,8 +81,10 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from selecsls.train.evaluation import evaluate_checkpoint
+    from selecsls.train.evaluation import evaluate_checkpoint, listing
 
+    if args.limit is not None and args.limit < 1:
+        raise CLIError(f"--limit must be >= 1, got {args.limit}")
     result = evaluate_checkpoint(
         args.data,
         args.checkpoint,
@@ -92,6 +99,10 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result))
         return 0
+    how = "by name" if result["classes_matched_by"] == "name" else "by position (the model records no class names)"
+    print(
+        f"val data: {result['val_data']}; {len(result['classes'])} classes matched {how}: {listing(result['classes'])}"
+    )
     print(
         f"{result['checkpoint']}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  loss {result['loss']:.4f}  "
         f"{result['images']} images at {result['img_size']}px, {result['images_per_s']:.1f} images/s"

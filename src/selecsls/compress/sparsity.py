@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -23,6 +24,7 @@ from selecsls.models.fusion import fold_bn
 from selecsls.models.network import ConvNormAct, SelecSLS
 
 __all__ = [
+    "SCALE_HISTOGRAM_LOG10_EDGES",
     "LayerSparsity",
     "SparsityReport",
     "analyze_sparsity",
@@ -30,7 +32,12 @@ __all__ = [
     "bn_scales",
     "calibration_activations",
     "save_scale_histogram",
+    "scale_statistics",
 ]
+
+#: log10 of the |gamma| histogram bin edges: 1e-6 to 10, four bins per decade. Fixed, so the
+#: histograms of every epoch and every run line up.
+SCALE_HISTOGRAM_LOG10_EDGES = tuple(k / 4 for k in range(-24, 5))
 
 
 def bn_scale(bn: nn.BatchNorm2d) -> Tensor:
@@ -42,6 +49,30 @@ def bn_scales(model: nn.Module) -> Tensor:
     """|gamma| of every BatchNorm2d channel of any model (a baseline too), concatenated; empty without BN."""
     scales = [bn_scale(module) for module in model.modules() if isinstance(module, nn.BatchNorm2d)]
     return torch.cat(scales) if scales else torch.empty(0)
+
+
+def scale_statistics(scales: Tensor, thresholds: tuple[str, ...] = ("1e-3", "1e-2")) -> dict[str, Any]:
+    """How sparse a set of |gamma| (e.g. :func:`bn_scales`) is, as JSON-ready fields for a training log.
+
+    ``gamma_below_<t>`` is the fraction of channels below each threshold; ``gamma_histogram``
+    counts channels in the bins of :data:`SCALE_HISTOGRAM_LOG10_EDGES` (values beyond the
+    outer edges, zero included, count in the outer bins). No channels: no fields.
+    """
+    if not scales.numel():
+        return {}
+    values = scales.detach().double().flatten().cpu()
+    edges = torch.tensor(SCALE_HISTOGRAM_LOG10_EDGES, dtype=torch.float64)
+    log_values = values.clamp_min(10.0 ** edges[0]).log10().clamp(edges[0], edges[-1])
+    bins = (torch.bucketize(log_values, edges, right=True) - 1).clamp(0, len(edges) - 2)
+    return {
+        **{f"gamma_below_{threshold}": float((values < float(threshold)).double().mean()) for threshold in thresholds},
+        "gamma_min": float(values.min()),
+        "gamma_median": float(values.median()),
+        "gamma_histogram": {
+            "log10_edges": list(SCALE_HISTOGRAM_LOG10_EDGES),
+            "counts": torch.bincount(bins, minlength=len(edges) - 1).tolist(),
+        },
+    }
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """Datasets for training and evaluation: class folders of images, and MNIST-style IDX files.
 
 A data directory is either ``root/train/<class>/*`` + ``root/val/<class>/*`` (decoded with
-Pillow), or the four IDX files of MNIST / Fashion-MNIST (``train-images-idx3-ubyte[.gz]``,
+Pillow; the validation folder may instead be ``validation/`` or ``test/``, as most downloads
+ship it), or the four IDX files of MNIST / Fashion-MNIST (``train-images-idx3-ubyte[.gz]``,
 ``t10k-...`` for validation). Unreadable images never crash an epoch: the sample comes back
 as a :class:`SkippedImage` that :func:`collate_skipping` drops and reports.
 """
@@ -9,6 +10,7 @@ as a :class:`SkippedImage` that :func:`collate_skipping` drops and reports.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 import struct
 from collections.abc import Callable, Sequence
@@ -29,7 +31,10 @@ __all__ = [
     "IdxDataset",
     "SkippedImage",
     "TransformedDataset",
+    "UnknownClassError",
     "UnreadableImageError",
+    "VAL_FOLDERS",
+    "balanced_subset",
     "build_dataset",
     "build_loader",
     "collate_skipping",
@@ -40,6 +45,48 @@ __all__ = [
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 SPLITS = {"train": "train", "val": "t10k"}  # split -> IDX file prefix
+#: Folder names of the validation split, in order of preference.
+VAL_FOLDERS = ("val", "validation", "test")
+#: Fashion-MNIST's class names (IDX files carry none), for label arrays whose sha256 is one of these.
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
+FASHION_MNIST_LABELS_SHA256 = {
+    "657fbd221bfc9f4198cc14b5619cc33ec57c58dd0e47af4d99d6650759e869a7",  # train-labels-idx1-ubyte
+    "3d0e6c6ea990b53b6f8f500a41cac93881d981b315f84578b7d915342ade01e9",  # t10k-labels-idx1-ubyte
+}
+
+
+class UnknownClassError(ValueError):
+    """Data (``source``) with classes outside the ones it must be scored against (``unknown`` lists them)."""
+
+    def __init__(self, message: str, source: str, unknown: Sequence[str]) -> None:
+        super().__init__(message)
+        self.source = source
+        self.unknown = list(unknown)
+
+
+def _class_index(source: str, found: Sequence[str], classes: Sequence[str]) -> dict[str, int]:
+    """Position of each ``found`` class name in ``classes``; a name not there is an :class:`UnknownClassError`."""
+    index = {name: i for i, name in enumerate(classes)}
+    unknown = [name for name in found if name not in index]
+    if unknown:
+        raise UnknownClassError(
+            f"{source!r} has class(es) {unknown} that are not training classes; "
+            "remove them or add the same classes to the training split",
+            source,
+            unknown,
+        )
+    return {name: index[name] for name in found}
 
 
 class UnreadableImageError(ValueError):
@@ -106,18 +153,31 @@ def _idx_file(root: Path, prefix: str, kind: str) -> Path | None:
 
 
 class IdxDataset(Dataset):
-    """Images and labels from a pair of IDX files; samples are grayscale PIL images."""
+    """Images and labels from a pair of IDX files; samples are grayscale PIL images.
 
-    def __init__(self, images_path: PathLike, labels_path: PathLike) -> None:
+    IDX files name no classes: ``label_names`` is None (classes are ``'0'``, ``'1'``, ...)
+    unless the labels are recognisably Fashion-MNIST's. ``classes`` re-indexes the labels
+    by name, as for :class:`ImageFolder`.
+    """
+
+    def __init__(self, images_path: PathLike, labels_path: PathLike, classes: Sequence[str] | None = None) -> None:
         images, labels = read_idx(images_path), read_idx(labels_path)
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
             raise ValueError(
                 f"IDX pair {os.fspath(images_path)!r} / {os.fspath(labels_path)!r} does not match: "
                 f"expected N images (N, H, W) and N labels, got {images.shape} and {labels.shape}"
             )
+        self.source = os.fspath(images_path)
         self.images = images.astype(np.uint8)
-        self.targets = labels.astype(np.int64)
-        self.classes = [str(c) for c in range(int(self.targets.max()) + 1)]
+        targets = labels.astype(np.int64)
+        known = hashlib.sha256(labels.astype(np.uint8).tobytes()).hexdigest() in FASHION_MNIST_LABELS_SHA256
+        self.label_names = list(FASHION_MNIST_CLASSES) if known else None
+        self.classes = self.label_names or [str(c) for c in range(int(targets.max()) + 1)]
+        if classes is not None:
+            index = _class_index(self.source, self.classes, classes)
+            targets = np.array([index[name] for name in self.classes], dtype=np.int64)[targets]
+            self.classes = list(classes)
+        self.targets = targets
 
     def __len__(self) -> int:
         return len(self.images)
@@ -132,6 +192,7 @@ class ImageFolder(Dataset):
 
     Passing the training classes for a validation folder keeps indices aligned and makes a
     validation class the model never saw a clear error rather than silently wrong labels.
+    ``label_names`` are the folder names in class-index order.
     """
 
     def __init__(self, root: PathLike, classes: Sequence[str] | None = None) -> None:
@@ -141,14 +202,10 @@ class ImageFolder(Dataset):
         folders = _subfolders(self.root)
         if not folders:
             raise ValueError(f"{os.fspath(self.root)!r} has no class folders; expected {self.root}/<class>/<image>")
+        self.source = os.fspath(self.root)
         self.classes = list(classes) if classes is not None else folders
-        index = {name: i for i, name in enumerate(self.classes)}
-        unknown = [name for name in folders if name not in index]
-        if unknown:
-            raise ValueError(
-                f"{os.fspath(self.root)!r} has class folder(s) {unknown} that are not training classes; "
-                "remove them or add the same folders under train/"
-            )
+        self.label_names = self.classes
+        index = _class_index(self.source, folders, self.classes)
         self.samples: list[tuple[str, int]] = []
         for name in folders:
             files = sorted(
@@ -187,8 +244,31 @@ def training_classes(root: PathLike) -> list[str] | None:
     return _subfolders(train) if train.is_dir() else None
 
 
+def balanced_subset(targets: Sequence[int], count: int | None, seed: int = 0) -> list[int]:
+    """``count`` sample indices spread over the classes as evenly as possible (all when ``count`` is None).
+
+    A seeded shuffle, then round-robin over the classes: the first N files of a sorted folder
+    tree are all one class, and a plain random subset skews small N. Sorted, so loading
+    follows the file order.
+    """
+    if count is None or count >= len(targets):
+        return list(range(len(targets)))
+    if count < 1:
+        raise ValueError(f"a subset needs at least 1 image, got {count}")
+    shuffled = np.random.default_rng(seed).permutation(len(targets))
+    classes = np.asarray(targets)[shuffled]
+    by_class = np.argsort(classes, kind="stable")
+    rank_in_class = np.empty(len(classes), dtype=np.int64)
+    rank_in_class[by_class] = np.arange(len(classes)) - np.searchsorted(classes[by_class], classes[by_class])
+    return sorted(shuffled[np.lexsort((classes, rank_in_class))[:count]].tolist())
+
+
 def build_dataset(root: PathLike, split: str, classes: Sequence[str] | None = None) -> ImageFolder | IdxDataset:
-    """The ``split`` ('train' or 'val') of the data directory ``root``, whichever layout it uses."""
+    """The ``split`` ('train' or 'val') of the data directory ``root``, whichever layout it uses.
+
+    The val split is the first of the folders :data:`VAL_FOLDERS` that exists (the dataset's
+    ``source`` says which).
+    """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
     root = Path(root)
@@ -197,11 +277,14 @@ def build_dataset(root: PathLike, split: str, classes: Sequence[str] | None = No
     images = _idx_file(root, SPLITS[split], "images-idx3-ubyte")
     labels = _idx_file(root, SPLITS[split], "labels-idx1-ubyte")
     if images and labels:
-        return IdxDataset(images, labels)
-    if (root / split).is_dir():
-        return ImageFolder(root / split, classes)
+        return IdxDataset(images, labels, classes)
+    folders = VAL_FOLDERS if split == "val" else (split,)
+    for folder in folders:
+        if (root / folder).is_dir():
+            return ImageFolder(root / folder, classes)
+    expected = " or ".join(f"{root}/{folder}/<class>/<image>" for folder in folders)
     raise FileNotFoundError(
-        f"no {split} data in {os.fspath(root)!r}: expected {root}/{split}/<class>/<image> folders "
+        f"no {split} data in {os.fspath(root)!r}: expected {expected} folders "
         f"or IDX files {SPLITS[split]}-images-idx3-ubyte[.gz] and {SPLITS[split]}-labels-idx1-ubyte[.gz]"
     )
 

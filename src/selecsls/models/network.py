@@ -293,6 +293,9 @@ class SelecSLS(nn.Module):
             raise ValueError("global_pool='' returns unpooled feature maps; it needs num_classes=0")
         self.num_classes = num_classes
         self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        if hasattr(self, "pretrained_cfg"):  # the new outputs have no class names yet
+            cfg = {key: value for key, value in self.pretrained_cfg.items() if key != "label_names"}
+            self.pretrained_cfg = {**cfg, "num_classes": num_classes}
         if isinstance(self.fc, nn.Linear):
             nn.init.normal_(self.fc.weight, std=0.01)
             nn.init.zeros_(self.fc.bias)

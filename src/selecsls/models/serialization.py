@@ -100,7 +100,10 @@ def from_payload(payload: Mapping[str, Any], **overrides: Any) -> SelecSLS:
     spec = ModelSpec.from_dict(description["spec"])
     model = create_model(spec, features_only=features_only, **args)
     load_checkpoint(model, payload["state_dict"])
-    model.pretrained_cfg = {**_tuples(description["pretrained_cfg"]), "num_classes": model.num_classes}
+    cfg = _tuples(description["pretrained_cfg"])
+    if len(cfg.get("label_names", ())) != model.num_classes:  # a new classifier: the names were the old one's
+        cfg.pop("label_names", None)
+    model.pretrained_cfg = {**cfg, "num_classes": model.num_classes}
     return fuse(model) if fuse_after and not saved_fused else model
 
 

@@ -43,7 +43,10 @@ class TrainConfig:
     """Settings of one training run (the ``selecsls train`` options)."""
 
     data: str = field(
-        metadata={"help": "data directory: train/<class>/* and val/<class>/* images, or MNIST-style IDX files"}
+        metadata={
+            "help": "data directory: train/<class>/* and val/<class>/* images (val/ may instead be validation/ "
+            "or test/), or MNIST-style IDX files"
+        }
     )
     output: str = field(metadata={"help": "where last.pt, best.pt, metrics.jsonl and the curve go", "metavar": "DIR"})
     model: str | None = _setting(help=f"variant name (default {DEFAULT_MODEL}) or a baseline such as resnet50")
@@ -70,8 +73,11 @@ class TrainConfig:
     color_jitter: float = _setting(0.0, "brightness/contrast/saturation jitter strength")
     min_crop_area: float = _setting(0.08, "smallest random-resized-crop area fraction")
     seed: int = _setting(0)
-    limit: int | None = _setting(help="train on the first N training images only (smoke runs)", metavar="N")
-    val_limit: int | None = _setting(help="validate on the first N validation images only", metavar="N")
+    limit: int | None = _setting(help="train on N training images, class-balanced and drawn with the seed", metavar="N")
+    val_limit: int | None = _setting(
+        help="validate on N validation images, class-balanced (the same draw for every seed and for eval --limit N)",
+        metavar="N",
+    )
     # How the run is carried out, not what it computes: may change between resumptions.
     resume: bool = _setting(False, "continue the run saved in output/last.pt")
     save_every: int = _setting(0, "also save last.pt every STEPS batches (0: only at epoch ends)", metavar="STEPS")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from contextlib import nullcontext
 from typing import Any
 
@@ -15,11 +16,24 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from selecsls.data.datasets import TransformedDataset, build_dataset, build_loader, training_classes
+from selecsls.data.datasets import (
+    IdxDataset,
+    ImageFolder,
+    TransformedDataset,
+    UnknownClassError,
+    balanced_subset,
+    build_dataset,
+    build_loader,
+    training_classes,
+)
 from selecsls.data.transforms import eval_transform_from_cfg
 from selecsls.train.reporting import progress_bar
 
-__all__ = ["evaluate", "evaluate_checkpoint", "topk_correct"]
+__all__ = ["VAL_SUBSET_SEED", "evaluate", "evaluate_checkpoint", "listing", "topk_correct", "validation_data"]
+
+#: Seed of the ``--limit`` / ``--val-limit`` validation subsets: fixed, so every run and
+#: ``selecsls eval --limit N`` score the same images whatever the training seed.
+VAL_SUBSET_SEED = 0
 
 
 def topk_correct(logits: torch.Tensor, targets: torch.Tensor, ks: tuple[int, ...]) -> list[int]:
@@ -89,6 +103,40 @@ def evaluate(
     )
 
 
+def listing(names: Sequence[str], shown: int = 20) -> str:
+    """Class names for a message: the first ``shown``, then how many in all."""
+    return ", ".join(names[:shown]) + (f", ... ({len(names)} in all)" if len(names) > shown else "")
+
+
+def validation_data(data: str | os.PathLike, model: nn.Module) -> ImageFolder | IdxDataset:
+    """The val split of ``data``, labelled with ``model``'s output indices.
+
+    A model that records its class names (``pretrained_cfg['label_names']``, as training
+    does) is matched by name: a val tree with fewer classes, or in another order, still
+    scores correctly, and a class the model does not know is an error. Without names,
+    classes follow the sorted training folders (or the data's own order), by position.
+    """
+    names = getattr(model, "pretrained_cfg", {}).get("label_names")
+    if names is None:
+        dataset = build_dataset(data, "val", classes=training_classes(data))
+        num_classes = getattr(model, "num_classes", None)
+        if num_classes is not None and len(dataset.classes) > num_classes:
+            raise ValueError(
+                f"{os.fspath(data)!r} has {len(dataset.classes)} classes but the model predicts {num_classes}; "
+                "evaluate on the data it was trained for"
+            )
+        return dataset
+    try:
+        return build_dataset(data, "val", classes=names)
+    except UnknownClassError as exc:
+        raise UnknownClassError(
+            f"{exc.source!r} has class(es) {exc.unknown} that the model does not know (it predicts {listing(names)}); "
+            "remove them or evaluate a model trained on them",
+            exc.source,
+            exc.unknown,
+        ) from None
+
+
 def evaluate_checkpoint(
     data: str | os.PathLike,
     checkpoint: str | os.PathLike,
@@ -103,24 +151,23 @@ def evaluate_checkpoint(
     """Score a saved model (dense, pruned or a training checkpoint) on the val split of ``data``.
 
     Preprocessing defaults to what the model records in ``pretrained_cfg`` (training stores
-    its image size there); the arguments override it.
+    its image size there); the arguments override it. Classes are matched as
+    :func:`validation_data` says; ``limit`` scores a class-balanced subset (seed
+    :data:`VAL_SUBSET_SEED`, the one training validates on).
     """
     from selecsls.models.serialization import load
 
     model = load(checkpoint, model_name)
     transform = eval_transform_from_cfg(model.pretrained_cfg, img_size, crop_pct, interpolation)
-    dataset = build_dataset(data, "val", classes=training_classes(data))
-    num_classes = getattr(model, "num_classes", None)
-    if num_classes is not None and len(dataset.classes) > num_classes:
-        raise ValueError(
-            f"{os.fspath(data)!r} has {len(dataset.classes)} classes but the model predicts {num_classes}; "
-            "evaluate on the data it was trained for"
-        )
-    count = len(dataset) if limit is None else min(limit, len(dataset))
-    loader = build_loader(TransformedDataset(dataset, transform), range(count), batch_size, workers)
+    dataset = validation_data(data, model)
+    indices = balanced_subset(dataset.targets, limit, VAL_SUBSET_SEED)
+    loader = build_loader(TransformedDataset(dataset, transform), indices, batch_size, workers)
     result = evaluate(model, loader, progress=True)
     return dict(
         checkpoint=os.fspath(checkpoint),
+        val_data=dataset.source,
+        classes=[dataset.classes[target] for target in sorted({int(dataset.targets[i]) for i in indices})],
+        classes_matched_by="name" if "label_names" in getattr(model, "pretrained_cfg", {}) else "position",
         img_size=transform.img_size,
         crop_pct=transform.crop_pct,
         interpolation=transform.interpolation,

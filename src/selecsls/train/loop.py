@@ -23,14 +23,22 @@ from torch import nn
 from torch.utils.data.distributed import DistributedSampler
 
 from selecsls._io import atomic_write
-from selecsls.data.datasets import TransformedDataset, build_dataset, build_loader
+from selecsls.compress.sparsity import bn_scales, scale_statistics
+from selecsls.data.datasets import (
+    IdxDataset,
+    ImageFolder,
+    TransformedDataset,
+    balanced_subset,
+    build_dataset,
+    build_loader,
+)
 from selecsls.data.transforms import build_eval_transform, build_train_transform
 from selecsls.models.factory import create_model
 from selecsls.models.network import SelecSLS
 from selecsls.models.serialization import load, model_from_checkpoint
 from selecsls.train.config import DEFAULT_MODEL, SettingError, TrainConfig
 from selecsls.train.distributed import Workers
-from selecsls.train.evaluation import evaluate
+from selecsls.train.evaluation import VAL_SUBSET_SEED, evaluate
 from selecsls.train.optimization import Optimization
 from selecsls.train.reporting import Reporter, check_dependencies
 from selecsls.train.state import Position, read_saved_run, restore_rng_state, save_best, save_last
@@ -49,19 +57,28 @@ def train(config: TrainConfig) -> dict[str, Any]:
         workers.stop()
 
 
-def build_model(config: TrainConfig, num_classes: int, saved: dict[str, Any] | None) -> nn.Module:
-    """The saved model, the ``init`` file's, or a new one; a SelecSLS records the training resolution."""
+def build_model(config: TrainConfig, data: ImageFolder | IdxDataset, saved: dict[str, Any] | None) -> nn.Module:
+    """The saved model, the ``init`` file's, or a new one for the classes of the training ``data``.
+
+    A SelecSLS records the training resolution and the class names (``label_names``, when the
+    data has them) in its ``pretrained_cfg``: eval and predict then preprocess the way
+    training did and name the classes, from every checkpoint and export.
+    """
     if saved is not None:
         return model_from_checkpoint(saved)
+    num_classes = len(data.classes)
     if config.init:
         model = load(config.init, config.model, num_classes=num_classes)
     else:
         model = create_model(config.model or DEFAULT_MODEL, num_classes=num_classes, in_chans=config.in_chans)
     if not isinstance(model, SelecSLS):
         return model
-    # Eval and predict then preprocess the way training did by default.
-    in_chans = model.pretrained_cfg["input_size"][0]
-    model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (in_chans, config.img_size, config.img_size)}
+    cfg = {key: value for key, value in model.pretrained_cfg.items() if key != "label_names"}
+    in_chans = cfg["input_size"][0]
+    cfg["input_size"] = (in_chans, config.img_size, config.img_size)
+    if data.label_names is not None:
+        cfg["label_names"] = tuple(data.label_names)
+    model.pretrained_cfg = cfg
     return model
 
 
@@ -73,11 +90,17 @@ class Run:
         self.output = Path(config.output)
         self.report = Reporter(self.output, workers.is_main, config.progress)
 
-        # Data: index ranges over the datasets; transforms are applied per (seed, epoch, index).
+        # Data: index lists into the datasets (class-balanced subsets with a limit); transforms
+        # are applied per (seed, epoch, index).
         self.train_data = build_dataset(config.data, "train")
         self.val_data = build_dataset(config.data, "val", classes=self.train_data.classes)
-        self.train_count = min(config.limit or len(self.train_data), len(self.train_data))
-        self.val_count = min(config.val_limit or len(self.val_data), len(self.val_data))
+        self.train_indices = balanced_subset(self.train_data.targets, config.limit, config.seed)
+        self.val_indices = balanced_subset(self.val_data.targets, config.val_limit, VAL_SUBSET_SEED)
+        self.train_count = len(self.train_indices)
+        self.report.log(
+            f"training on {self.train_count} of {len(self.train_data)} images in {self.train_data.source}, "
+            f"validating on {len(self.val_indices)} of {len(self.val_data)} in {self.val_data.source}"
+        )
         self.steps_per_epoch = self.train_count // workers.world_size // config.batch_size
         if self.steps_per_epoch == 0:
             raise SettingError(
@@ -90,7 +113,7 @@ class Run:
         if saved is None and config.resume:
             self.report.log(f"no {self.output / 'last.pt'} yet: starting the run from scratch")
         torch.manual_seed(config.seed)
-        self.model = build_model(config, len(self.train_data.classes), saved).to(workers.device)
+        self.model = build_model(config, self.train_data, saved).to(workers.device)
         if config.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.optimization = Optimization(self.model, config, self.steps_per_epoch)
@@ -148,7 +171,7 @@ class Run:
             drop_last=True,
         )
         sampler.set_epoch(self.position.epoch)
-        return list(sampler)[self.position.step * self.config.batch_size :]
+        return [self.train_indices[i] for i in list(sampler)[self.position.step * self.config.batch_size :]]
 
     def _train_epoch(self) -> None:
         config, position, optimization = self.config, self.position, self.optimization
@@ -200,6 +223,7 @@ class Run:
             "train_images_per_s": samples / max(seconds / self.workers.world_size, 1e-9),
             "train_skipped": int(skipped),
         }
+        record.update(scale_statistics(bn_scales(self.model)))  # how sparse the BN scales have become
         scored = self._validate(self.model)
         record.update({f"val_{k}": v for k, v in scored.items() if k != "skipped_examples"})
         best_model = self.model
@@ -213,7 +237,7 @@ class Run:
                 f"e.g. {scored['skipped_examples']}"
             )
         self.history.append(record)
-        self.report.log(json.dumps(record))
+        self.report.log(json.dumps({key: value for key, value in record.items() if key != "gamma_histogram"}))
         position.next_epoch()
         is_best = scored["top1"] > self.best_top1
         if is_best:
@@ -227,7 +251,7 @@ class Run:
     def _validate(self, model: nn.Module) -> dict[str, Any]:
         self.workers.broadcast_from_main(model)  # every shard must score the same weights and BN statistics
         dataset = TransformedDataset(self.val_data, self.eval_transform)
-        shard = range(self.workers.rank, self.val_count, self.workers.world_size)
+        shard = self.val_indices[self.workers.rank :: self.workers.world_size]
         loader = build_loader(dataset, shard, self.config.batch_size, self.config.workers)
         return evaluate(model, loader, self.workers.device, self.config.amp, self.config.channels_last)
 
