@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import signal
 import subprocess
@@ -12,7 +13,7 @@ import selecsls
 from selecsls.cli import main
 from selecsls.compress.sparsity import bn_scales
 from selecsls.train.distributed import Workers
-from selecsls.train.loop import Run, TrainConfig
+from selecsls.train.loop import Run, TrainConfig, train
 from training_fixtures import SUBPROCESS_ENV, corrupt_image, make_image_folder, narrow_spec
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -388,3 +389,27 @@ def test_unknown_model_name_is_one_clear_error(folder, tmp_path, capsys):
     argv = ["train", "--data", str(folder), "--output", str(tmp_path), "--model", "selecsls999", "--batch-size", "4"]
     err = _error(capsys, argv)
     assert "unknown SelecSLS variant 'selecsls999'" in err
+
+
+def test_a_trained_baseline_carries_its_class_names_to_eval_and_predict(folder, tmp_path, capsys):
+    output = tmp_path / "resnet50"
+    config = TrainConfig(
+        data=str(folder), output=str(output), model="resnet50", img_size=32, epochs=1, batch_size=8, workers=0
+    )
+    train(dataclasses.replace(config, progress=False))
+    model = selecsls.load(output / "best.pt")
+    assert model.pretrained_cfg["label_names"] == ("cat", "dog", "fox")
+    assert model.pretrained_cfg["input_size"] == (3, 32, 32)
+    capsys.readouterr()
+    assert (
+        main(["eval", "--data", str(folder), "--checkpoint", str(output / "best.pt"), "--workers", "0", "--json"]) == 0
+    )
+    assert json.loads(capsys.readouterr().out)["classes_matched_by"] == "name"
+    image = str(folder / "val" / "dog" / "0.jpg")
+    assert _predicted_names(
+        capsys, ["predict", image, "--checkpoint", str(output / "best.pt"), "--backend", "eager"]
+    ) <= {
+        "cat",
+        "dog",
+        "fox",
+    }

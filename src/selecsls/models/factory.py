@@ -11,7 +11,7 @@ from torch import nn
 from selecsls.models.baselines import create_baseline, list_baselines
 from selecsls.models.checkpoint import is_fused, load_checkpoint, read_state_dict
 from selecsls.models.fusion import fuse
-from selecsls.models.network import SelecSLS, SelecSLSFeatures
+from selecsls.models.network import SelecSLS, SelecSLSFeatures, default_cfg
 from selecsls.models.spec import ModelSpec, SpecError, get_spec, list_variants
 from selecsls.models.weights import download, get_weights
 
@@ -114,4 +114,8 @@ def _create_baseline(name: str, num_classes: int, arguments: dict[str, Any]) -> 
             f"baseline {name} is built with random weights, 3 input channels and a classifier only; "
             f"drop {', '.join(given)} (they apply to SelecSLS variants)"
         )
-    return create_baseline(name, num_classes=num_classes)
+    model = create_baseline(name, num_classes=num_classes)
+    # The attributes SelecSLS has (timm's convention), so train/eval/predict treat every model alike.
+    model.num_classes = num_classes
+    model.pretrained_cfg = {**default_cfg(name, num_classes, 3), "first_conv": None, "classifier": None}
+    return model

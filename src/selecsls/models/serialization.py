@@ -178,8 +178,12 @@ BASELINE_KEY = "baseline"
 
 
 def baseline_payload(model: nn.Module, name: str) -> dict[str, Any]:
-    """Checkpoint entries of a baseline: its registry name and CPU weights."""
-    return {BASELINE_KEY: name, "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
+    """Checkpoint entries of a baseline: its registry name, preprocessing metadata (JSON) and CPU weights."""
+    return {
+        BASELINE_KEY: name,
+        "pretrained_cfg": json.dumps(model.pretrained_cfg),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+    }
 
 
 def model_from_checkpoint(obj: Mapping[str, Any], source: str = "checkpoint", **overrides: Any) -> nn.Module:
@@ -195,4 +199,6 @@ def model_from_checkpoint(obj: Mapping[str, Any], source: str = "checkpoint", **
         )
     model = create_model(obj[BASELINE_KEY], num_classes=num_classes)
     model.load_state_dict(state)
+    if isinstance(obj.get("pretrained_cfg"), str):  # absent in checkpoints of earlier releases
+        model.pretrained_cfg = _tuples(json.loads(obj["pretrained_cfg"]))
     return model

@@ -34,7 +34,6 @@ from selecsls.data.datasets import (
 )
 from selecsls.data.transforms import build_eval_transform, build_train_transform
 from selecsls.models.factory import create_model
-from selecsls.models.network import SelecSLS
 from selecsls.models.serialization import load, model_from_checkpoint
 from selecsls.train.config import DEFAULT_MODEL, SettingError, TrainConfig
 from selecsls.train.distributed import Workers
@@ -60,7 +59,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
 def build_model(config: TrainConfig, data: ImageFolder | IdxDataset, saved: dict[str, Any] | None) -> nn.Module:
     """The saved model, the ``init`` file's, or a new one for the classes of the training ``data``.
 
-    A SelecSLS records the training resolution and the class names (``label_names``, when the
+    The model records the training resolution and the class names (``label_names``, when the
     data has them) in its ``pretrained_cfg``: eval and predict then preprocess the way
     training did and name the classes, from every checkpoint and export.
     """
@@ -71,8 +70,6 @@ def build_model(config: TrainConfig, data: ImageFolder | IdxDataset, saved: dict
         model = load(config.init, config.model, num_classes=num_classes)
     else:
         model = create_model(config.model or DEFAULT_MODEL, num_classes=num_classes, in_chans=config.in_chans)
-    if not isinstance(model, SelecSLS):
-        return model
     cfg = {key: value for key, value in model.pretrained_cfg.items() if key != "label_names"}
     in_chans = cfg["input_size"][0]
     cfg["input_size"] = (in_chans, config.img_size, config.img_size)
