@@ -40,8 +40,9 @@ class Preset:
 
 
 PRESETS = {
-    # Sized from measured cost on the 2-core development CPU (see docs/cifar10.md).
-    "cpu": Preset(img_size=32, limit=10000, val_limit=2000, epochs=15, batch_size=64, finetune_epochs=3, save_every=50),
+    # What the 2-core development CPU affords (selecsls42b trains ~25-60 img/s at 32 px there):
+    # 3,000 balanced training images (300 per class), 6 epochs of batch 32 = 564 steps per run.
+    "cpu": Preset(img_size=32, limit=3000, val_limit=1000, epochs=6, batch_size=32, finetune_epochs=2, save_every=40),
     "gpu": Preset(
         img_size=32, limit=None, val_limit=None, epochs=30, batch_size=128, finetune_epochs=5, save_every=200
     ),
@@ -59,17 +60,14 @@ class Run:
     question: str = ""
 
 
-#: Accuracy parity: the same recipe for every network.
-PARITY = (
+#: In the order they run: the pruning source first, then accuracy parity (one recipe for every
+#: network), then the other recipes of the sparsity comparison (which also reads parity-selecsls42b).
+RUNS = (
+    Run("sparsity-strong", "selecsls42b", "sparsity", ("--lr", "3e-3", "--weight-decay", "5e-3"), "sparsity"),
     Run("parity-selecsls42b", "selecsls42b", "adamw", question="parity"),
-    Run("parity-selecsls60", "selecsls60", "adamw", question="parity"),
     Run("parity-resnet50", "resnet50", "adamw", question="parity"),
-)
-#: Implicit sparsity: Adam + coupled L2 (sparsity recipe, at two strengths) vs decoupled / SGD.
-SPARSITY = (
+    Run("parity-selecsls60", "selecsls60", "adamw", question="parity"),
     Run("sparsity-default", "selecsls42b", "sparsity", question="sparsity"),
-    Run("sparsity-strong", "selecsls42b", "sparsity", ("--lr", "3e-3", "--weight-decay", "2e-3"), "sparsity"),
-    Run("sparsity-adamw", "selecsls42b", "adamw", question="sparsity"),
     Run("sparsity-sgd", "selecsls42b", "sgd", question="sparsity"),
 )
 #: The sparsity-trained model that the pruning steps start from.
@@ -98,12 +96,35 @@ def train(spec: Run, data: str, out: Path, preset: Preset, init: Path | None = N
     if (directory / "summary.json").exists():
         return directory
     command = selecsls(
-        "train", "--data", data, "--output", str(directory), "--model", spec.model, "--recipe", spec.recipe,
-        "--img-size", str(preset.img_size), "--epochs", str(epochs or preset.epochs),
-        "--batch-size", str(preset.batch_size), "--save-every", str(preset.save_every),
-        "--seed", "0", "--smoothing", "0", "--min-crop-area", "0.35", "--workers", "1", "--resume", "--no-progress",
+        "train",
+        "--data",
+        data,
+        "--output",
+        str(directory),
+        "--model",
+        spec.model,
+        "--recipe",
+        spec.recipe,
+        "--img-size",
+        str(preset.img_size),
+        "--epochs",
+        str(epochs or preset.epochs),
+        "--batch-size",
+        str(preset.batch_size),
+        "--save-every",
+        str(preset.save_every),
+        "--seed",
+        "0",
+        "--smoothing",
+        "0",
+        "--min-crop-area",
+        "0.35",
+        "--workers",
+        "1",
+        "--resume",
+        "--no-progress",
         *spec.extra,
-    )  # fmt: skip
+    )
     if preset.limit:
         command += ["--limit", str(preset.limit)]
     if preset.val_limit:
@@ -141,24 +162,27 @@ def main() -> None:
     parser.add_argument("--data", required=True, help="CIFAR-10 unpacked by ../shared/data/cifar10.sh")
     parser.add_argument("--out", default="runs/cifar10_study", type=Path)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
-    parser.add_argument("--steps", default="parity,sparsity,prune,deploy", help="comma-separated subset of steps")
+    parser.add_argument("--steps", default="train,prune,deploy", help="comma-separated subset of steps")
+    parser.add_argument("--report", type=Path, metavar="JSON", help="only collect the finished steps into JSON + plots")
     args = parser.parse_args()
     if not Path(args.data, "train").is_dir():
         sys.exit(f"{args.data}/train does not exist: unpack CIFAR-10 first (bash ../shared/data/cifar10.sh DIR)")
     preset = PRESETS[args.preset]
     out = args.out / args.preset
+    if args.report:
+        report(out, preset, args.report)
+        return
     steps = set(args.steps.split(","))
     os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
-    if "parity" in steps:
-        for spec in PARITY:
-            train(spec, args.data, out, preset)
-    if "sparsity" in steps:
-        for spec in SPARSITY:
-            train(spec, args.data, out, preset)
+    if "train" in steps:
+        train(RUNS[0], args.data, out, preset)
     if "prune" in steps:
         prune_and_finetune(args.data, out, preset)
     if "deploy" in steps:
         deploy(args.data, out, preset)
+    if "train" in steps:
+        for spec in RUNS[1:]:
+            train(spec, args.data, out, preset)
 
 
 def prune_and_finetune(data: str, out: Path, preset: Preset) -> None:
@@ -220,3 +244,115 @@ def deploy(data: str, out: Path, preset: Preset) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# ------------------------------------------------------------------------------------ report
+def _metrics(directory: Path) -> list[dict]:
+    path = directory / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _prune_figures(log: Path) -> dict:
+    """params, GMACs and latency before -> after, from the lines ``selecsls prune`` prints."""
+    figures = {}
+    for line in log.read_text().splitlines() if log.exists() else []:
+        if line.startswith("params "):
+            before, after = line.split()[1], line.split()[3]
+            figures["params"] = [int(before.replace(",", "")), int(after.replace(",", ""))]
+        elif line.startswith("GMACs@"):
+            figures["gmacs"] = [float(line.split()[1]), float(line.split()[3])]
+        elif line.startswith("CPU latency"):
+            numbers = line.split(": ", 1)[1].split()
+            figures["latency_ms"] = [float(numbers[0]), float(numbers[3])]
+    return figures
+
+
+def report(out: Path, preset: Preset, destination: Path) -> None:
+    """Collect every finished step into ``destination`` (JSON) and plots beside it; print the tables."""
+    runs = {}
+    for spec in RUNS:
+        history = _metrics(out / spec.name)
+        if not history:
+            continue
+        wall = out / spec.name / "wall_seconds.txt"
+        runs[spec.name] = dict(
+            model=spec.model,
+            recipe=spec.recipe,
+            settings=list(spec.extra),
+            question=spec.question,
+            epochs=[{key: value for key, value in record.items() if key != "gamma_histogram"} for record in history],
+            best_top1=max(record["val_top1"] for record in history),
+            images_per_s=sorted(record["train_images_per_s"] for record in history)[len(history) // 2],
+            wall_seconds=sum(float(line) for line in wall.read_text().split()) if wall.exists() else None,
+        )
+    evaluations = {
+        path.name.removesuffix(".eval.json"): json.loads(path.read_text()) for path in out.rglob("*.eval.json")
+    }
+    pruning = {log.stem: _prune_figures(log) for log in sorted((out / "logs").glob("pruned-*px.log"))}
+    result = dict(preset=preset.__dict__, runs=runs, evaluations=evaluations, pruning=pruning, cpu=_cpu())
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    destination.write_text(json.dumps(result, indent=1) + "\n")
+    _plot(runs, destination.with_suffix(""))
+    _print_tables(result)
+
+
+def _cpu() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} cores"
+    return "unknown"
+
+
+def _plot(runs: dict, folder: Path) -> None:
+    """folder/curves.png: val top-1 per epoch (all runs) and |gamma| < 1e-3 per epoch (every run with BN)."""
+    from matplotlib.figure import Figure
+
+    folder.mkdir(parents=True, exist_ok=True)
+    fig = Figure(figsize=(11, 4))
+    accuracy_ax, sparsity_ax = fig.subplots(1, 2)
+    for name, run_result in runs.items():
+        epochs = [record["epoch"] for record in run_result["epochs"]]
+        accuracy_ax.plot(epochs, [record["val_top1"] for record in run_result["epochs"]], marker="o", label=name)
+        if "gamma_below_1e-3" in run_result["epochs"][0]:
+            below = [100 * record["gamma_below_1e-3"] for record in run_result["epochs"]]
+            sparsity_ax.plot(epochs, below, marker="o", label=name)
+    accuracy_ax.set(xlabel="epoch", ylabel="val top-1 (%)", title="CIFAR-10 validation accuracy")
+    sparsity_ax.set(xlabel="epoch", ylabel="% of BN scales with |gamma| < 1e-3", title="implicit sparsity")
+    for ax in (accuracy_ax, sparsity_ax):
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(folder / "curves.png", dpi=90)
+
+
+def _print_tables(result: dict) -> None:
+    print("| run | model | recipe | settings | best val top-1 | images/s | wall time |")
+    print("|---|---|---|---|---|---|---|")
+    for name, run_result in result["runs"].items():
+        wall = run_result["wall_seconds"]
+        print(
+            f"| {name} | {run_result['model']} | {run_result['recipe']} | {' '.join(run_result['settings']) or '-'} | "
+            f"{run_result['best_top1']:.1f}% | {run_result['images_per_s']:.1f} | "
+            f"{'-' if wall is None else f'{wall / 60:.1f} min'} |"
+        )
+    print("\n| run | epoch | val top-1 | |gamma|<1e-3 | |gamma|<1e-2 | min |gamma| | median |gamma| |")
+    print("|---|---|---|---|---|---|---|")
+    for name, run_result in result["runs"].items():
+        for record in run_result["epochs"]:
+            if "gamma_min" in record:
+                below = [f"{100 * record[f'gamma_below_{t}']:.2f}%" for t in ("1e-3", "1e-2")]
+                print(
+                    f"| {name} | {record['epoch']} | {record['val_top1']:.1f}% | {below[0]} | {below[1]} "
+                    f"| {record['gamma_min']:.2e} | {record['gamma_median']:.3f} |"
+                )
+    print("\n| model file | val top-1 | images |")
+    print("|---|---|---|")
+    for name, evaluation in result["evaluations"].items():
+        print(f"| {name} | {evaluation['top1']:.2f}% | {evaluation['images']} |")
+    print("\n| pruning | params | GMACs | CPU latency b1 (ms) |")
+    print("|---|---|---|---|")
+    for name, figures in result["pruning"].items():
+        cells = [
+            " -> ".join(f"{v:,}" if isinstance(v, int) else f"{v:g}" for v in figures.get(k, []))
+            for k in ("params", "gmacs", "latency_ms")
+        ]
+        print(f"| {name} | " + " | ".join(cells) + " |")
