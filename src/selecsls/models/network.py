@@ -73,7 +73,8 @@ class SmallMapConv2d(nn.Conv2d):
         matrix = torch.tensordot(torch.tensordot(weight, rows, dims=([2], [0])), cols, dims=([2], [0]))
         matrix = matrix.permute(0, 2, 4, 1, 3, 5)  # (o, c, p, y, q, x) -> (o, p, q, c, y, x)
         matrix = matrix.reshape(weight.shape[0] * out_h * out_w, channels * height * width)
-        out = torch.mm(x.reshape(batch, channels * height * width), matrix.t())
+        # Under autocast x may be bf16/fp16 while the weight stays fp32: multiply in x's precision, as a conv would.
+        out = torch.mm(x.reshape(batch, channels * height * width), matrix.t().to(x.dtype))
         out = out.reshape(batch, weight.shape[0], out_h, out_w)
         bias = self.bias
         return out if bias is None else out + bias.reshape(1, -1, 1, 1)
