@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from selecsls._io import check_output
 from selecsls.cli import CLIError
 from selecsls.deploy.backends import predict_backends
 
@@ -102,6 +103,7 @@ def _prepare_model(args: argparse.Namespace):
 
 def run_export(args: argparse.Namespace) -> int:
     _check_export_args(args)
+    check_output(args.out, [args.checkpoint, *args.images])
     from selecsls.data.transforms import eval_transform_from_cfg
     from selecsls.deploy.export import export_model
     from selecsls.deploy.inference import load_images

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from selecsls._io import check_output
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -51,6 +53,9 @@ def run_prune(args: argparse.Namespace) -> int:
         raise ValueError(f"--img-size must be a positive number of pixels, got {args.img_size}")
     if args.repeats < 1 or args.warmup < 0:
         raise ValueError(f"--repeats must be >= 1 and --warmup >= 0, got {args.repeats} and {args.warmup}")
+    check_output(args.out, [args.checkpoint])
+    if args.histogram:
+        check_output(args.histogram, [args.checkpoint, args.out])
     model = load(args.checkpoint, args.model).cpu().eval()
     size = (1, model.in_chans, args.img_size, args.img_size)
     report = analyze_sparsity(model, args.threshold)

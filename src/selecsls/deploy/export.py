@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from selecsls._io import PathLike, atomic_path
+from selecsls._io import PathLike, atomic_path, check_output
 from selecsls._optional import require
 from selecsls.deploy.backends import BackendUnavailable, Runner
 
@@ -238,6 +238,7 @@ def export_model(
         raise ValueError(f"format must be one of {EXPORT_FORMATS}, got {format!r}")
     if dynamic and format != "onnx":
         raise ValueError("dynamic applies to ONNX only: TorchScript already accepts any batch and image size")
+    check_output(path)
     model = model.eval()
     example = _example_input(model, input_size)
     if images is not None and tuple(images.shape[1:]) != tuple(example.shape[1:]):
@@ -248,8 +249,13 @@ def export_model(
             run = session_runner(onnx_session(tmp))
             run = run if dynamic else one_image_at_a_time(run)
         else:
+            # Serialised in memory and written by Python: torch.jit.save's own file writer aborts the
+            # process on a full disk, Python's raises an error that leaves the previous file in place.
+            buffer = io.BytesIO()
             with _quiet_deprecations():
-                torch.jit.save(to_torchscript(model), tmp, _extra_files={METADATA_KEY: _metadata(model)})
+                torch.jit.save(to_torchscript(model), buffer, _extra_files={METADATA_KEY: _metadata(model)})
+            tmp.write_bytes(buffer.getvalue())
+            with _quiet_deprecations():
                 run = torch.jit.load(tmp)
         checks = compare_outputs(model, run, _check_inputs(model, example, format == "torchscript" or dynamic, images))
         failed = [check for check in checks if not check.passed]
