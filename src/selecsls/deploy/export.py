@@ -27,9 +27,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from selecsls._io import PathLike, atomic_path, check_output
+from selecsls._io import PathLike, atomic_path, check_output, one_line, printable
 from selecsls._optional import require
 from selecsls.deploy.backends import BackendUnavailable, Runner
+from selecsls.models.checkpoint import CheckpointError
 
 __all__ = [
     "EXPORT_FORMATS",
@@ -107,14 +108,26 @@ def _metadata(model: nn.Module) -> str:
 
 
 def read_metadata(path: PathLike) -> dict[str, Any]:
-    """The ``pretrained_cfg`` (preprocessing, class names) stored in an exported ONNX file."""
+    """The ``pretrained_cfg`` (preprocessing, class names) stored in an exported ONNX file, unchecked.
+
+    A file that is not ONNX, or damaged, is one :class:`CheckpointError` naming it.
+    """
     onnx = require("onnx", "to read an ONNX file")
-    proto = onnx.load(os.fspath(path), load_external_data=False)
+    shown = printable(os.fspath(path))
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"ONNX file {shown} does not exist or is not a regular file")
+    try:
+        proto = onnx.load(os.fspath(path), load_external_data=False)
+    except Exception as exc:  # DecodeError and friends: protobuf's errors share no base class
+        raise CheckpointError(f"{shown} is not a readable ONNX file ({one_line(exc)})") from None
     for prop in proto.metadata_props:
         if prop.key == METADATA_KEY:
-            return json.loads(prop.value)
-    raise ValueError(
-        f"{os.fspath(path)!r} was not exported by selecsls (no {METADATA_KEY} metadata); "
+            try:
+                return json.loads(prop.value)
+            except json.JSONDecodeError as exc:
+                raise CheckpointError(f"{shown}: its {METADATA_KEY} metadata is not valid JSON ({exc})") from None
+    raise CheckpointError(
+        f"{shown} was not exported by selecsls (no {METADATA_KEY} metadata); "
         "export it with `selecsls export` or pass the PyTorch checkpoint"
     )
 

@@ -60,6 +60,8 @@ def to_payload(model: nn.Module) -> dict[str, Any]:
     """``{"selecsls": JSON description, "state_dict": CPU tensors}`` for ``model`` (any SelecSLS)."""
     if not isinstance(model, SelecSLS):
         raise TypeError(f"selecsls.save stores SelecSLS models, got {type(model).__name__}")
+    # The schema that load applies, applied now: a model must never save what it cannot load back.
+    check_pretrained_cfg(json.loads(json.dumps(model.pretrained_cfg)), model.num_classes, "the model")
     description = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
