@@ -101,7 +101,7 @@ def _unpickling_message(shown: str, error: str) -> str:
     torch words the refusal two ways: "Unsupported global: GLOBAL x.y was not an allowed global"
     and, for blocked modules, "Trying to load unsupported GLOBAL x.y whose module x is blocked".
     """
-    refused = re.search(r"[Uu]nsupported global:? GLOBAL ([\w.]+)", error)
+    refused = re.search(r"[Uu]nsupported (?:global: )?GLOBAL ([\w.]+)", error)
     if refused:
         return (
             f"{shown} stores pickled Python objects ({refused.group(1)}), which selecsls refuses to load because "
