@@ -12,17 +12,28 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO
 
-__all__ = ["OutputError", "PathLike", "atomic_path", "atomic_write", "check_output", "one_line", "printable"]
+__all__ = [
+    "OutputError",
+    "PathLike",
+    "atomic_path",
+    "atomic_write",
+    "check_output",
+    "one_line",
+    "printable",
+    "process_alive",
+    "stale_temp_files",
+]
 
 #: Anything naming a file: ``str`` or ``os.PathLike``.
 PathLike = str | os.PathLike
-#: Prefix of every temporary file this package writes (``.<target name>.<random>.tmp``).
+#: Suffix of every temporary file this package writes: ``.<target name>.<writer pid>.<random>.tmp``.
 TEMP_SUFFIX = ".tmp"
 
 
@@ -112,7 +123,7 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=TEMP_SUFFIX)
         os.close(fd)
     except OSError as exc:
         raise _output_error(path, exc) from None
@@ -127,6 +138,32 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+
+
+def stale_temp_files(folder: PathLike, targets: Iterable[str]) -> list[Path]:
+    """Temporary files in ``folder`` that a killed writer left behind for one of ``targets`` (file names).
+
+    Only files of this package's naming scheme whose writer process no longer exists on this machine:
+    a live writer's temporary file, or anyone else's file, is never touched.
+    """
+    stale = []
+    for name in targets:
+        for candidate in Path(folder).glob(f".{glob.escape(name)}.*{TEMP_SUFFIX}"):
+            pid = candidate.name[len(name) + 2 :].split(".", 1)[0]
+            if pid.isdigit() and not process_alive(int(pid)):
+                stale.append(candidate)
+    return stale
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def _output_error(path: Path, exc: OSError) -> OutputError:

@@ -30,6 +30,7 @@ __all__ = [
     "fitting_variants",
     "build_args_of",
     "check_finite",
+    "non_finite",
     "is_fused",
     "load_checkpoint",
     "read_file",
@@ -224,9 +225,14 @@ def load_checkpoint(
     return type(loaded)(loaded.missing_keys, unexpected + wrong_shape)
 
 
+def non_finite(state: Mapping[str, Tensor]) -> list[str]:
+    """Keys of the floating-point tensors holding NaN or infinity."""
+    return [key for key, tensor in state.items() if tensor.is_floating_point() and not bool(tensor.isfinite().all())]
+
+
 def check_finite(state: Mapping[str, Tensor], source: str) -> None:
     """Refuse weights holding NaN or infinity (a diverged run): they only ever produce NaN outputs."""
-    bad = [key for key, tensor in state.items() if tensor.is_floating_point() and not bool(tensor.isfinite().all())]
+    bad = non_finite(state)
     if bad:
         more = f" and {len(bad) - 1} more tensor(s)" if len(bad) > 1 else ""
         raise CheckpointError(
