@@ -88,8 +88,10 @@ def _check_export_args(args: argparse.Namespace) -> None:
 def _require_files(images) -> None:
     """Fail on a missing image before spending seconds on loading and exporting the model."""
     for image in images:
+        if not Path(image).exists():
+            raise FileNotFoundError(f"image {image} does not exist")
         if not Path(image).is_file():
-            raise FileNotFoundError(f"image {image} does not exist or is not a regular file")
+            raise CLIError(f"image {image} is not a regular file")
 
 
 def _prepare_model(args: argparse.Namespace):

@@ -38,7 +38,8 @@ def owned_output(config: TrainConfig, workers: Workers) -> Iterator[None]:
     Every process learns whether the main process got the directory, so all fail together
     rather than some waiting forever for the others.
     """
-    lock, error = None, None
+    output = Path(config.output)
+    created, lock, error = not output.exists(), None, None
     if workers.is_main:
         try:
             lock = _claim(config)
@@ -48,6 +49,12 @@ def owned_output(config: TrainConfig, workers: Workers) -> Iterator[None]:
         raise error or SettingError("the main process could not take {output}; see its error")
     try:
         yield
+    except BaseException:
+        # A run that failed before writing anything (bad data, say) leaves no directory behind.
+        if lock is not None and created and [p.name for p in output.iterdir()] == [LOCK_NAME]:
+            (output / LOCK_NAME).unlink()
+            output.rmdir()
+        raise
     finally:
         if lock is not None:
             lock.close()  # closing the descriptor releases the lock
