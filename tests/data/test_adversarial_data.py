@@ -120,7 +120,7 @@ def test_float_idx_images_are_scaled_not_truncated(tmp_path):
 def test_validation_labels_beyond_the_training_classes_fail_before_training(tmp_path):
     root = _idx_folder(tmp_path, train_labels=[0, 1, 2, 1], val_labels=[0, 5])
     classes = build_dataset(root, "train").classes
-    with pytest.raises(ValueError, match=r"go up to 5 but there are 3 training classes"):
+    with pytest.raises(ValueError, match=r"has class\(es\) \['3', '4', '5'\] that are not training classes"):
         build_dataset(root, "val", classes)
 
 

@@ -13,7 +13,7 @@ import torch
 import selecsls
 from selecsls.cli import main
 from selecsls.models.checkpoint import non_finite
-from selecsls.train.ownership import LOCK_NAME
+from selecsls.train.ownership import LOCK_NAME, RUN_OUTPUTS
 from training_fixtures import corrupt_image, make_image_folder, narrow_spec
 
 SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -99,6 +99,8 @@ def test_a_lock_left_by_a_dead_run_is_taken_over(folder, init, tmp_path):
     (output / LOCK_NAME).write_text(json.dumps({"pid": 999_999_999, "host": "gone"}))
     assert main(_args(folder, init, output)) == 0
     assert json.loads((output / LOCK_NAME).read_text())["pid"] == os.getpid()
+    written = {path.name for path in output.iterdir()} - {LOCK_NAME}
+    assert written == set(RUN_OUTPUTS), "RUN_OUTPUTS must list every file a run writes"
 
 
 def test_earlier_results_need_resume_or_overwrite(folder, init, tmp_path, capsys):

@@ -27,8 +27,8 @@ from selecsls.train.distributed import Workers
 __all__ = ["LOCK_NAME", "RUN_OUTPUTS", "owned_output"]
 
 LOCK_NAME = ".selecsls-train.lock"
-#: Every file a run writes into its output directory.
-RUN_OUTPUTS = ("last.pt", "best.pt", "metrics.jsonl", "summary.json", "training_curve.png")
+#: Every file a run writes into its output directory (tests/train/test_adversarial_training.py keeps it complete).
+RUN_OUTPUTS = ("last.pt", "best.pt", "metrics.jsonl", "summary.json", "training_curve.png", "gamma_histograms.png")
 
 
 @contextlib.contextmanager
