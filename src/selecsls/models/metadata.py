@@ -196,13 +196,13 @@ def _label_names(value: Any, where: str, num_classes: int) -> tuple[str, ...]:
     return tuple(_text(name, where, MAX_CLASS_NAME) for name in value)
 
 
-def _checked_text(value: Any, where: str, _: int) -> str:
-    return _text(value, where)
+def _checked_text(value: Any, where: str, _: int) -> str | None:
+    return None if value is None else _text(value, where)
 
 
 #: Every key a pretrained_cfg may hold (timm's vocabulary plus the class names) and its check.
 _CFG_CHECKS = {
-    "architecture": _checked_text,
+    "architecture": _checked_text,  # text or null (a baseline names no first conv or classifier)
     "tag": _checked_text,
     "url": _checked_text,
     "first_conv": _checked_text,

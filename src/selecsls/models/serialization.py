@@ -60,18 +60,24 @@ def to_payload(model: nn.Module) -> dict[str, Any]:
     """``{"selecsls": JSON description, "state_dict": CPU tensors}`` for ``model`` (any SelecSLS)."""
     if not isinstance(model, SelecSLS):
         raise TypeError(f"selecsls.save stores SelecSLS models, got {type(model).__name__}")
-    # The schema that load applies, applied now: a model must never save what it cannot load back.
-    check_pretrained_cfg(json.loads(json.dumps(model.pretrained_cfg)), model.num_classes, "the model")
     description = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
         "spec": model.spec.to_dict(),
         "features_only": isinstance(model, SelecSLSFeatures),
         "build_args": model.build_args,
-        "pretrained_cfg": model.pretrained_cfg,
+        "pretrained_cfg": _saveable_cfg(model),
     }
     state = {key: tensor.detach().cpu().contiguous() for key, tensor in model.state_dict().items()}
     return {PAYLOAD_KEY: json.dumps(description, sort_keys=True), "state_dict": state}
+
+
+def _saveable_cfg(model: nn.Module) -> dict[str, Any]:
+    """``model.pretrained_cfg`` as JSON data, checked by the schema ``load`` applies: a model never
+    saves what it cannot load back."""
+    cfg = json.loads(json.dumps(model.pretrained_cfg))
+    check_pretrained_cfg(cfg, model.num_classes, "the model")
+    return cfg
 
 
 def is_payload(obj: Any) -> bool:
@@ -171,7 +177,7 @@ def baseline_payload(model: nn.Module, name: str) -> dict[str, Any]:
     """Checkpoint entries of a baseline: its registry name, preprocessing metadata (JSON) and CPU weights."""
     return {
         BASELINE_KEY: name,
-        "pretrained_cfg": json.dumps(model.pretrained_cfg),
+        "pretrained_cfg": json.dumps(_saveable_cfg(model)),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
 
