@@ -50,7 +50,7 @@ def test_budgeted_prune_says_to_fine_tune(checkpoint, tmp_path, capsys):
     [
         (["--target-macs", "1.5"], r"macs must be a fraction in \(0, 1\]"),
         (["--threshold", "-1"], "threshold must be >= 0"),
-        (["--img-size", "0"], "--img-size must be a positive number"),
+        (["--img-size", "0"], "--img-size must be >= 16, got 0"),
         (["--repeats", "0"], "--repeats must be >= 1"),
     ],
 )

@@ -88,8 +88,9 @@ def test_predict_rejects_a_missing_file(checkpoint, capsys):
 def test_predict_rejects_an_unreadable_image(checkpoint, image, capsys):
     corrupt_image(image)
     assert main(["predict", str(image), "--checkpoint", str(checkpoint), "--backend", "eager"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith(f"selecsls predict: error: cannot read image '{image}'") and "\n" not in err
+    captured = capsys.readouterr()
+    assert captured.err.strip() == f"selecsls predict: error: 1 of 1 image(s) could not be read: {image}"
+    assert f"unreadable: cannot read image '{image}'" in captured.out
 
 
 def test_predict_reports_a_checkpoint_model_mismatch(tmp_path, image, capsys):

@@ -13,6 +13,6 @@ def test_cli_defaults_are_the_config_defaults():
 
 
 def test_library_errors_name_settings_and_the_cli_shows_flags():
-    with pytest.raises(SettingError, match=r"^img_size must be >= 1, got 0$") as caught:
+    with pytest.raises(SettingError, match=r"^img_size must be >= 16, got 0$") as caught:
         TrainConfig("d", "o", img_size=0).validate()
-    assert caught.value.spelled(lambda name: "--" + name.replace("_", "-")) == "--img-size must be >= 1, got 0"
+    assert caught.value.spelled(lambda name: "--" + name.replace("_", "-")) == "--img-size must be >= 16, got 0"

@@ -326,7 +326,7 @@ def _error(capsys, argv) -> str:
 
 def test_existing_run_needs_resume(tiny_run, folder, init_checkpoint, capsys):
     err = _error(capsys, _tiny_args(folder, init_checkpoint, tiny_run[0], "--epochs", 2))
-    assert "already holds a run" in err and "pass --resume" in err
+    assert "holds an earlier run's results (last.pt, best.pt" in err and "pass --resume" in err
 
 
 def test_resume_with_other_settings_names_them(tiny_run, folder, init_checkpoint, capsys):
@@ -347,7 +347,14 @@ def test_resume_with_other_settings_names_them(tiny_run, folder, init_checkpoint
         (["--amp", "fp16"], "--amp fp16 needs a CUDA device"),
         (["--smoothing", "1"], "--smoothing must be in [0, 1)"),
         (["--limit", "0"], "--limit must be >= 1, got 0"),
-        (["--img-size", "0"], "--img-size must be >= 1, got 0"),
+        (["--img-size", "0"], "--img-size must be >= 16, got 0"),
+        (["--img-size", "100000"], "--img-size 100000 at batch 4 needs about"),
+        (["--warmup-epochs", "-3"], "--warmup-epochs must be >= 0, got -3"),
+        (["--lr", "inf"], "--lr must be a finite number, got inf"),
+        (["--lr", "0"], "--lr must be > 0, got 0"),
+        (["--weight-decay", "nan"], "--weight-decay must be a finite number, got nan"),
+        (["--min-crop-area", "0"], "--min-crop-area must be in (0, 1]"),
+        (["--resume", "--overwrite"], "--resume continues the run in --output, --overwrite deletes it"),
         (["--init", "missing.pt"], "checkpoint missing.pt does not exist"),
     ],
 )

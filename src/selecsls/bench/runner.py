@@ -29,6 +29,7 @@ from selecsls.bench.memory import (
 from selecsls.deploy.backends import BACKENDS, BackendUnavailable
 from selecsls.models.complexity import count_macs, count_params
 from selecsls.models.factory import create_model, list_models
+from selecsls.models.limits import check_img_size
 
 __all__ = [
     "BackendUnavailable",
@@ -175,6 +176,8 @@ class BenchSettings:
         bad = [cell for cell in self.shapes + self.memory_shapes if min(cell) < 1]
         if bad or not self.shapes:
             raise ValueError(f"batch sizes and image sizes must be positive, got {bad or 'none'}")
+        for batch, size in self.shapes:
+            check_img_size(size, "image size", batch)
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
         if self.warmup < 0 or self.repeats < 1:

@@ -7,6 +7,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from selecsls._io import printable
 from selecsls._optional import MissingDependency
 
 # Subcommand modules (``selecsls.cli.<name>``); each adds its parsers in ``register(subparsers)``.
@@ -34,7 +35,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         result = args.func(args)
-    except (CLIError, MissingDependency, ValueError, FileNotFoundError, RuntimeError) as exc:
-        print(f"selecsls {args.command}: error: {exc}", file=sys.stderr)
+    except (CLIError, MissingDependency, ValueError, OSError, RuntimeError) as exc:
+        # One line, without the control characters a hand-made file name or class name may carry.
+        print(f"selecsls {args.command}: error: {printable(exc)}", file=sys.stderr)
         return 2
     return int(result or 0)

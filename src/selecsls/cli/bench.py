@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from selecsls._io import check_output
 from selecsls.deploy.backends import BACKENDS
 
 
@@ -62,6 +63,8 @@ def run_bench(args: argparse.Namespace) -> int:
     from selecsls.bench.report import format_report, write_json, write_plot
     from selecsls.bench.runner import QUICK_MODELS, BenchSettings, grid_shapes, run_benchmark
 
+    for suffix in (".json", ".png"):
+        check_output(f"{args.output}{suffix}")
     settings = BenchSettings(
         models=QUICK_MODELS if args.models is None else args.models,
         shapes=grid_shapes(args.full, args.sizes, args.batch_sizes),

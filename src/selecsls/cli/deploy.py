@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from selecsls._io import check_output
 from selecsls.cli import CLIError
 from selecsls.deploy.backends import predict_backends
 
@@ -63,6 +64,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _check_export_args(args: argparse.Namespace) -> None:
+    from selecsls.models.limits import check_img_size, check_int, check_number
+
+    if args.img_size is not None:
+        check_img_size(args.img_size)
+    if args.prune is not None:
+        check_number("--prune", args.prune, 0.0)
+    if args.max_drop is not None:
+        check_number("--max-drop", args.max_drop, 0.0)
+    check_int("--calibration-images", args.calibration_images)
+    check_int("--eval-images", args.eval_images)
     if args.int8 and args.format != "onnx":
         raise CLIError("--int8 produces an ONNX model: use --format onnx")
     if args.int8 and not args.calibration:
@@ -77,8 +88,10 @@ def _check_export_args(args: argparse.Namespace) -> None:
 def _require_files(images) -> None:
     """Fail on a missing image before spending seconds on loading and exporting the model."""
     for image in images:
-        if not Path(image).is_file():
+        if not Path(image).exists():
             raise FileNotFoundError(f"image {image} does not exist")
+        if not Path(image).is_file():
+            raise CLIError(f"image {image} is not a regular file")
 
 
 def _prepare_model(args: argparse.Namespace):
@@ -94,7 +107,7 @@ def _prepare_model(args: argparse.Namespace):
         print(f"pruned at |gamma| < {args.prune:g}: {before:,} -> {count_params(model):,} parameters")
     elif args.fuse:
         model = fuse(model)
-    if args.img_size:
+    if args.img_size is not None:
         channels = model.pretrained_cfg["input_size"][0]
         model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (channels, args.img_size, args.img_size)}
     return model.eval()
@@ -102,6 +115,7 @@ def _prepare_model(args: argparse.Namespace):
 
 def run_export(args: argparse.Namespace) -> int:
     _check_export_args(args)
+    check_output(args.out, [args.checkpoint, *args.images])
     from selecsls.data.transforms import eval_transform_from_cfg
     from selecsls.deploy.export import export_model
     from selecsls.deploy.inference import load_images
@@ -143,8 +157,6 @@ def _int8_data(args: argparse.Namespace, model, transform):
         indices = balanced_subset(dataset.targets, count, VAL_SUBSET_SEED)
         return build_loader(TransformedDataset(dataset, transform), indices, batch_size=64, workers=0)
 
-    if args.calibration_images < 1 or args.eval_images < 1:
-        raise CLIError("--calibration-images and --eval-images must be >= 1")
     calibration = torch.cat(
         [batch.images for batch in loader(build_dataset(args.calibration, "train"), args.calibration_images)]
     )
@@ -152,7 +164,8 @@ def _int8_data(args: argparse.Namespace, model, transform):
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    _require_files(args.images)
+    if not any(Path(image).is_file() for image in args.images):
+        _require_files(args.images)  # nothing to predict: fail before loading the model
     from selecsls.deploy.inference import Predictor
 
     if args.checkpoint and args.checkpoint.endswith(".onnx"):
@@ -162,8 +175,15 @@ def run_predict(args: argparse.Namespace) -> int:
     else:
         predictor = Predictor.from_model(_predict_model(args), args.backend)
     print(f"backend: {predictor.backend}")
-    for prediction in predictor.predict(args.images, args.topk):
+    predictions = predictor.predict(args.images, args.topk)
+    for prediction in predictions:
         print(prediction)
+    unreadable = [prediction.path for prediction in predictions if prediction.error is not None]
+    if unreadable:
+        raise CLIError(
+            f"{len(unreadable)} of {len(predictions)} image(s) could not be read: {', '.join(unreadable[:5])}"
+            + (" ..." if len(unreadable) > 5 else "")
+        )
     return 0
 
 

@@ -18,8 +18,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_models(args: argparse.Namespace) -> int:
     from selecsls import count_macs, count_params, create_model, list_models
+    from selecsls.models.limits import check_img_size
     from selecsls.models.weights import default_weights
 
+    check_img_size(args.img_size)
     print(f"{'model':<14}{'params':>14}{f'GMACs@{args.img_size}':>12}{'top-1':>8}{'top-5':>8}  pretrained weights")
     for name in list_models():
         model = create_model(name)

@@ -4,21 +4,29 @@ from __future__ import annotations
 
 import argparse
 
+from selecsls._io import check_output
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "prune",
         help="remove inactive channels (|gamma| < threshold) and fold BN; --target-macs prunes to a budget",
         description=(
-            "Without a target, pruning is exact: outputs are unchanged. With --target-macs/--target-params it "
-            "removes active channels too (step 1 of 2); step 2 is fine-tuning: "
-            "selecsls train --data DIR --init PRUNED.pt --output RUN"
+            "Without a target, pruning is exact: outputs are unchanged. The change is measured on a seeded random "
+            "batch and reported; above 1e-4 relative (a --threshold that cuts active channels) nothing is written "
+            "unless --allow-output-change. With --target-macs/--target-params it removes active channels too "
+            "(step 1 of 2); step 2 is fine-tuning: selecsls train --data DIR --init PRUNED.pt --output RUN"
         ),
     )
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="model file to prune")
     p.add_argument("--model", help="architecture name when the file holds a plain state dict, e.g. selecsls60")
     p.add_argument(
         "--threshold", type=float, default=1e-3, help="|gamma| below this marks a channel inactive (default 1e-3)"
+    )
+    p.add_argument(
+        "--allow-output-change",
+        action="store_true",
+        help="write the result even if it changes the outputs by more than 1e-4 relative (then fine-tune it)",
     )
     budget = p.add_mutually_exclusive_group()
     budget.add_argument(
@@ -44,13 +52,18 @@ def run_prune(args: argparse.Namespace) -> int:
 
     from selecsls import analyze_sparsity, count_macs, count_params, prune, prune_to_budget, save
     from selecsls.bench.runner import summarize, time_interleaved
+    from selecsls.compress.pruning import OUTPUT_TOLERANCE
     from selecsls.compress.sparsity import save_scale_histogram
+    from selecsls.models.limits import check_img_size, check_int, check_number
     from selecsls.models.serialization import load
 
-    if args.img_size < 1:
-        raise ValueError(f"--img-size must be a positive number of pixels, got {args.img_size}")
-    if args.repeats < 1 or args.warmup < 0:
-        raise ValueError(f"--repeats must be >= 1 and --warmup >= 0, got {args.repeats} and {args.warmup}")
+    check_img_size(args.img_size)
+    check_number("--threshold", args.threshold, 0.0)
+    check_int("--repeats", args.repeats)
+    check_int("--warmup", args.warmup, low=0)
+    check_output(args.out, [args.checkpoint])
+    if args.histogram:
+        check_output(args.histogram, [args.checkpoint, args.out])
     model = load(args.checkpoint, args.model).cpu().eval()
     size = (1, model.in_chans, args.img_size, args.img_size)
     report = analyze_sparsity(model, args.threshold)
@@ -58,7 +71,7 @@ def run_prune(args: argparse.Namespace) -> int:
     if budgeted:
         pruned = prune_to_budget(model, args.target_macs, args.target_params, threshold=args.threshold, input_size=size)
     else:
-        pruned = prune(model, args.threshold)
+        pruned = prune(model, args.threshold, max_output_change=None if args.allow_output_change else OUTPUT_TOLERANCE)
     pruned.eval()
 
     print(report.table(kept={name: cout for name, _, cout, _ in pruned.spec.conv_layers()}))
@@ -75,6 +88,11 @@ def run_prune(args: argparse.Namespace) -> int:
     print(
         f"CPU latency @{args.img_size}, batch 1, median of {args.repeats} interleaved runs: "
         f"{median['before'] * 1e3:.1f} ms -> {median['after'] * 1e3:.1f} ms ({median['after'] / median['before']:.2f}x)"
+    )
+    verdict = "exact" if pruned.output_change <= OUTPUT_TOLERANCE else "CHANGED: fine-tune next"
+    print(
+        f"outputs vs the input model on a seeded random batch: max relative change {pruned.output_change:.3g} "
+        f"({verdict}; tolerance {OUTPUT_TOLERANCE:g})"
     )
     save(pruned, args.out)
     print(f"saved {args.out}")

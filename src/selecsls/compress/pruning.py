@@ -19,31 +19,93 @@ Exactness rules of :func:`prune` (free pruning):
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from selecsls.compress.sparsity import LayerSparsity, analyze_sparsity
+from selecsls.compress.sparsity import LayerSparsity, analyze_sparsity, calibration_batches
 from selecsls.models.channel_flow import CLASSIFIER, Consumer, channel_flow, consumers_of
 from selecsls.models.fusion import fused_state_dict
+from selecsls.models.limits import check_number
 from selecsls.models.network import SelecSLS, SelecSLSFeatures
 
-__all__ = ["prune", "prune_to_budget"]
+__all__ = ["OUTPUT_TOLERANCE", "OutputChangeError", "output_change", "prune", "prune_to_budget"]
 
 PRUNED_SUFFIX = "_pruned"
+#: Largest relative output change :func:`prune` accepts unless told otherwise: an exact pruning
+#: changes outputs by float rounding only (about 1e-6), a threshold that cuts live channels by far more.
+OUTPUT_TOLERANCE = 1e-4
+#: Calibration batches the output change is measured on (the first ones of the loader).
+MEASURED_BATCHES = 4
 
 
-def prune(model: SelecSLS, threshold: float = 1e-3, loader: Iterable | None = None) -> SelecSLS:
+class OutputChangeError(ValueError):
+    """Pruning would change the model's outputs beyond the accepted tolerance."""
+
+
+def prune(
+    model: SelecSLS,
+    threshold: float = 1e-3,
+    loader: Iterable | None = None,
+    *,
+    max_output_change: float | None = OUTPUT_TOLERANCE,
+) -> SelecSLS:
     """A new fused model without the channels that do not change the output.
 
     A channel is inactive when its |gamma| (for a model without BatchNorm: the L2 norm of
     its fused filter) is below ``threshold``, or, given a calibration ``loader``, when its
     post-ReLU output is zero on every calibration image (exact on that data only). The
     input model is not modified. See the module docstring for the exactness rules.
+
+    The result is checked, not assumed: its outputs are compared with the input model's
+    (:func:`output_change`, on the calibration images, else on a seeded random batch) and the
+    measured relative change is recorded as ``pruned.output_change``. A change above
+    ``max_output_change`` (a threshold that cuts live channels) raises
+    :class:`OutputChangeError`; pass ``max_output_change=None`` to accept any change.
     """
-    plan = _ExactPlan(model, threshold, loader)
-    return _build_pruned(model, plan)
+    check_number("threshold", threshold, 0.0)
+    pruned = _build_pruned(model, _ExactPlan(model, threshold, loader))
+    pruned.output_change = output_change(model, pruned, loader)
+    if max_output_change is not None and pruned.output_change > max_output_change:
+        where = "the calibration images" if loader is not None else "a seeded random batch"
+        raise OutputChangeError(
+            f"pruning at threshold {threshold:g} changes the outputs by {pruned.output_change:.3g} relative on "
+            f"{where} (tolerance {max_output_change:g}): it removes channels that are still active. Lower the "
+            "threshold, or accept the change explicitly (selecsls prune --allow-output-change; "
+            "prune(..., max_output_change=None)) and fine-tune the result"
+        )
+    return pruned
+
+
+@torch.no_grad()
+def output_change(reference: SelecSLS, candidate: SelecSLS, loader: Iterable | None = None) -> float:
+    """max |candidate - reference| / max |reference| over the outputs (every feature map of a
+    ``features_only`` model), on the first calibration batches of ``loader`` or, without one, on
+    a seeded random batch of two images at the model's input size (also when ``loader`` is a
+    one-shot iterator that pruning already used up). Both run in eval mode."""
+    batches = list(itertools.islice(calibration_batches(loader), MEASURED_BATCHES)) if loader is not None else []
+    if not batches:
+        size = (2, *reference.pretrained_cfg["input_size"])
+        batches = [torch.randn(size, generator=torch.Generator().manual_seed(0))]
+    modes = reference.training, candidate.training
+    reference.eval()
+    candidate.eval()
+    try:
+        device = next(reference.parameters()).device
+        worst = 0.0
+        for images in batches:
+            images = images.to(device)
+            expected, got = reference(images), candidate(images)
+            pairs = zip(expected, got) if isinstance(expected, list) else [(expected, got)]
+            for before, after in pairs:
+                scale = float(before.abs().max()) or 1.0
+                worst = max(worst, float((after - before).abs().max()) / scale)
+    finally:
+        reference.train(modes[0])
+        candidate.train(modes[1])
+    return worst
 
 
 def prune_to_budget(
@@ -62,16 +124,20 @@ def prune_to_budget(
     to the layer's mean) until the target is met. A channel is one unit everywhere it flows, so concatenation
     groups stay consistent. This changes the outputs: step 2 is fine-tuning the result,
     e.g. ``selecsls train --init pruned.pt ...``. MACs are counted at ``input_size``
-    (default: the model's ``pretrained_cfg`` input size, batch 1).
+    (default: the model's ``pretrained_cfg`` input size, batch 1). The measured output change
+    is recorded as ``pruned.output_change`` (see :func:`output_change`).
     """
     if (macs is None) == (params is None):
         raise ValueError("give exactly one budget: macs=FRACTION or params=FRACTION (e.g. macs=0.7)")
     fraction, metric = (macs, "macs") if macs is not None else (params, "params")
     if not 0 < fraction <= 1:
         raise ValueError(f"{metric} must be a fraction in (0, 1] of the input model's cost, got {fraction}")
+    check_number("threshold", threshold, 0.0)
     plan = _ExactPlan(model, threshold, loader)
     _remove_to_budget(plan, _CostModel(model, plan.flow, metric, input_size), fraction)
-    return _build_pruned(model, plan)
+    pruned = _build_pruned(model, plan)
+    pruned.output_change = output_change(model, pruned, loader)
+    return pruned
 
 
 def _output_layers(model: SelecSLS) -> set[str]:

@@ -11,7 +11,7 @@ L2 norm of the fused filter plays its role (it is exactly zero when gamma was ze
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +31,7 @@ __all__ = [
     "bn_scale",
     "bn_scales",
     "calibration_activations",
+    "calibration_batches",
     "save_scale_histogram",
     "scale_statistics",
 ]
@@ -174,6 +175,18 @@ def _stage_names(model: SelecSLS) -> dict[str, str]:
 
 
 @torch.no_grad()
+def calibration_batches(loader: Iterable) -> Iterator[Tensor]:
+    """The image batches of a calibration loader (image batches or (images, labels) tuples)."""
+    for batch in loader:
+        images = batch[0] if isinstance(batch, (tuple, list)) else batch
+        if not isinstance(images, Tensor) or images.dim() != 4:
+            raise ValueError(
+                "calibration loader must yield image batches (N, C, H, W) or (images, labels) tuples, "
+                f"got {type(images).__name__}"
+            )
+        yield images
+
+
 def calibration_activations(model: SelecSLS, loader: Iterable) -> dict[str, tuple[Tensor, Tensor]]:
     """Layer name -> (max, mean) of each channel's post-ReLU output over every calibration batch.
 
@@ -200,13 +213,7 @@ def calibration_activations(model: SelecSLS, loader: Iterable) -> dict[str, tupl
     was_training = model.training
     model.eval()
     try:
-        for batch in loader:
-            images = batch[0] if isinstance(batch, (tuple, list)) else batch
-            if not isinstance(images, Tensor) or images.dim() != 4:
-                raise ValueError(
-                    "calibration loader must yield image batches (N, C, H, W) or (images, labels) tuples, "
-                    f"got {type(images).__name__}"
-                )
+        for images in calibration_batches(loader):
             model(images.to(device))
     finally:
         model.train(was_training)

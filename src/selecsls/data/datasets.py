@@ -12,6 +12,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+import stat
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -38,8 +39,10 @@ __all__ = [
     "build_dataset",
     "build_loader",
     "collate_skipping",
+    "is_regular_file",
     "open_image",
     "read_idx",
+    "to_uint8",
     "training_classes",
 ]
 
@@ -97,23 +100,62 @@ class UnreadableImageError(ValueError):
         self.path = os.fspath(path)
 
 
+def is_regular_file(path: PathLike) -> bool:
+    """True for a regular file (or a link to one): reading a FIFO or a device could block forever."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
 def open_image(path: PathLike, draft_size: int | None = None) -> Image.Image:
     """Decode an image fully (so errors surface here, not later in a transform).
 
     ``draft_size`` lets a JPEG decode at a reduced scale (1/2, 1/4, 1/8) whose shorter side
     is still at least ``draft_size`` pixels: far faster for large photos that are then
-    downscaled anyway.
+    downscaled anyway. 16-bit and floating-point images come back as 8-bit images scaled
+    to their range (:func:`to_uint8`), not clipped to white or black.
     """
+    if not is_regular_file(path):
+        raise UnreadableImageError(path, "no such file" if not os.path.lexists(path) else "not a regular file")
     try:
         with Image.open(path) as image:
             if draft_size and image.format == "JPEG":
                 image.draft("RGB", (draft_size, draft_size))
             image.load()
+            if image.mode in _HIGH_DEPTH_MODES:
+                return Image.fromarray(to_uint8(np.asarray(image), 16 if image.mode.startswith("I;16") else None))
             return image
     except FileNotFoundError:
         raise UnreadableImageError(path, "no such file") from None
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
         raise UnreadableImageError(path, str(exc) or type(exc).__name__) from None
+
+
+#: Pillow modes with more than 8 bits per sample (16-bit PNG, 32-bit integer and float TIFF).
+_HIGH_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+
+
+def to_uint8(pixels: np.ndarray, bits: int | None = None) -> np.ndarray:
+    """Pixels of any depth as uint8 over their range: ``bits``-bit integers by their full scale;
+    otherwise floats in [0, 1] times 255, values already in [0, 255] as they are, 16-bit ranges by
+    65535, and anything else stretched from its minimum to its maximum. One rule for a whole array,
+    so an IDX file's images stay comparable to each other."""
+    if pixels.dtype == np.uint8:
+        return pixels
+    values = np.nan_to_num(pixels.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if bits is not None:
+        scale, offset = 255 / (2**bits - 1), 0.0
+    elif np.issubdtype(pixels.dtype, np.floating) and low >= 0 and high <= 1:
+        scale, offset = 255.0, 0.0
+    elif low >= 0 and high <= 255:
+        scale, offset = 1.0, 0.0
+    elif low >= 0 and high <= 65535 and np.issubdtype(pixels.dtype, np.integer):
+        scale, offset = 255 / 65535, 0.0
+    else:
+        scale, offset = 255 / max(high - low, 1e-12), low
+    return np.clip(np.rint((values - offset) * scale), 0, 255).astype(np.uint8)
 
 
 # --------------------------------------------------------------------------- IDX files
@@ -158,17 +200,22 @@ class IdxDataset(Dataset):
     IDX files name no classes: ``label_names`` is None (classes are ``'0'``, ``'1'``, ...)
     unless the labels are recognisably Fashion-MNIST's. ``classes`` re-indexes the labels
     by name, as for :class:`ImageFolder`.
+
+    Images of any IDX type are scaled to 8 bits (:func:`to_uint8`); labels must be class indices
+    (non-negative integers).
     """
 
     def __init__(self, images_path: PathLike, labels_path: PathLike, classes: Sequence[str] | None = None) -> None:
         images, labels = read_idx(images_path), read_idx(labels_path)
-        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels) or not len(labels):
             raise ValueError(
                 f"IDX pair {os.fspath(images_path)!r} / {os.fspath(labels_path)!r} does not match: "
-                f"expected N images (N, H, W) and N labels, got {images.shape} and {labels.shape}"
+                f"expected N > 0 images (N, H, W) and N labels, got {images.shape} and {labels.shape}"
             )
+        if not np.all(np.isfinite(labels)) or np.any(labels < 0) or np.any(labels != np.round(labels)):
+            raise ValueError(f"IDX labels {os.fspath(labels_path)!r} must be non-negative integers (class indices)")
         self.source = os.fspath(images_path)
-        self.images = images.astype(np.uint8)
+        self.images = to_uint8(images)
         targets = labels.astype(np.int64)
         known = hashlib.sha256(labels.astype(np.uint8).tobytes()).hexdigest() in FASHION_MNIST_LABELS_SHA256
         self.label_names = list(FASHION_MNIST_CLASSES) if known else None
@@ -207,13 +254,19 @@ class ImageFolder(Dataset):
         self.label_names = self.classes
         index = _class_index(self.source, folders, self.classes)
         self.samples: list[tuple[str, int]] = []
+        owner: dict[str, str] = {}  # real path of every image -> the class folder it was found in
         for name in folders:
-            files = sorted(
-                os.path.join(dirpath, f)
-                for dirpath, _, filenames in os.walk(self.root / name)
-                for f in filenames
-                if f.lower().endswith(IMAGE_EXTENSIONS)
-            )
+            files = []
+            for path in _image_files(self.root / name):
+                real = os.path.realpath(path)
+                if real in owner and owner[real] != name:
+                    raise ValueError(
+                        f"image {real!r} is found under class folders {owner[real]!r} and {name!r} (through a link); "
+                        "an image must belong to one class: remove the link or the copy"
+                    )
+                if real not in owner:  # the same file reached twice within one class counts once
+                    owner[real] = name
+                    files.append(path)
             if not files:
                 raise ValueError(
                     f"class folder {os.fspath(self.root / name)!r} holds no images "
@@ -228,6 +281,17 @@ class ImageFolder(Dataset):
     def load(self, index: int, draft_size: int | None = None) -> tuple[Image.Image, int]:
         path, target = self.samples[index]
         return open_image(path, draft_size), target
+
+
+def _image_files(folder: Path) -> list[str]:
+    """Regular files with an image extension under ``folder``, sorted; links to folders are not
+    followed (a link to a parent would loop), FIFOs and devices are skipped (reading them blocks)."""
+    return sorted(
+        path
+        for dirpath, _, filenames in os.walk(folder)
+        for path in (os.path.join(dirpath, f) for f in filenames if f.lower().endswith(IMAGE_EXTENSIONS))
+        if is_regular_file(path)
+    )
 
 
 def _subfolders(root: Path) -> list[str]:

@@ -227,9 +227,9 @@ def eval_transform_from_cfg(
     """The eval pipeline a model expects (``model.pretrained_cfg``); arguments given override it."""
     in_chans, _, cfg_size = pretrained_cfg["input_size"]
     return build_eval_transform(
-        img_size or int(cfg_size),
-        crop_pct or float(pretrained_cfg.get("crop_pct", 0.875)),
-        interpolation or str(pretrained_cfg.get("interpolation", "bilinear")),
+        img_size if img_size is not None else int(cfg_size),
+        crop_pct if crop_pct is not None else float(pretrained_cfg.get("crop_pct", 0.875)),
+        interpolation if interpolation is not None else str(pretrained_cfg.get("interpolation", "bilinear")),
         pretrained_cfg.get("mean", IMAGENET_MEAN),
         pretrained_cfg.get("std", IMAGENET_STD),
         int(in_chans),

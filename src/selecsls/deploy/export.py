@@ -27,9 +27,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from selecsls._io import PathLike, atomic_path
+from selecsls._io import PathLike, atomic_path, check_output, one_line, printable
 from selecsls._optional import require
 from selecsls.deploy.backends import BackendUnavailable, Runner
+from selecsls.models.checkpoint import CheckpointError
 
 __all__ = [
     "EXPORT_FORMATS",
@@ -107,14 +108,26 @@ def _metadata(model: nn.Module) -> str:
 
 
 def read_metadata(path: PathLike) -> dict[str, Any]:
-    """The ``pretrained_cfg`` (preprocessing, class names) stored in an exported ONNX file."""
+    """The ``pretrained_cfg`` (preprocessing, class names) stored in an exported ONNX file, unchecked.
+
+    A file that is not ONNX, or damaged, is one :class:`CheckpointError` naming it.
+    """
     onnx = require("onnx", "to read an ONNX file")
-    proto = onnx.load(os.fspath(path), load_external_data=False)
+    shown = printable(os.fspath(path))
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"ONNX file {shown} does not exist or is not a regular file")
+    try:
+        proto = onnx.load(os.fspath(path), load_external_data=False)
+    except Exception as exc:  # DecodeError and friends: protobuf's errors share no base class
+        raise CheckpointError(f"{shown} is not a readable ONNX file ({one_line(exc)})") from None
     for prop in proto.metadata_props:
         if prop.key == METADATA_KEY:
-            return json.loads(prop.value)
-    raise ValueError(
-        f"{os.fspath(path)!r} was not exported by selecsls (no {METADATA_KEY} metadata); "
+            try:
+                return json.loads(prop.value)
+            except json.JSONDecodeError as exc:
+                raise CheckpointError(f"{shown}: its {METADATA_KEY} metadata is not valid JSON ({exc})") from None
+    raise CheckpointError(
+        f"{shown} was not exported by selecsls (no {METADATA_KEY} metadata); "
         "export it with `selecsls export` or pass the PyTorch checkpoint"
     )
 
@@ -238,6 +251,7 @@ def export_model(
         raise ValueError(f"format must be one of {EXPORT_FORMATS}, got {format!r}")
     if dynamic and format != "onnx":
         raise ValueError("dynamic applies to ONNX only: TorchScript already accepts any batch and image size")
+    check_output(path)
     model = model.eval()
     example = _example_input(model, input_size)
     if images is not None and tuple(images.shape[1:]) != tuple(example.shape[1:]):
@@ -248,8 +262,13 @@ def export_model(
             run = session_runner(onnx_session(tmp))
             run = run if dynamic else one_image_at_a_time(run)
         else:
+            # Serialised in memory and written by Python: torch.jit.save's own file writer aborts the
+            # process on a full disk, Python's raises an error that leaves the previous file in place.
+            buffer = io.BytesIO()
             with _quiet_deprecations():
-                torch.jit.save(to_torchscript(model), tmp, _extra_files={METADATA_KEY: _metadata(model)})
+                torch.jit.save(to_torchscript(model), buffer, _extra_files={METADATA_KEY: _metadata(model)})
+            tmp.write_bytes(buffer.getvalue())
+            with _quiet_deprecations():
                 run = torch.jit.load(tmp)
         checks = compare_outputs(model, run, _check_inputs(model, example, format == "torchscript" or dynamic, images))
         failed = [check for check in checks if not check.passed]

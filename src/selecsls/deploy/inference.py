@@ -20,11 +20,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from selecsls._io import PathLike
-from selecsls.data.datasets import open_image
+from selecsls._io import PathLike, one_line, printable
+from selecsls.data.datasets import UnreadableImageError, open_image
 from selecsls.data.transforms import EvalTransform, eval_transform_from_cfg
 from selecsls.deploy.backends import BACKENDS, BackendUnavailable, Runner, predict_backends
 from selecsls.deploy.export import one_image_at_a_time, onnx_session, read_metadata, session_runner
+from selecsls.models.checkpoint import CheckpointError
+from selecsls.models.limits import check_int
+from selecsls.models.metadata import check_pretrained_cfg
 
 __all__ = ["AUTO_ORDER", "Prediction", "Predictor", "class_names", "imagenet_class_names", "load_images"]
 
@@ -65,14 +68,17 @@ def load_images(paths: Sequence[PathLike], transform: EvalTransform) -> Tensor:
 
 @dataclass(frozen=True)
 class Prediction:
-    """The ``k`` most likely classes for one image, most likely first."""
+    """The ``k`` most likely classes for one image, most likely first; ``error`` if it could not be read."""
 
     path: str
     classes: tuple[tuple[str, float], ...]  # (class name, probability)
+    error: str | None = None
 
     def __str__(self) -> str:
-        rows = [f"{self.path}"] + [
-            f"  {rank}. {name:<30} {100 * p:6.2f}%" for rank, (name, p) in enumerate(self.classes, start=1)
+        if self.error is not None:
+            return f"{printable(self.path)}\n  unreadable: {printable(self.error)}"
+        rows = [printable(self.path)] + [
+            f"  {rank}. {printable(name):<30} {100 * p:6.2f}%" for rank, (name, p) in enumerate(self.classes, start=1)
         ]
         return "\n".join(rows)
 
@@ -115,24 +121,40 @@ class Predictor:
     @classmethod
     def from_onnx(cls, path: PathLike) -> Predictor:
         """Wrap an ONNX file written by ``selecsls export`` (its metadata holds the preprocessing)."""
-        cfg = read_metadata(path)
-        session = onnx_session(path)
+        metadata, shown = read_metadata(path), printable(os.fspath(path))
+        try:
+            session = onnx_session(path)
+        except Exception as exc:  # onnxruntime's errors (invalid graph, ...) share no base class
+            raise CheckpointError(f"{shown} is not a runnable ONNX model ({one_line(exc)})") from None
         num_classes = session.get_outputs()[0].shape[-1]
+        if not isinstance(num_classes, int):
+            raise CheckpointError(f"{shown}: its output has no fixed number of classes")
+        cfg = check_pretrained_cfg(metadata, num_classes, shown)
         return cls(session_runner(session), eval_transform_from_cfg(cfg), class_names(cfg, num_classes), "onnxruntime")
 
     def predict(self, paths: Sequence[PathLike], topk: int = 5, batch_size: int = 16) -> list[Prediction]:
-        """Top-``topk`` classes with softmax probabilities for each image, in input order."""
-        if topk < 1:
-            raise ValueError(f"topk must be >= 1, got {topk}")
+        """Top-``topk`` classes with softmax probabilities for each image, in input order.
+
+        An unreadable image does not stop the others: its :class:`Prediction` carries the ``error``.
+        """
+        check_int("topk", topk)
         k = min(topk, len(self.names))
         predictions = []
         for start in range(0, len(paths), batch_size):
-            chunk = paths[start : start + batch_size]
-            with torch.no_grad():
-                probs = self.run(load_images(chunk, self.transform)).float().softmax(dim=1)
-            top = probs.topk(k, dim=1)
-            for path, values, indices in zip(chunk, top.values.tolist(), top.indices.tolist()):
-                predictions.append(
-                    Prediction(os.fspath(path), tuple((self.names[i], v) for i, v in zip(indices, values)))
-                )
+            chunk, images, unreadable = paths[start : start + batch_size], [], {}
+            for path in chunk:
+                try:
+                    images.append(self.transform(open_image(path, self.transform.draft_size)))
+                except UnreadableImageError as exc:
+                    unreadable[os.fspath(path)] = str(exc)
+            if images:
+                with torch.no_grad():
+                    top = self.run(torch.stack(images)).float().softmax(dim=1).topk(k, dim=1)
+                ranked = iter(zip(top.values.tolist(), top.indices.tolist()))
+            for path in map(os.fspath, chunk):
+                if path in unreadable:
+                    predictions.append(Prediction(path, (), unreadable[path]))
+                else:
+                    values, indices = next(ranked)
+                    predictions.append(Prediction(path, tuple((self.names[i], v) for i, v in zip(indices, values))))
         return predictions

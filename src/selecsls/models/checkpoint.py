@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from selecsls._io import PathLike
+from selecsls._io import PathLike, one_line, printable
 from selecsls._optional import require
 from selecsls.models.spec import VARIANTS, ModelSpec
 
@@ -29,6 +29,8 @@ __all__ = [
     "convert_layout",
     "fitting_variants",
     "build_args_of",
+    "check_finite",
+    "non_finite",
     "is_fused",
     "load_checkpoint",
     "read_file",
@@ -56,46 +58,60 @@ def read_file(path: PathLike) -> dict[str, Any]:
     """The object stored in ``path``, read without executing any pickled code.
 
     A ``.safetensors`` file becomes ``{"state_dict": tensors, **metadata}``, the same shape
-    as a torch file holding a wrapped state dict.
+    as a torch file holding a wrapped state dict. Whatever the file holds (text, random
+    bytes, a truncated or bit-flipped checkpoint), failure is one :class:`CheckpointError`
+    naming the file and the cause.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    shown = printable(os.fspath(path))
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {shown} does not exist")
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {shown} is a directory; give the model file inside it (e.g. best.pt)")
+    if not path.is_file():  # a FIFO or device would block or never end
+        raise CheckpointError(f"checkpoint {shown} is not a regular file")
     if path.suffix == ".safetensors":
-        safetensors = require("safetensors", "to read .safetensors files")
-        SafetensorError, safe_open = safetensors.SafetensorError, safetensors.safe_open
-
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (safe_open is no dict)
-                return {"state_dict": tensors, **(handle.metadata() or {})}
-        except SafetensorError as exc:
-            raise CheckpointError(f"{path} is not a valid safetensors file ({exc})") from exc
+        return _read_safetensors(path, shown)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise CheckpointError(_unpickling_message(path, str(exc))) from exc
-    except EOFError as exc:
-        raise CheckpointError(f"{path} is empty or truncated, not a PyTorch checkpoint") from exc
-    except RuntimeError as exc:
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({exc})") from exc
+        raise CheckpointError(_unpickling_message(shown, str(exc))) from None
+    except EOFError:
+        raise CheckpointError(f"{shown} is empty or truncated, not a PyTorch checkpoint") from None
+    except Exception as exc:  # a damaged file makes torch's reader fail in any way
+        raise CheckpointError(f"{shown} is not a readable PyTorch checkpoint ({one_line(exc)})") from None
     if not isinstance(obj, dict):
-        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict or a dict wrapping one")
+        raise CheckpointError(f"{shown} holds a {type(obj).__name__}, not a state dict or a dict wrapping one")
     return obj
 
 
-def _unpickling_message(path: Path, error: str) -> str:
-    """Tell a file that needs pickled code (refused) from one that is not a checkpoint at all."""
-    refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", error)
+def _read_safetensors(path: Path, shown: str) -> dict[str, Any]:
+    safe_open = require("safetensors", "to read .safetensors files").safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (safe_open is no dict)
+            return {**(handle.metadata() or {}), "state_dict": tensors}
+    except Exception as exc:  # SafetensorError, or a header that overflows or does not parse
+        raise CheckpointError(f"{shown} is not a valid safetensors file ({one_line(exc)})") from None
+
+
+def _unpickling_message(shown: str, error: str) -> str:
+    """Tell a file that needs pickled code (refused) from one that is not a checkpoint at all.
+
+    torch words the refusal two ways: "Unsupported global: GLOBAL x.y was not an allowed global"
+    and, for blocked modules, "Trying to load unsupported GLOBAL x.y whose module x is blocked".
+    """
+    refused = re.search(r"[Uu]nsupported (?:global: )?GLOBAL ([\w.]+)", error)
     if refused:
         return (
-            f"{path} stores pickled Python objects ({refused.group(1)}), which selecsls refuses to load because "
+            f"{shown} stores pickled Python objects ({refused.group(1)}), which selecsls refuses to load because "
             "unpickling can run arbitrary code. If you trust the file, re-save only its tensors: "
             "torch.save(torch.load(path, weights_only=False)['state_dict'], 'weights.pth'), "
             "or convert it to .safetensors"
         )
     reason = re.search(r"WeightsUnpickler error:\s*([^\n]+)", error)
-    return f"{path} is not a readable PyTorch checkpoint ({reason.group(1).strip() if reason else error.strip()})"
+    return f"{shown} is not a readable PyTorch checkpoint ({one_line(reason.group(1) if reason else error)})"
 
 
 def unwrap_state_dict(obj: Mapping[str, Any], source: str = "checkpoint") -> StateDict:
@@ -111,6 +127,8 @@ def unwrap_state_dict(obj: Mapping[str, Any], source: str = "checkpoint") -> Sta
         obj = inner
     state = {}
     for key, tensor in obj.items():
+        if not isinstance(key, str):
+            raise CheckpointError(f"the state dict in {source} has a non-text key {key!r:.40}")
         while key.startswith(WRAPPER_PREFIXES):
             key = key.split(".", 1)[1]
         state[key] = tensor
@@ -190,7 +208,9 @@ def load_checkpoint(
     """
     if source is None:
         source = "state dict" if isinstance(path_or_state, Mapping) else os.fspath(path_or_state)
-    state, classifier_note = _fit_classifier(model, read_state_dict(path_or_state))
+    state = read_state_dict(path_or_state)
+    check_finite(state, source)
+    state, classifier_note = _fit_classifier(model, state)
     state, stem_note = _fit_stem(model, state)
     expected = model.state_dict()
     missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
@@ -203,6 +223,22 @@ def load_checkpoint(
     loadable = {k: v for k, v in state.items() if k in expected and k not in wrong_shape}
     loaded = model.load_state_dict(loadable, strict=False)
     return type(loaded)(loaded.missing_keys, unexpected + wrong_shape)
+
+
+def non_finite(state: Mapping[str, Tensor]) -> list[str]:
+    """Keys of the floating-point tensors holding NaN or infinity."""
+    return [key for key, tensor in state.items() if tensor.is_floating_point() and not bool(tensor.isfinite().all())]
+
+
+def check_finite(state: Mapping[str, Tensor], source: str) -> None:
+    """Refuse weights holding NaN or infinity (a diverged run): they only ever produce NaN outputs."""
+    bad = non_finite(state)
+    if bad:
+        more = f" and {len(bad) - 1} more tensor(s)" if len(bad) > 1 else ""
+        raise CheckpointError(
+            f"{printable(source)} holds non-finite weights (NaN or infinity in {bad[0]}{more}): the run that wrote it "
+            "diverged; use an earlier checkpoint or retrain with a lower learning rate"
+        )
 
 
 def _fit_classifier(model: nn.Module, state: StateDict) -> tuple[StateDict, str | None]:

@@ -18,11 +18,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from selecsls._io import atomic_path, atomic_write
+from selecsls._io import OutputError, atomic_path, atomic_write, one_line
 from selecsls._optional import require
+from selecsls.models.baselines import list_baselines
 from selecsls.models.checkpoint import (
     CheckpointError,
     build_args_of,
+    check_finite,
     fitting_variants,
     is_fused,
     load_checkpoint,
@@ -32,8 +34,8 @@ from selecsls.models.checkpoint import (
 )
 from selecsls.models.factory import create_model, list_models
 from selecsls.models.fusion import fuse
+from selecsls.models.metadata import FORMAT, FORMAT_VERSION, check_pretrained_cfg, json_object, parse_description
 from selecsls.models.network import SelecSLS, SelecSLSFeatures
-from selecsls.models.spec import ModelSpec
 
 __all__ = [
     "BASELINE_KEY",
@@ -50,8 +52,6 @@ __all__ = [
 
 #: Key of the JSON description in a payload (and in safetensors metadata).
 PAYLOAD_KEY = "selecsls"
-FORMAT = "selecsls.model"
-FORMAT_VERSION = 1
 #: Keyword arguments of ``load`` / ``from_payload`` that change how the model is rebuilt.
 OVERRIDES = ("num_classes", "drop_rate", "global_pool", "output_stride", "fused", "features_only", "out_indices")
 
@@ -66,10 +66,18 @@ def to_payload(model: nn.Module) -> dict[str, Any]:
         "spec": model.spec.to_dict(),
         "features_only": isinstance(model, SelecSLSFeatures),
         "build_args": model.build_args,
-        "pretrained_cfg": model.pretrained_cfg,
+        "pretrained_cfg": _saveable_cfg(model),
     }
     state = {key: tensor.detach().cpu().contiguous() for key, tensor in model.state_dict().items()}
     return {PAYLOAD_KEY: json.dumps(description, sort_keys=True), "state_dict": state}
+
+
+def _saveable_cfg(model: nn.Module) -> dict[str, Any]:
+    """``model.pretrained_cfg`` as JSON data, checked by the schema ``load`` applies: a model never
+    saves what it cannot load back."""
+    cfg = json.loads(json.dumps(model.pretrained_cfg))
+    check_pretrained_cfg(cfg, model.num_classes, "the model")
+    return cfg
 
 
 def is_payload(obj: Any) -> bool:
@@ -82,53 +90,36 @@ def from_payload(payload: Mapping[str, Any], **overrides: Any) -> SelecSLS:
     ``num_classes`` re-initialises the classifier (with a warning); ``features_only=True``
     drops it; ``fused=True`` folds BatchNorm after loading. Unfusing is impossible. Like
     ``create_model``, the model comes back in training mode: call ``.eval()`` for inference.
+    The description is checked against a strict schema (:mod:`selecsls.models.metadata`) first.
     """
-    description = _description(payload)
+    if not is_payload(payload):
+        raise CheckpointError(
+            f"not a saved selecsls model: no {PAYLOAD_KEY!r} description (a plain state dict? use selecsls.load)"
+        )
+    state = payload.get("state_dict")
+    if not isinstance(state, Mapping):
+        raise CheckpointError("the saved model has a description but no 'state_dict' tensors")
+    description = parse_description(payload[PAYLOAD_KEY], state)
     unknown = sorted(set(overrides) - set(OVERRIDES))
     if unknown:
         raise ValueError(
             f"cannot override {', '.join(unknown)} when loading a saved model; allowed: {', '.join(OVERRIDES)}"
         )
-    saved_fused = description["build_args"]["fused"]
+    saved_fused = description.build_args["fused"]
     fuse_after = overrides.pop("fused", saved_fused)
     if saved_fused and not fuse_after:
         raise ValueError("the saved model is BN-fused and cannot be unfused; load it with fused=True (the default)")
-    features_only = overrides.pop("features_only", description["features_only"])
-    args = {**description["build_args"], **overrides}
+    features_only = overrides.pop("features_only", description.features_only)
+    args = {**description.build_args, **overrides}
     if not features_only and "out_indices" not in overrides:
         args.pop("out_indices", None)
-    spec = ModelSpec.from_dict(description["spec"])
-    model = create_model(spec, features_only=features_only, **args)
-    load_checkpoint(model, payload["state_dict"])
-    cfg = _tuples(description["pretrained_cfg"])
+    model = create_model(description.spec, features_only=features_only, **args)
+    load_checkpoint(model, state)
+    cfg = dict(description.pretrained_cfg)
     if len(cfg.get("label_names", ())) != model.num_classes:  # a new classifier: the names were the old one's
         cfg.pop("label_names", None)
     model.pretrained_cfg = {**cfg, "num_classes": model.num_classes}
     return fuse(model) if fuse_after and not saved_fused else model
-
-
-def _description(payload: Mapping[str, Any]) -> dict[str, Any]:
-    if not is_payload(payload):
-        raise CheckpointError(
-            f"not a saved selecsls model: no {PAYLOAD_KEY!r} description (a plain state dict? use selecsls.load)"
-        )
-    try:
-        description = json.loads(payload[PAYLOAD_KEY])
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"the saved model description is not valid JSON ({exc})") from exc
-    if description.get("format") != FORMAT or description.get("version") != FORMAT_VERSION:
-        raise CheckpointError(
-            f"saved model format {description.get('format')!r} version {description.get('version')!r} is not "
-            f"{FORMAT!r} version {FORMAT_VERSION}; it was written by another selecsls release"
-        )
-    if not isinstance(payload.get("state_dict"), Mapping):
-        raise CheckpointError("the saved model has a description but no 'state_dict' tensors")
-    return description
-
-
-def _tuples(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """JSON turned the pretrained_cfg tuples (input_size, mean, std) into lists; turn them back."""
-    return {key: tuple(value) if isinstance(value, list) else value for key, value in cfg.items()}
 
 
 def save(model: nn.Module, path: str | os.PathLike) -> None:
@@ -136,8 +127,13 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
     payload = to_payload(model)
     if os.fspath(path).endswith(".safetensors"):
         save_file = require("safetensors.torch", "to write .safetensors files").save_file
+        SafetensorError = require("safetensors", "to write .safetensors files").SafetensorError
+
         with atomic_path(path) as tmp:
-            save_file(payload["state_dict"], str(tmp), metadata={PAYLOAD_KEY: payload[PAYLOAD_KEY]})
+            try:
+                save_file(payload["state_dict"], str(tmp), metadata={PAYLOAD_KEY: payload[PAYLOAD_KEY]})
+            except SafetensorError as exc:  # safetensors reports a full disk as its own error type
+                raise OutputError(f"cannot write {os.fspath(path)}: {exc} (nothing was written)") from exc
     else:
         with atomic_write(path) as handle:
             torch.save(payload, handle)
@@ -181,7 +177,7 @@ def baseline_payload(model: nn.Module, name: str) -> dict[str, Any]:
     """Checkpoint entries of a baseline: its registry name, preprocessing metadata (JSON) and CPU weights."""
     return {
         BASELINE_KEY: name,
-        "pretrained_cfg": json.dumps(model.pretrained_cfg),
+        "pretrained_cfg": json.dumps(_saveable_cfg(model)),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
 
@@ -190,15 +186,21 @@ def model_from_checkpoint(obj: Mapping[str, Any], source: str = "checkpoint", **
     """The model of a file written by :func:`save` or training (a SelecSLS payload or a baseline's entries)."""
     if is_payload(obj):
         return from_payload(obj, **overrides)
+    name = obj[BASELINE_KEY]
+    if name not in list_baselines():
+        raise CheckpointError(f"{source} names an unknown baseline {name!r:.40}; known: {', '.join(list_baselines())}")
     state = unwrap_state_dict(obj, source)
+    check_finite(state, source)
     linear_weights = [tensor for tensor in state.values() if tensor.dim() == 2]  # the classifier
     num_classes = linear_weights[-1].shape[0] if linear_weights else 1000
     if any(key != "num_classes" or value != num_classes for key, value in overrides.items()):
-        raise ValueError(
-            f"{source} holds a {obj[BASELINE_KEY]} baseline, which loads as saved; drop {', '.join(overrides)}"
-        )
-    model = create_model(obj[BASELINE_KEY], num_classes=num_classes)
-    model.load_state_dict(state)
-    if isinstance(obj.get("pretrained_cfg"), str):  # absent in checkpoints of earlier releases
-        model.pretrained_cfg = _tuples(json.loads(obj["pretrained_cfg"]))
+        raise ValueError(f"{source} holds a {name} baseline, which loads as saved; drop {', '.join(overrides)}")
+    model = create_model(name, num_classes=num_classes)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{source} does not fit the {name} baseline ({one_line(exc)})") from None
+    if "pretrained_cfg" in obj:  # absent in checkpoints of earlier releases
+        cfg = json_object(obj["pretrained_cfg"], f"{source}: pretrained_cfg")
+        model.pretrained_cfg = check_pretrained_cfg(cfg, num_classes, source)
     return model

@@ -33,6 +33,18 @@ class SpecError(ValueError):
 #: that makes every SelecSLS skip a concatenation, read by the spec, the network and pruning.
 CONCAT_CONVS = (1, 3, 5)
 
+#: Widest conv a spec may declare (the published variants are at most 1280 wide).
+MAX_WIDTH = 16384
+#: Most conv weights a spec may declare, checked before anything is allocated (the largest
+#: published variant has about 0.04e9): a hand-made spec cannot make a loader allocate gigabytes.
+MAX_CONV_PARAMS = 2_000_000_000
+MAX_BLOCKS = 256
+MAX_HEAD_CONVS = 16
+MAX_NAME_LENGTH = 200
+_SPEC_FIELDS = {"name", "stem_chs", "blocks", "head", "in_chans"}
+_BLOCK_FIELDS = {"in_chs", "skip_chs", "widths", "first"}
+_HEAD_FIELDS = {"out_chs", "kernel_size", "stride"}
+
 
 @dataclass(frozen=True)
 class BlockSpec:
@@ -144,15 +156,28 @@ class ModelSpec:
             yield f"head.{i}", cin, conv.out_chs, conv.kernel_size
             cin = conv.out_chs
 
+    def conv_params(self) -> int:
+        """Number of conv weights the network has (computed from the widths, nothing allocated)."""
+        return sum(cin * cout * k * k for _, cin, cout, k in self.conv_layers())
+
     # -------------------------------------------------------------- validation
     def validate(self) -> None:
         """Raise :class:`SpecError` naming the first layer that cannot be built."""
-        if self.in_chans < 1:
-            raise SpecError(f"spec {self.name!r}: in_chans must be >= 1, got {self.in_chans}")
-        if self.stem_chs < 1:
-            raise SpecError(f"spec {self.name!r}: layer 'stem' has width {self.stem_chs}; every width must be >= 1")
+        if not isinstance(self.name, str) or len(self.name) > MAX_NAME_LENGTH:
+            raise SpecError(f"spec name must be a string of at most {MAX_NAME_LENGTH} characters")
+        if not 1 <= self.in_chans <= MAX_WIDTH:
+            raise SpecError(f"spec {self.name!r}: in_chans must be in 1..{MAX_WIDTH}, got {self.in_chans}")
+        if not 1 <= self.stem_chs <= MAX_WIDTH:
+            raise SpecError(
+                f"spec {self.name!r}: layer 'stem' has width {self.stem_chs}; every width must be in 1..{MAX_WIDTH}"
+            )
         if not self.blocks:
             raise SpecError(f"spec {self.name!r}: needs at least one block")
+        if len(self.blocks) > MAX_BLOCKS or len(self.head) > MAX_HEAD_CONVS:
+            raise SpecError(
+                f"spec {self.name!r}: at most {MAX_BLOCKS} blocks and {MAX_HEAD_CONVS} head convs, "
+                f"got {len(self.blocks)} and {len(self.head)}"
+            )
         if not self.blocks[0].first:
             raise SpecError(
                 f"spec {self.name!r}: block features.0 must be first of its stage (first=True); "
@@ -164,8 +189,10 @@ class ModelSpec:
             if len(block.widths) != 6:
                 raise SpecError(f"{where} needs 6 conv widths, got {len(block.widths)}")
             for k, w in enumerate(block.widths, start=1):
-                if not isinstance(w, int) or w < 1:
-                    raise SpecError(f"{where}.conv{k} has width {w!r}; every width must be an integer >= 1")
+                if not isinstance(w, int) or not 1 <= w <= MAX_WIDTH:
+                    raise SpecError(
+                        f"{where}.conv{k} has width {w!r}; every width must be an integer in 1..{MAX_WIDTH}"
+                    )
             if block.in_chs != out_widths[source]:
                 raise SpecError(
                     f"{where} declares in_chs={block.in_chs} but {source} outputs {out_widths[source]} channels"
@@ -180,12 +207,17 @@ class ModelSpec:
                 raise SpecError(f"{where} declares skip_chs={block.skip_chs} but {reason}")
         for i, conv in enumerate(self.head):
             where = f"spec {self.name!r}: layer head.{i}"
-            if conv.out_chs < 1:
-                raise SpecError(f"{where} has width {conv.out_chs}; every width must be >= 1")
+            if not 1 <= conv.out_chs <= MAX_WIDTH:
+                raise SpecError(f"{where} has width {conv.out_chs}; every width must be in 1..{MAX_WIDTH}")
             if conv.kernel_size not in (1, 3) or conv.stride not in (1, 2):
                 raise SpecError(
                     f"{where} must have kernel 1 or 3 and stride 1 or 2, got {conv.kernel_size}/{conv.stride}"
                 )
+        if self.conv_params() > MAX_CONV_PARAMS:
+            raise SpecError(
+                f"spec {self.name!r} declares {self.conv_params():,} conv weights, more than the "
+                f"{MAX_CONV_PARAMS:,} any SelecSLS network needs; the spec is corrupt or hand-made"
+            )
 
     # ----------------------------------------------------------- serialisation
     def to_dict(self) -> dict[str, Any]:
@@ -196,21 +228,44 @@ class ModelSpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
-        try:
-            blocks = tuple(
-                BlockSpec(int(b["in_chs"]), int(b["skip_chs"]), tuple(int(w) for w in b["widths"]), bool(b["first"]))
-                for b in data["blocks"]
+        """The spec a :meth:`to_dict` dict describes; anything else (unknown or missing fields, wrong
+        types, sizes out of range) is a :class:`SpecError`, raised before anything is allocated."""
+        _fields(data, "spec", _SPEC_FIELDS, optional=frozenset({"in_chans"}))
+        blocks, head = data["blocks"], data["head"]
+        if not isinstance(blocks, list) or not isinstance(head, list):
+            raise SpecError("not a SelecSLS spec: 'blocks' and 'head' must be lists")
+        if len(blocks) > MAX_BLOCKS or len(head) > MAX_HEAD_CONVS:
+            raise SpecError(f"not a SelecSLS spec: at most {MAX_BLOCKS} blocks and {MAX_HEAD_CONVS} head convs")
+        parsed_blocks = []
+        for i, block in enumerate(blocks):
+            where = f"blocks[{i}]"
+            _fields(block, where, _BLOCK_FIELDS)
+            widths = block["widths"]
+            if not isinstance(widths, list) or len(widths) != 6:
+                raise SpecError(f"not a SelecSLS spec: {where}.widths must be a list of 6 integers")
+            if not isinstance(block["first"], bool):
+                raise SpecError(f"not a SelecSLS spec: {where}.first must be true or false")
+            parsed_blocks.append(
+                BlockSpec(
+                    _integer(block["in_chs"], f"{where}.in_chs", low=0),
+                    _integer(block["skip_chs"], f"{where}.skip_chs", low=0),
+                    tuple(_integer(w, f"{where}.widths") for w in widths),
+                    block["first"],
+                )
             )
-            head = tuple(HeadConvSpec(int(h["out_chs"]), int(h["kernel_size"]), int(h["stride"])) for h in data["head"])
-            return cls(
-                name=str(data["name"]),
-                stem_chs=int(data["stem_chs"]),
-                blocks=blocks,
-                head=head,
-                in_chans=int(data.get("in_chans", 3)),
-            )
-        except (KeyError, TypeError) as exc:
-            raise SpecError(f"not a SelecSLS spec: missing or malformed field ({exc!r})") from exc
+        parsed_head = []
+        for i, conv in enumerate(head):
+            _fields(conv, f"head[{i}]", _HEAD_FIELDS)
+            parsed_head.append(HeadConvSpec(**{key: _integer(conv[key], f"head[{i}].{key}") for key in _HEAD_FIELDS}))
+        if not isinstance(data["name"], str):
+            raise SpecError("not a SelecSLS spec: 'name' must be a string")
+        return cls(
+            name=data["name"],
+            stem_chs=_integer(data["stem_chs"], "stem_chs"),
+            blocks=tuple(parsed_blocks),
+            head=tuple(parsed_head),
+            in_chans=_integer(data.get("in_chans", 3), "in_chans"),
+        )
 
     @classmethod
     def from_json(cls, text: str) -> ModelSpec:
@@ -241,6 +296,22 @@ class ModelSpec:
             out_widths[f"features.{i}.conv6"] = new_widths[5]
         head = tuple(replace(h, out_chs=widths.get(f"head.{i}", h.out_chs)) for i, h in enumerate(self.head))
         return ModelSpec(name or self.name, out_widths["stem"], tuple(blocks), head, self.in_chans)
+
+
+def _fields(data: Any, where: str, allowed: set[str], optional: frozenset[str] = frozenset()) -> None:
+    if not isinstance(data, dict):
+        raise SpecError(f"not a SelecSLS spec: {where} must be a JSON object, got {type(data).__name__}")
+    unknown, missing = sorted(map(str, set(data) - allowed)), sorted(allowed - optional - set(data))
+    if unknown:
+        raise SpecError(f"not a SelecSLS spec: {where} has unknown field(s) {unknown}; allowed: {sorted(allowed)}")
+    if missing:
+        raise SpecError(f"not a SelecSLS spec: {where} lacks field(s) {missing}")
+
+
+def _integer(value: Any, where: str, low: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= MAX_WIDTH:
+        raise SpecError(f"not a SelecSLS spec: {where} must be an integer in {low}..{MAX_WIDTH}, got {value!r}")
+    return value
 
 
 def _head(*convs: tuple[int, int, int]) -> tuple[HeadConvSpec, ...]:

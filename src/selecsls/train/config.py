@@ -7,6 +7,7 @@ Importing this module does not import torch (the CLI builds its parser from it).
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
@@ -14,7 +15,7 @@ from typing import Any
 
 from selecsls.train.recipes import RECIPES, get_recipe
 
-__all__ = ["DEFAULT_MODEL", "SettingError", "TrainConfig"]
+__all__ = ["DEFAULT_MODEL", "SettingError", "TrainConfig", "resolved_path"]
 
 DEFAULT_MODEL = "selecsls42b"
 
@@ -31,6 +32,11 @@ class SettingError(ValueError):
         """The message with each ``{setting}`` written as ``spell(setting)``."""
         names = {f.name for f in fields(TrainConfig)}
         return re.sub(r"\{(\w+)\}", lambda m: spell(m[1]) if m[1] in names else m[0], self.template)
+
+
+def resolved_path(path: str | None) -> str | None:
+    """``path`` as an absolute path with links resolved (None stays None)."""
+    return None if path is None else os.path.realpath(path)
 
 
 def _setting(default: Any = None, help: str | None = None, **argparse_options: Any) -> Any:
@@ -80,34 +86,52 @@ class TrainConfig:
     )
     # How the run is carried out, not what it computes: may change between resumptions.
     resume: bool = _setting(False, "continue the run saved in output/last.pt")
+    overwrite: bool = _setting(False, "start afresh in an output directory holding an earlier run's results (deleted)")
     save_every: int = _setting(0, "also save last.pt every STEPS batches (0: only at epoch ends)", metavar="STEPS")
     workers: int = _setting(2, "data-loading processes (0: load in the main process)")
     progress: bool = _setting(True, "progress bars (shown on a terminal only)")
 
-    CARRIED_OUT = frozenset({"output", "save_every", "workers", "resume", "progress"})
+    CARRIED_OUT = frozenset({"output", "save_every", "workers", "resume", "overwrite", "progress"})
+    #: Settings naming files: compared (and saved) as resolved absolute paths, so a run resumes from
+    #: another working directory or with the same data spelled another way.
+    PATHS = frozenset({"data", "init"})
 
     def run_settings(self) -> dict[str, Any]:
-        """The settings a resumed run must share with the saved one."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in self.CARRIED_OUT}
+        """The settings a resumed run must share with the saved one (paths resolved)."""
+        return {
+            f.name: resolved_path(getattr(self, f.name)) if f.name in self.PATHS else getattr(self, f.name)
+            for f in fields(self)
+            if f.name not in self.CARRIED_OUT
+        }
 
     def validate(self) -> None:
         """Raise :class:`SettingError` for the first bad setting (before any data is read)."""
         import torch
 
+        from selecsls._io import OutputError, check_output
         from selecsls.models.factory import list_models
+        from selecsls.models.limits import check_img_size, check_int, check_number
 
-        for name in ("img_size", "epochs", "batch_size", "limit", "val_limit"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise SettingError(f"{{{name}}} must be >= 1, got {value}")
-        if self.save_every < 0:
-            raise SettingError(f"{{save_every}} must be >= 0 (0: only at epoch ends), got {self.save_every}")
-        if not 0 <= self.ema_decay < 1:
-            raise SettingError(f"{{ema_decay}} must be in [0, 1) (0 disables EMA), got {self.ema_decay}")
-        if not 0 <= self.smoothing < 1:
-            raise SettingError(f"{{smoothing}} must be in [0, 1), got {self.smoothing}")
-        if self.clip_grad is not None and self.clip_grad <= 0:
-            raise SettingError(f"{{clip_grad}} must be > 0, got {self.clip_grad}")
+        try:  # the range checks name settings as {name}: SettingError spells them per caller
+            for name in ("epochs", "batch_size", "limit", "val_limit"):
+                if getattr(self, name) is not None:
+                    check_int(f"{{{name}}}", getattr(self, name))
+            check_img_size(self.img_size, "{img_size}", self.batch_size, training=True)
+            check_int("{save_every}", self.save_every, low=0)
+            check_int("{workers}", self.workers, low=0)
+            check_int("{seed}", self.seed, low=None)
+            check_number("{ema_decay}", self.ema_decay, 0.0, 1.0, high_open=True)
+            check_number("{smoothing}", self.smoothing, 0.0, 1.0, high_open=True)
+            check_number("{color_jitter}", self.color_jitter, 0.0)
+            check_number("{min_crop_area}", self.min_crop_area, 0.0, 1.0, low_open=True)
+            for name in ("lr", "weight_decay", "warmup_epochs", "clip_grad"):  # zero lr or clipping norm: no step
+                if getattr(self, name) is not None:
+                    check_number(f"{{{name}}}", getattr(self, name), 0.0, low_open=name in ("lr", "clip_grad"))
+            check_output(self.output, [self.data, self.init], directory=True)
+        except (ValueError, OutputError) as exc:
+            raise SettingError(str(exc)) from None
+        if self.resume and self.overwrite:
+            raise SettingError("{resume} continues the run in {output}, {overwrite} deletes it: give one of them")
         if self.amp == "fp16" and not torch.cuda.is_available():
             raise SettingError("{amp} fp16 needs a CUDA device; use {amp} bf16 on CPU")
         get_recipe(self.recipe)

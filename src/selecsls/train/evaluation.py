@@ -27,6 +27,7 @@ from selecsls.data.datasets import (
     training_classes,
 )
 from selecsls.data.transforms import eval_transform_from_cfg
+from selecsls.models.limits import check_img_size, check_int, check_number
 from selecsls.train.reporting import progress_bar
 
 __all__ = ["VAL_SUBSET_SEED", "evaluate", "evaluate_checkpoint", "listing", "topk_correct", "validation_data"]
@@ -157,6 +158,14 @@ def evaluate_checkpoint(
     """
     from selecsls.models.serialization import load
 
+    if img_size is not None:
+        check_img_size(img_size, "--img-size", batch_size)
+    if crop_pct is not None:
+        check_number("--crop-pct", crop_pct, 0.0, 1.0, low_open=True)
+    check_int("--batch-size", batch_size)
+    check_int("--workers", workers, low=0)
+    if limit is not None:
+        check_int("--limit", limit)
     model = load(checkpoint, model_name)
     transform = eval_transform_from_cfg(model.pretrained_cfg, img_size, crop_pct, interpolation)
     dataset = validation_data(data, model)

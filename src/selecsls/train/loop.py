@@ -14,6 +14,7 @@ The parts: :mod:`~selecsls.train.config` (settings), :mod:`~selecsls.train.distr
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -39,10 +40,22 @@ from selecsls.train.config import DEFAULT_MODEL, SettingError, TrainConfig
 from selecsls.train.distributed import Workers
 from selecsls.train.evaluation import VAL_SUBSET_SEED, evaluate
 from selecsls.train.optimization import Optimization
+from selecsls.train.ownership import owned_output
 from selecsls.train.reporting import Reporter, check_dependencies
-from selecsls.train.state import Position, read_saved_run, restore_rng_state, save_best, save_last
+from selecsls.train.state import (
+    Position,
+    TrainingDiverged,
+    read_saved_run,
+    restore_rng_state,
+    save_best,
+    save_last,
+)
 
 __all__ = ["TrainConfig", "train"]
+
+#: An epoch in which more than this fraction of the training images could not be read is refused:
+#: the data is broken, and a model trained on what is left would be silently wrong.
+MAX_SKIPPED_FRACTION = 0.5
 
 
 def train(config: TrainConfig) -> dict[str, Any]:
@@ -51,7 +64,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
     check_dependencies(config.progress)
     workers = Workers.start()
     try:
-        return Run(config, workers).fit()
+        with owned_output(config, workers):
+            return Run(config, workers).fit()
     finally:
         workers.stop()
 
@@ -106,11 +120,18 @@ class Run:
             )
 
         # Model and optimisation, restored from last.pt when resuming.
-        saved = read_saved_run(config, workers.is_main)
+        saved = read_saved_run(config)
         if saved is None and config.resume:
             self.report.log(f"no {self.output / 'last.pt'} yet: starting the run from scratch")
         torch.manual_seed(config.seed)
         self.model = build_model(config, self.train_data, saved).to(workers.device)
+        outputs = getattr(getattr(self.model, "fc", None), "out_features", None)
+        if outputs is not None and outputs != len(self.train_data.classes):  # a class added since the saved run
+            raise SettingError(
+                f"the saved run predicts {outputs} classes but {{data}} now has {len(self.train_data.classes)}; "
+                "resume with the data it was trained on, or fine-tune with {init} into a new {output}"
+            )
+        self.skipped_examples: list[str] = []
         if config.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.optimization = Optimization(self.model, config, self.steps_per_epoch)
@@ -180,9 +201,16 @@ class Run:
             start = time.perf_counter()
             images, targets, skipped = next(batches)
             position.skipped += len(skipped)
+            self.skipped_examples = (self.skipped_examples + [s.path for s in skipped])[:3]
             # BatchNorm needs two samples; every process must agree to step or all would hang.
             if self.workers.all_agree(len(targets) >= 2):
                 loss = optimization.step(images, targets)
+                if not self.workers.all_agree(math.isfinite(loss)):
+                    raise TrainingDiverged(
+                        f"training diverged at epoch {position.epoch + 1}, batch {position.step + 1}: the loss is "
+                        f"{loss:g} (lr {optimization.lr:.3g}); last.pt and best.pt keep the last finite state. "
+                        "Lower the learning rate (--lr) or clip the gradients (--clip-grad)"
+                    )
                 position.loss_sum += loss * len(targets)
                 position.samples += len(targets)
             optimization.scheduler.step()
@@ -212,6 +240,12 @@ class Run:
         )
         if skipped:
             self.report.log(f"epoch {position.epoch + 1}: skipped {int(skipped)} unreadable training image(s)")
+        if skipped > MAX_SKIPPED_FRACTION * (skipped + samples):
+            raise SettingError(
+                f"epoch {position.epoch + 1} could not read {int(skipped)} of {int(skipped + samples)} training images "
+                f"(e.g. {', '.join(self.skipped_examples) or 'on another process'}); nothing was saved. Fix or remove "
+                "the unreadable files in {data}"
+            )
         record: dict[str, Any] = {
             "epoch": position.epoch + 1,
             "step": position.global_step,

@@ -14,12 +14,20 @@ import torch
 from torch import nn
 
 from selecsls._io import atomic_write
-from selecsls.models.checkpoint import read_file
+from selecsls.models.checkpoint import non_finite, read_file
 from selecsls.models.network import SelecSLS
 from selecsls.models.serialization import baseline_payload, to_payload
-from selecsls.train.config import SettingError, TrainConfig
+from selecsls.train.config import SettingError, TrainConfig, resolved_path
 
-__all__ = ["Position", "read_saved_run", "restore_rng_state", "save_best", "save_last"]
+__all__ = [
+    "Position",
+    "TrainingDiverged",
+    "check_finite_weights",
+    "read_saved_run",
+    "restore_rng_state",
+    "save_best",
+    "save_last",
+]
 
 
 @dataclass
@@ -39,33 +47,46 @@ class Position:
         self.loss_sum, self.samples, self.skipped, self.seconds = 0.0, 0, 0, 0.0
 
 
-def read_saved_run(config: TrainConfig, is_main: bool) -> dict[str, Any] | None:
+def read_saved_run(config: TrainConfig) -> dict[str, Any] | None:
     """The ``last.pt`` to continue, or None for a fresh run.
 
-    A saved run is continued only with ``resume`` and only with the same settings; with ``resume``
-    the main process first removes the temporary files of saves that a kill interrupted.
+    A saved run is continued only with ``resume`` and only with the same settings (paths compared
+    resolved). Whether a fresh run may use the directory is decided before, when the run takes it
+    (:mod:`selecsls.train.ownership`).
     """
-    output = Path(config.output)
-    last = output / "last.pt"
-    if config.resume and is_main:
-        for stale in output.glob(".*.tmp"):
-            stale.unlink()
-    if not last.exists():
+    last = Path(config.output) / "last.pt"
+    if not config.resume or not last.exists():
         return None
-    if not config.resume:
-        raise SettingError(
-            f"{output} already holds a run ({last}); pass {{resume}} to continue it or choose another {{output}}"
-        )
     saved = read_file(last)
+    if not isinstance(saved.get("config"), dict):
+        raise SettingError(f"{last} is not a training checkpoint (no saved settings); it cannot be resumed")
+    saved_settings = {
+        key: resolved_path(value) if key in config.PATHS and isinstance(value, str) else value
+        for key, value in saved["config"].items()
+    }
     differing = {
-        key: (saved["config"].get(key), value)
+        key: (saved_settings.get(key), value)
         for key, value in config.run_settings().items()
-        if saved["config"].get(key) != value
+        if saved_settings.get(key) != value
     }
     if differing:
         listed = ", ".join(f"{k} (saved {old!r}, given {new!r})" for k, (old, new) in differing.items())
         raise SettingError(f"{{resume}} continues the run saved in {last} with its settings; these differ: {listed}")
     return saved
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the weights became NaN or infinite: the run stops, its last saves stay as they were."""
+
+
+def check_finite_weights(model: nn.Module) -> None:
+    """Refuse to save non-finite weights: a diverged model must never replace a good best.pt or last.pt."""
+    bad = non_finite(model.state_dict())
+    if bad:
+        raise TrainingDiverged(
+            f"training diverged: the weights hold NaN or infinity ({bad[0]}, {len(bad)} tensor(s)); nothing was "
+            "saved, last.pt and best.pt keep the last finite state. Lower --lr, or add --clip-grad"
+        )
 
 
 def _rng_state() -> dict[str, Any]:
@@ -104,11 +125,13 @@ def save_last(
         "best_top1": best_top1,
         "config": config.run_settings(),
     }
+    check_finite_weights(model)
     with atomic_write(Path(config.output) / "last.pt") as handle:
         torch.save(state, handle)
 
 
 def save_best(config: TrainConfig, model: nn.Module, record: dict[str, Any]) -> None:
     """The best model so far with its epoch's metrics."""
+    check_finite_weights(model)
     with atomic_write(Path(config.output) / "best.pt") as handle:
         torch.save({**_model_part(model, config.model), "epoch": record["epoch"], "metrics": record}, handle)

@@ -1,0 +1,570 @@
+"""Adversarial battery (issue 10): the CLI and API as a hostile or careless user would try them.
+
+Each case runs in a fresh process against the package in ``--src`` (default: this checkout) and is
+classified as: a clear one-line ``error``, ``correct`` behaviour, a ``traceback`` (or crash), a
+``hang`` (timeout), a ``wrong`` result (silently wrong, or a refusal where the right result was
+possible) or data ``loss``. Fixtures are made with the checkout this script runs from (the file
+format is shared). Run it on the old and the new tree to compare::
+
+    python benchmarks/adversarial_battery.py --src /work/main/src
+    python benchmarks/adversarial_battery.py            # this checkout
+
+Disk-full cases mount a 64 KiB tmpfs and need root; they are reported as skipped otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import gzip
+import json
+import os
+import random
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests")]
+
+import selecsls  # noqa: E402  (after the path set-up above)
+from sparse_models import sparse_tiny_model  # noqa: E402
+from training_fixtures import corrupt_image, make_image_folder, narrow_spec, write_image  # noqa: E402
+
+# Runs the CLI and reports the peak memory, so a case can tell an early refusal from a late one.
+RUNNER = (
+    "import resource, sys\nfrom selecsls.cli import main\ntry:\n    code = main(sys.argv[1:])\nfinally:\n"
+    "    print('MAXRSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\nsys.exit(code)"
+)
+TRAIN = ["--img-size", "32", "--batch-size", "4", "--workers", "0", "--no-progress", "--epochs"]
+
+
+@dataclass
+class Result:
+    code: int | None  # None: timed out
+    out: str
+    err: str
+
+    @property
+    def one_line_error(self) -> bool:
+        lines = [line for line in self.err.splitlines() if not line.startswith("MAXRSS_KB") and "Warning" not in line]
+        return self.code == 2 and len([line for line in lines if ": error: " in line]) == 1
+
+    @property
+    def maxrss_mb(self) -> float:
+        found = [line.split()[1] for line in self.err.splitlines() if line.startswith("MAXRSS_KB")]
+        return int(found[-1]) / 1024 if found else 0.0
+
+
+class Battery:
+    def __init__(self, src: Path, work: Path) -> None:
+        self.src, self.work = src, work
+        self.env = {**os.environ, "PYTHONPATH": str(src), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+    def cli(self, *argv: object, timeout: float = 180, cwd: Path | None = None) -> Result:
+        return self.python(RUNNER, *argv, timeout=timeout, cwd=cwd)
+
+    def python(self, code: str, *argv: object, timeout: float = 180, cwd: Path | None = None) -> Result:
+        try:
+            done = subprocess.run(
+                [sys.executable, "-c", code, *map(str, argv)],
+                capture_output=True,
+                text=True,
+                env=self.env,
+                timeout=timeout,
+                cwd=cwd or self.work,
+            )
+        except subprocess.TimeoutExpired as exc:
+            return Result(None, str(exc.stdout or ""), str(exc.stderr or ""))
+        return Result(done.returncode, done.stdout, done.stderr)
+
+    def train(self, output: Path, *extra: object, data: Path | str | None = None, epochs: int = 1) -> Result:
+        """``selecsls train`` of a narrow model on a small folder (``data``: default the shared one)."""
+        return self.cli(*self.train_argv(output, *extra, data=data, epochs=epochs))
+
+    def train_argv(self, output: Path, *extra: object, data: Path | str | None = None, epochs: int = 1) -> list:
+        data = self.work / "data" if data is None else data
+        return ["train", "--data", data, "--init", self.work / "init.pt", "--output", output, *TRAIN, epochs, *extra]
+
+    def background(self, *argv: object) -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, "-c", RUNNER, *map(str, argv)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=self.env,
+            cwd=self.work,
+        )
+
+
+def verdict(result: Result, expect: str, wrong: bool = False, loss: bool = False) -> str:
+    """``expect``: 'error' (the right answer is a clear refusal) or 'success' (it should work)."""
+    if result.code is None:
+        return "hang"
+    if "Traceback" in result.err or result.code not in (0, 1, 2):
+        return "traceback"
+    if loss:
+        return "loss"
+    if wrong:
+        return "wrong"
+    if expect == "error":
+        return "error" if result.one_line_error else "wrong"
+    return "correct" if result.code == 0 else "wrong"
+
+
+# ------------------------------------------------------------------------------------ fixtures
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    codes = {"u1": 0x08, "f4": 0x0D}
+    kind = array.dtype.str[1:]
+    header = b"\0\0" + bytes([codes[kind], array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb") as handle:
+        handle.write(header + array.astype(array.dtype.newbyteorder(">")).tobytes())
+
+
+def _payload_with(model, edit) -> dict:
+    payload = selecsls.models.serialization.to_payload(model)
+    description = json.loads(payload["selecsls"])
+    edit(description)
+    return {**payload, "selecsls": json.dumps(description)}
+
+
+def make_fixtures(work: Path) -> None:
+    model = sparse_tiny_model(num_classes=3)
+    model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (3, 32, 32)}
+    selecsls.save(model, work / "x.pt")
+    selecsls.save(selecsls.create_model(narrow_spec(), num_classes=3), work / "init.pt")
+    make_image_folder(work / "data", per_class=4)
+    for name, colour in (("a.png", (200, 30, 30)), ("c.png", (30, 200, 30))):
+        write_image(work / name, colour, seed=1)
+    corrupt_image(write_image(work / "bad.jpg", (1, 2, 3), seed=2))
+    (work / "text.pt").write_text("these are not weights\n")
+    (work / "dir.pt").mkdir()
+    (work / "bad.onnx").write_bytes(b"\x08\x07garbage" * 100)
+    rng = random.Random(0)
+    (work / "random").mkdir()
+    for i in range(40):
+        (work / "random" / f"r{i}.pt").write_bytes(bytes(rng.randrange(256) for _ in range(rng.randint(0, 3000))))
+
+    class RunsCode:
+        def __reduce__(self):
+            return os.system, ("echo pwned",)
+
+    torch.save({"state_dict": {}, "x": RunsCode()}, work / "evil.pt")
+    torch.save(
+        _payload_with(model, lambda d: d["build_args"].update(checkpoint_path=str(work / "x.pt"))), work / "smuggle.pt"
+    )
+    torch.save(
+        _payload_with(model, lambda d: d["pretrained_cfg"].update(label_names=["\x1b[31mred", "dog", "fox"])),
+        work / "escape.pt",
+    )
+
+    def widen(description):  # two 8000-wide head convs: about 2.6 GB of weights, in a 600 KB file
+        for conv in description["spec"]["head"][1:3]:
+            conv["out_chs"] = 8000
+
+    torch.save(_payload_with(model, widen), work / "wide.pt")
+    diverged = sparse_tiny_model(num_classes=3)
+    with torch.no_grad():
+        diverged.fc.weight.fill_(float("nan"))
+    torch.save(selecsls.models.serialization.to_payload(diverged), work / "nan.pt")
+    # High bit-depth images and float IDX.
+    ramp = np.linspace(0, 1, 64 * 64).reshape(64, 64)
+    Image.fromarray((ramp * 65535).astype(np.uint16)).save(work / "deep.png")
+    Image.fromarray(ramp.astype(np.float32)).save(work / "float.tif")
+    idx = work / "idx"
+    idx.mkdir()
+    images = np.random.default_rng(0).random((8, 28, 28)).astype(np.float32)
+    _write_idx(idx / "train-images-idx3-ubyte.gz", images)
+    _write_idx(idx / "train-labels-idx1-ubyte.gz", np.array([0, 1, 2, 0, 1, 2, 0, 1], np.uint8))
+    _write_idx(idx / "t10k-images-idx3-ubyte.gz", images)
+    _write_idx(idx / "t10k-labels-idx1-ubyte.gz", np.array([0, 1, 2, 9, 1, 2, 0, 1], np.uint8))
+
+
+# --------------------------------------------------------------------------------------- cases
+Case = Callable[[Battery, Path], str]
+CASES: dict[str, list[tuple[str, Case]]] = collections.defaultdict(list)
+
+
+def case(group: str):
+    def register(function: Case) -> Case:
+        CASES[group].append((function.__name__, function))
+        return function
+
+    return register
+
+
+def _fresh_data(w: Path, name: str) -> Path:
+    return make_image_folder(w / name, per_class=4)
+
+
+@case("outputs")
+def export_onto_its_input(b, w):
+    return _onto_its_input(b, w, "export", "--format", "onnx")
+
+
+@case("outputs")
+def prune_onto_its_input(b, w):
+    return _onto_its_input(b, w, "prune", "--img-size", 32, "--repeats", 1)
+
+
+def _onto_its_input(b, w, command, *options) -> str:
+    before = (w / "x.pt").read_bytes()
+    r = b.cli(command, w / "x.pt", "--out", w / "x.pt", *options)
+    changed = (w / "x.pt").read_bytes() != before
+    (w / "x.pt").write_bytes(before)  # the later cases need the fixture intact
+    return verdict(r, "error", loss=changed)
+
+
+@case("outputs")
+def fresh_run_over_an_earlier_best(b, w):
+    out = w / "earlier"
+    out.mkdir()
+    (out / "best.pt").write_bytes(b"earlier best")
+    r = b.train(out)
+    return verdict(r, "error", loss=(out / "best.pt").read_bytes() != b"earlier best")
+
+
+@case("outputs")
+def two_trainings_into_one_directory(b, w):
+    out = w / "shared"
+    first = b.background(*b.train_argv(out, epochs=4))
+    time.sleep(1.5)  # both start together, the first a little ahead (as two users would)
+    second = b.train(out)
+    first.communicate(timeout=300)
+    history = [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    # Both running into one directory: one replaces the other's files (best.pt, last.pt, metrics).
+    lost = second.code == 0 or first.returncode != 0 or history != [1, 2, 3, 4]
+    return verdict(second, "error", loss=lost)
+
+
+@case("outputs")
+def resume_deletes_a_live_writers_temp_file(b, w):
+    out = w / "resumable"
+    assert b.train(out).code == 0
+    live = out / f".best.pt.{os.getpid()}.x.tmp"
+    live.write_bytes(b"a save in progress")
+    r = b.train(out, "--resume")
+    return verdict(r, "success", loss=not live.exists())
+
+
+@case("outputs")
+def train_output_under_a_file(b, w):
+    r = b.train(w / "a.png" / "run")
+    return verdict(r, "error", wrong='"epoch": 1' in r.out)
+
+
+@case("outputs")
+def bench_output_under_a_file(b, w):
+    quick = ["--models", "selecsls42b", "--sizes", 32, "--batch-sizes", 1, "--repeats", 1, "--warmup", 0]
+    r = b.cli("bench", *quick, "--output", w / "a.png" / "bench")
+    return verdict(r, "error", wrong="x ResNet-50" in r.out or "latency" in r.out.lower())
+
+
+@case("outputs")
+def files_respect_the_umask(b, w):
+    r = b.python(
+        "import os, sys, selecsls\nos.umask(0o022)\nm = selecsls.load(sys.argv[1])\nselecsls.save(m, sys.argv[2])\n"
+        "print(oct(os.stat(sys.argv[2]).st_mode & 0o777))",
+        w / "x.pt",
+        w / "umask.pt",
+    )
+    return verdict(r, "success", wrong="0o644" not in r.out)
+
+
+@case("late failures")
+def fifo_named_like_an_image(b, w):
+    data = _fresh_data(w, "fifo_data")
+    os.mkfifo(data / "val" / "cat" / "pipe.jpg")
+    r = b.cli("eval", "--data", data, "--checkpoint", w / "x.pt", "--workers", 0, timeout=60)
+    return verdict(r, "success")
+
+
+@case("late failures")
+def idx_label_beyond_the_classes(b, w):
+    r = b.cli("train", "--data", w / "idx", "--output", w / "idx_run", "--model", "selecsls42b", *TRAIN, 1)
+    return verdict(r, "error", wrong='"epoch": 1' in r.out and r.code == 0)
+
+
+@case("late failures")
+def img_size_100000(b, w):
+    r = b.cli("eval", "--data", w / "data", "--checkpoint", w / "x.pt", "--img-size", 100000, timeout=300)
+    return verdict(r, "error", wrong=r.maxrss_mb > 4000)
+
+
+@case("late failures")
+def resume_with_an_absolute_data_path(b, w):
+    out = w / "relative_run"
+    assert b.train(out, data="data", epochs=2).code == 0
+    r = b.train(out, "--resume", epochs=2)
+    return verdict(r, "success")
+
+
+@case("late failures")
+def predict_with_one_unreadable_image(b, w):
+    r = b.cli("predict", w / "a.png", w / "bad.jpg", w / "c.png", "--checkpoint", w / "x.pt")
+    both = str(w / "a.png") in r.out and str(w / "c.png") in r.out
+    return verdict(r, "error", wrong=not both)
+
+
+@case("checkpoints")
+def text_file_as_checkpoint(b, w):
+    return verdict(b.cli("export", w / "text.pt", "--format", "onnx", "--out", w / "t.onnx"), "error")
+
+
+@case("checkpoints")
+def directory_as_checkpoint(b, w):
+    r = b.cli("export", w / "dir.pt", "--format", "onnx", "--out", w / "t.onnx")
+    return verdict(r, "error", wrong="does not exist" in r.err)
+
+
+@case("checkpoints")
+def corrupt_onnx(b, w):
+    return verdict(b.cli("predict", w / "a.png", "--checkpoint", w / "bad.onnx"), "error")
+
+
+@case("checkpoints")
+def forty_random_files(b, w):
+    r = b.python(
+        "import sys, pathlib, selecsls\nfrom selecsls.models.checkpoint import CheckpointError\nbad = 0\n"
+        "for p in sorted(pathlib.Path(sys.argv[1]).iterdir()):\n    try:\n        selecsls.load(p)\n"
+        "    except CheckpointError:\n        pass\n    except Exception as exc:\n        bad += 1\n"
+        "        print(type(exc).__name__, p.name)\nprint('OTHER', bad)",
+        w / "random",
+    )
+    return "traceback" if "OTHER 0" not in r.out else "error"
+
+
+@case("checkpoints")
+def pickled_code_refused_with_our_message(b, w):
+    r = b.cli("export", w / "evil.pt", "--format", "onnx", "--out", w / "t.onnx")
+    return verdict(r, "error", wrong="refuses to load" not in r.err)
+
+
+@case("metadata")
+def build_args_smuggle_checkpoint_path(b, w):
+    return verdict(b.cli("export", w / "smuggle.pt", "--format", "onnx", "--out", w / "t.onnx"), "error")
+
+
+@case("metadata")
+def class_names_with_escape_codes(b, w):
+    r = b.cli("predict", w / "a.png", "--checkpoint", w / "escape.pt")
+    return verdict(r, "success", wrong="\x1b" in r.out)
+
+
+@case("metadata")
+def spec_declaring_huge_layers(b, w):
+    r = b.cli("export", w / "wide.pt", "--format", "onnx", "--out", w / "t.onnx", timeout=300)
+    return verdict(r, "error", wrong=r.maxrss_mb > 2000)
+
+
+@case("metadata")
+def eval_of_nan_weights(b, w):
+    return verdict(b.cli("eval", "--data", w / "data", "--checkpoint", w / "nan.pt", "--workers", 0), "error")
+
+
+@case("metadata")
+def predict_with_nan_weights(b, w):
+    return verdict(b.cli("predict", w / "a.png", "--checkpoint", w / "nan.pt"), "error")
+
+
+@case("metadata")
+def export_of_nan_weights(b, w):
+    return verdict(b.cli("export", w / "nan.pt", "--format", "onnx", "--out", w / "nan.onnx"), "error")
+
+
+@case("arguments")
+def train_warmup_epochs_negative(b, w):
+    r = b.train(w / "w", "--warmup-epochs", -3)
+    return verdict(r, "error")
+
+
+@case("arguments")
+def train_img_size_zero(b, w):
+    r = b.train(w / "z", "--img-size", 0)
+    return verdict(r, "error")
+
+
+@case("arguments")
+def eval_crop_pct_zero(b, w):
+    return verdict(b.cli("eval", "--data", w / "data", "--checkpoint", w / "x.pt", "--crop-pct", 0), "error")
+
+
+@case("arguments")
+def eval_img_size_zero(b, w):
+    return verdict(b.cli("eval", "--data", w / "data", "--checkpoint", w / "x.pt", "--img-size", 0), "error")
+
+
+@case("arguments")
+def eval_limit_zero(b, w):
+    r = b.cli("eval", "--data", w / "data", "--checkpoint", w / "x.pt", "--limit", 0, "--workers", 0)
+    return verdict(r, "error", wrong="--limit" not in r.err)
+
+
+@case("arguments")
+def export_img_size_zero(b, w):
+    r = b.cli("export", w / "x.pt", "--format", "onnx", "--out", w / "z.onnx", "--img-size", 0)
+    return verdict(r, "error")
+
+
+@case("training")
+def lr_1e9(b, w):
+    out = w / "lr1e9"
+    r = b.train(out, "--lr", "1e9", epochs=2)
+    return verdict(r, "error")
+
+
+@case("training")
+def lr_inf(b, w):
+    r = b.train(w / "lrinf", "--lr", "inf")
+    return verdict(r, "error")
+
+
+@case("training")
+def weight_decay_nan(b, w):
+    out = w / "wdnan"
+    r = b.train(out, "--weight-decay", "nan")
+    return verdict(r, "error")
+
+
+@case("training")
+def every_training_image_unreadable(b, w):
+    data = _fresh_data(w, "unreadable")
+    for image in (data / "train").rglob("*.*"):
+        corrupt_image(image)
+    r = b.train(w / "unreadable_run", data=data)
+    return verdict(r, "error")
+
+
+@case("training")
+def class_added_since_the_run(b, w):
+    data = _fresh_data(w, "growing")
+    out = w / "growing_run"
+    assert b.train(out, data=data).code == 0
+    for split in ("train", "val"):
+        (data / split / "owl").mkdir()
+        (data / split / "owl" / "0.jpg").write_bytes((data / split / "cat" / "0.jpg").read_bytes())
+    r = b.train(out, "--resume", data=data)
+    return verdict(r, "error")
+
+
+def _contrast(b, w, path: Path) -> str:
+    r = b.python(
+        "import sys, numpy\nfrom selecsls.data.datasets import open_image\n"
+        "print('UNIQUE', len(numpy.unique(numpy.asarray(open_image(sys.argv[1]).convert('L')))))",
+        path,
+    )
+    unique = int(r.out.split()[-1]) if "UNIQUE" in r.out else 0
+    return verdict(r, "success", wrong=unique < 100)
+
+
+@case("data")
+def sixteen_bit_png(b, w):
+    return _contrast(b, w, w / "deep.png")
+
+
+@case("data")
+def float_tiff(b, w):
+    return _contrast(b, w, w / "float.tif")
+
+
+@case("data")
+def float_idx(b, w):
+    r = b.python(
+        "import sys, numpy\nfrom selecsls.data.datasets import build_dataset\n"
+        "print('UNIQUE', len(numpy.unique(build_dataset(sys.argv[1], 'train').images)))",
+        w / "idx",
+    )
+    unique = int(r.out.split()[-1]) if "UNIQUE" in r.out else 0
+    return verdict(r, "success", wrong=unique < 100)
+
+
+@case("data")
+def class_folder_linked_to_its_parent(b, w):
+    data = _fresh_data(w, "looped")
+    (data / "train" / "all").symlink_to(data / "train", target_is_directory=True)
+    r = b.train(w / "looped_run", data=data)
+    return verdict(r, "error")
+
+
+@case("pruning")
+def prune_threshold_0_999(b, w):
+    r = b.cli("prune", w / "x.pt", "--out", w / "p999.pt", "--threshold", 0.999, "--img-size", 32, "--repeats", 1)
+    return verdict(r, "error")
+
+
+@case("pruning")
+def prune_threshold_1e30(b, w):
+    r = b.cli("prune", w / "x.pt", "--out", w / "p1e30.pt", "--threshold", 1e30, "--img-size", 32, "--repeats", 1)
+    return verdict(r, "error")
+
+
+def _small_disk(w: Path, name: str) -> Path | None:
+    folder = w / name
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode:
+        return None
+    (folder / "previous.bin").write_bytes(b"good")
+    return folder
+
+
+def _disk_case(b, w, name: str, *argv) -> str:
+    disk = _small_disk(w, name)
+    if disk is None:
+        return "skipped"
+    try:
+        r = b.cli(*[disk / "previous.bin" if a == "@target" else a for a in argv])
+        leftovers = sorted(p.name for p in disk.iterdir()) != ["previous.bin"]
+        return verdict(r, "error", loss=(disk / "previous.bin").read_bytes() != b"good", wrong=leftovers)
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
+
+
+@case("disk full")
+def disk_full_onnx_export(b, w):
+    return _disk_case(b, w, "disk_onnx", "export", w / "x.pt", "--format", "onnx", "--out", "@target")
+
+
+@case("disk full")
+def disk_full_torchscript_export(b, w):
+    return _disk_case(b, w, "disk_ts", "export", w / "x.pt", "--format", "torchscript", "--out", "@target")
+
+
+@case("disk full")
+def disk_full_prune_save(b, w):
+    return _disk_case(b, w, "disk_prune", "prune", w / "x.pt", "--out", "@target", "--img-size", 32, "--repeats", 1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--src", type=Path, default=ROOT / "src", help="the package source tree to test")
+    parser.add_argument("--only", help="run only cases whose name contains this")
+    args = parser.parse_args()
+    counts: collections.Counter = collections.Counter()
+    with tempfile.TemporaryDirectory(prefix="battery.") as tmp:
+        work = Path(tmp)
+        make_fixtures(work)
+        battery = Battery(args.src.resolve(), work)
+        for group, cases in CASES.items():
+            for name, function in cases:
+                if args.only and args.only not in name:
+                    continue
+                start = time.perf_counter()
+                outcome = function(battery, work)
+                counts[outcome] += 1
+                print(f"{group:<14} {name:<42} {outcome:<10} {time.perf_counter() - start:5.1f} s", flush=True)
+    order = ("error", "correct", "traceback", "hang", "wrong", "loss", "skipped")
+    print(f"\n{args.src}: {sum(counts.values())} cases: " + ", ".join(f"{counts[k]} {k}" for k in order))
+
+
+if __name__ == "__main__":
+    main()

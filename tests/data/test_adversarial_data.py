@@ -1,0 +1,142 @@
+"""Hostile data folders: FIFOs named like images, class folders linked to their parent, high bit-depth
+and float images, IDX files with labels the model has no output for."""
+
+import gzip
+import os
+import struct
+import threading
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from selecsls.data.datasets import (
+    IdxDataset,
+    ImageFolder,
+    TransformedDataset,
+    UnreadableImageError,
+    build_dataset,
+    open_image,
+    to_uint8,
+)
+from selecsls.data.transforms import build_eval_transform
+from training_fixtures import make_image_folder
+
+
+def _within(seconds, function):
+    """Run ``function`` in a thread; fail (instead of hanging the suite) if it blocks."""
+    result = {}
+
+    def run():
+        try:
+            result["value"] = function()
+        except Exception as exc:
+            result["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"blocked for more than {seconds} s"
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
+def test_a_fifo_named_like_an_image_is_skipped_not_read(tmp_path):
+    root = make_image_folder(tmp_path, per_class=2)
+    fifo = root / "val" / "cat" / "pipe.jpg"
+    os.mkfifo(fifo)
+    dataset = _within(10, lambda: build_dataset(root, "val"))
+    assert str(fifo) not in [path for path, _ in dataset.samples] and len(dataset) == 6
+    with pytest.raises(UnreadableImageError, match="not a regular file"):
+        _within(10, lambda: open_image(fifo))
+
+
+def test_a_class_folder_linked_to_its_parent_is_refused(tmp_path):
+    root = make_image_folder(tmp_path, per_class=2)
+    (root / "train" / "all").symlink_to(root / "train", target_is_directory=True)
+    with pytest.raises(ValueError, match="is found under class folders 'all' and 'cat'.*one class"):
+        build_dataset(root, "train")
+
+
+def test_an_image_linked_twice_in_one_class_counts_once(tmp_path):
+    root = make_image_folder(tmp_path, per_class=2)
+    (root / "train" / "cat" / "again.jpg").symlink_to(root / "train" / "cat" / "0.jpg")
+    assert len(ImageFolder(root / "train")) == 6
+
+
+def _gradient(dtype, top):
+    return (np.linspace(0, 1, 32 * 32).reshape(32, 32) * top).astype(dtype)
+
+
+@pytest.mark.parametrize(
+    "pixels, suffix",
+    [(_gradient(np.uint16, 65535), ".png"), (_gradient(np.float32, 1.0), ".tif"), (_gradient(np.int32, 65535), ".tif")],
+)
+def test_high_bit_depth_and_float_images_keep_their_contrast(tmp_path, pixels, suffix):
+    path = tmp_path / f"image{suffix}"
+    Image.fromarray(pixels).save(path)
+    decoded = np.asarray(open_image(path).convert("L"))
+    assert decoded.min() == 0 and decoded.max() == 255
+    assert len(np.unique(decoded)) > 200, "flattened to a few values"
+    tensor = build_eval_transform(32, crop_pct=1.0)(open_image(path))
+    assert float(tensor.std()) > 0.5
+
+
+def test_to_uint8_scales_each_kind_of_range():
+    assert to_uint8(np.array([0.0, 0.5, 1.0])).tolist() == [0, 128, 255]
+    assert to_uint8(np.array([0, 100, 255], dtype=np.int32)).tolist() == [0, 100, 255]
+    assert to_uint8(np.array([0, 65535], dtype=np.uint16)).tolist() == [0, 255]
+    assert to_uint8(np.array([-1.0, 0.0, 3.0])).tolist() == [0, 64, 255]
+    assert to_uint8(np.array([0, 4095], dtype=np.uint16), bits=12).tolist() == [0, 255]
+    assert to_uint8(np.array([np.nan, 1.0])).tolist() == [0, 255]
+
+
+def _write_idx(path, array: np.ndarray):
+    codes = {np.dtype(np.uint8): 0x08, np.dtype(">f4"): 0x0D, np.dtype(">i4"): 0x0C}
+    array = array.astype(array.dtype.newbyteorder(">")) if array.dtype != np.uint8 else array
+    header = b"\0\0" + bytes([codes[array.dtype], array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb") as handle:
+        handle.write(header + array.tobytes())
+
+
+def _idx_folder(root, train_labels, val_labels, images=None):
+    images = images if images is not None else np.zeros((len(train_labels), 8, 8), np.uint8)
+    for prefix, labels in (("train", train_labels), ("t10k", val_labels)):
+        _write_idx(root / f"{prefix}-images-idx3-ubyte.gz", images[: len(labels)])
+        _write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", np.asarray(labels, np.uint8))
+    return root
+
+
+def test_float_idx_images_are_scaled_not_truncated(tmp_path):
+    images = np.random.default_rng(0).random((4, 8, 8)).astype(">f4")
+    _write_idx(tmp_path / "i.gz", images)
+    _write_idx(tmp_path / "l.gz", np.arange(4, dtype=np.uint8))
+    dataset = IdxDataset(tmp_path / "i.gz", tmp_path / "l.gz")
+    assert len(np.unique(dataset.images)) > 100
+    assert np.abs(dataset.images / 255.0 - images).max() < 0.01
+
+
+def test_validation_labels_beyond_the_training_classes_fail_before_training(tmp_path):
+    root = _idx_folder(tmp_path, train_labels=[0, 1, 2, 1], val_labels=[0, 5])
+    classes = build_dataset(root, "train").classes
+    with pytest.raises(ValueError, match=r"has class\(es\) \['3', '4', '5'\] that are not training classes"):
+        build_dataset(root, "val", classes)
+
+
+def test_negative_or_fractional_idx_labels_are_refused(tmp_path):
+    _write_idx(tmp_path / "i.gz", np.zeros((2, 8, 8), np.uint8))
+    _write_idx(tmp_path / "l.gz", np.array([0.5, 1.0], ">f4"))
+    with pytest.raises(ValueError, match="must be non-negative integers"):
+        IdxDataset(tmp_path / "i.gz", tmp_path / "l.gz")
+
+
+def test_skipped_samples_stay_skipped_with_a_fifo_in_the_list(tmp_path):
+    """Even if a FIFO appears after listing, reading it reports it as unreadable instead of blocking."""
+    root = make_image_folder(tmp_path, per_class=1)
+    dataset = build_dataset(root, "val")
+    victim = dataset.samples[0][0]
+    os.unlink(victim)
+    os.mkfifo(victim)
+    sample = _within(10, lambda: TransformedDataset(dataset, build_eval_transform(16))[0])
+    assert sample.reason.endswith("not a regular file")

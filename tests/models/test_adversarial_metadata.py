@@ -1,0 +1,175 @@
+"""Hand-made and hostile model files: the description is checked against a strict schema before anything
+is built, pickled code is refused in torch's current wording, non-finite weights are refused."""
+
+import json
+import os
+
+import pytest
+import torch
+
+import selecsls
+from selecsls.cli import main
+from selecsls.models import serialization
+from selecsls.models.checkpoint import CheckpointError, read_file
+from selecsls.models.serialization import PAYLOAD_KEY, to_payload
+from selecsls.models.spec import MAX_CONV_PARAMS, SpecError
+from sparse_models import tiny_spec
+from training_fixtures import write_image
+
+
+def _model(**kwargs):
+    return selecsls.create_model(tiny_spec(), **{"num_classes": 3} | kwargs)
+
+
+def _save_with_description(path, model, edit):
+    """Save ``model`` with its JSON description changed by ``edit(description)`` (in place)."""
+    payload = to_payload(model)
+    description = json.loads(payload[PAYLOAD_KEY])
+    edit(description)
+    torch.save({**payload, PAYLOAD_KEY: json.dumps(description)}, path)
+    return path
+
+
+def test_build_args_cannot_smuggle_create_model_arguments(tmp_path):
+    other = tmp_path / "other.pt"
+    selecsls.save(_model(), other)
+    path = _save_with_description(
+        tmp_path / "m.pt", _model(), lambda d: d["build_args"].update(checkpoint_path=str(other))
+    )
+    with pytest.raises(CheckpointError, match="build_args has unknown key.*checkpoint_path"):
+        selecsls.load(path)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda d: d["build_args"].update(num_classes="3"), "num_classes must be an integer"),
+        (lambda d: d["build_args"].update(fused=1), "fused must be true or false"),
+        (lambda d: d["build_args"].update(drop_rate=float("nan")), "drop_rate must be a finite number"),
+        (lambda d: d["build_args"].update(output_stride=4), "output_stride must be one of"),
+        (lambda d: d.update(features_only="no"), "features_only must be true or false"),
+        (lambda d: d.update(extra=1), "unknown key.*extra"),
+        (lambda d: d["spec"].update(stem_chs=16.0), "stem_chs must be an integer"),
+        (lambda d: d["spec"]["blocks"][0].update(first=1), "first must be true or false"),
+        (lambda d: d["spec"]["blocks"][0].update(colour="red"), "unknown field.*colour"),
+        (lambda d: d["pretrained_cfg"].update(crop_pct=0), r"crop_pct must be in \[0.001, 1\]"),
+        (lambda d: d["pretrained_cfg"].update(std=[1, 0, 1]), "std must be positive"),
+        (lambda d: d["pretrained_cfg"].update(input_size=[3, 224]), "input_size must be a list of 3 integers"),
+        (lambda d: d["pretrained_cfg"].update(label_names=["a", "b"]), "list of 3 class names"),
+        (lambda d: d["pretrained_cfg"].update(loader="evil"), "unknown key.*loader"),
+    ],
+)
+def test_description_schema_names_the_bad_field(tmp_path, edit, message):
+    path = _save_with_description(tmp_path / "m.pt", _model(), edit)
+    with pytest.raises(CheckpointError, match=message):
+        selecsls.load(path)
+
+
+@pytest.mark.parametrize("scale, message", [(1, "does not match its weights"), (4, "conv weights, more than")])
+def test_a_spec_larger_than_its_weights_is_refused_before_allocating(tmp_path, monkeypatch, scale, message):
+    """A 1 KB description declaring 2000- or 8000-wide layers must not make the loader allocate gigabytes."""
+    spec = tiny_spec()
+    wide = spec.with_widths({layer: 2000 for layer, *_ in spec.conv_layers()}, name="wide").to_dict()
+    # Every width times ``scale``: still a consistent spec (input widths are sums of output widths).
+    wide["stem_chs"] *= scale
+    wide["head"] = [{**h, "out_chs": h["out_chs"] * scale} for h in wide["head"]]
+    for block in wide["blocks"]:
+        block.update(in_chs=block["in_chs"] * scale, skip_chs=block["skip_chs"] * scale)
+        block["widths"] = [w * scale for w in block["widths"]]
+    path = _save_with_description(tmp_path / "wide.pt", _model(), lambda d: d.update(spec=wide))
+    assert path.stat().st_size < 2_000_000
+    monkeypatch.setattr(serialization, "create_model", lambda *a, **k: pytest.fail("built before checking"))
+    with pytest.raises(CheckpointError, match=message):
+        selecsls.load(path)
+
+
+def test_a_spec_is_bounded_before_allocating():
+    spec = tiny_spec()
+    huge = spec.with_widths({f"features.{i}.conv6": 16384 for i in range(len(spec.blocks))})
+    with pytest.raises(SpecError, match="conv weights, more than"):
+        huge.with_widths({f"features.{i}.conv1": 16384 for i in range(len(spec.blocks))})
+    assert huge.conv_params() <= MAX_CONV_PARAMS
+    with pytest.raises(SpecError, match=r"width 16385; every width must be an integer in 1..16384"):
+        spec.with_widths({"features.0.conv1": 16385})
+
+
+def test_classifier_that_contradicts_the_description_is_refused(tmp_path):
+    path = _save_with_description(tmp_path / "m.pt", _model(), lambda d: d["build_args"].update(num_classes=7))
+    with pytest.raises(CheckpointError, match="declares 7 classes but its classifier fc.weight is"):
+        selecsls.load(path)
+
+
+def test_class_names_with_control_characters_are_made_printable(tmp_path, capsys):
+    names = ["cat\x1b[2J", "dog\nfox", "ok"]
+    path = _save_with_description(tmp_path / "m.pt", _model(), lambda d: d["pretrained_cfg"].update(label_names=names))
+    loaded = selecsls.load(path)
+    assert loaded.pretrained_cfg["label_names"] == ("cat?[2J", "dog?fox", "ok")
+
+
+def test_a_model_must_be_saveable_only_if_it_loads(tmp_path):
+    model = _model()
+    model.pretrained_cfg = {**model.pretrained_cfg, "loader": "x"}
+    with pytest.raises(CheckpointError, match="unknown key.*loader"):
+        selecsls.save(model, tmp_path / "m.pt")
+    assert not (tmp_path / "m.pt").exists()
+
+
+class _RunsCode:
+    def __init__(self, function, argument):
+        self.function, self.argument = function, argument
+
+    def __reduce__(self):
+        return self.function, (self.argument,)
+
+
+@pytest.mark.parametrize("function, shown", [(os.system, os.system.__module__ + ".system"), (print, "print")])
+def test_pickled_code_is_refused_in_torchs_current_wording(tmp_path, function, shown):
+    """torch words the refusal two ways (blocked module / not allowlisted); if its wording drifts, the
+    package's message falls back to 'not a readable PyTorch checkpoint' and this test fails."""
+    path = tmp_path / "evil.pt"
+    torch.save({"state_dict": {}, "payload": _RunsCode(function, "echo pwned")}, path)
+    with pytest.raises(CheckpointError) as caught:
+        read_file(path)
+    message = str(caught.value)
+    assert f"stores pickled Python objects ({shown})" in message
+    assert "weights_only=False" in message and "\n" not in message
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused_by_every_loader(tmp_path, capsys, bad):
+    model = _model()
+    with torch.no_grad():
+        model.fc.weight[0, 0] = bad
+    path = tmp_path / "diverged.pt"
+    torch.save(to_payload(model), path)
+    with pytest.raises(CheckpointError, match=r"non-finite weights \(NaN or infinity in fc.weight\)"):
+        selecsls.load(path)
+    assert main(["export", str(path), "--format", "onnx", "--out", str(tmp_path / "m.onnx")]) == 2
+    assert "non-finite weights" in capsys.readouterr().err
+    assert not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda p: p.mkdir(), "is a directory"),
+        (lambda p: p.write_text("model weights, honest\n"), "not a readable PyTorch checkpoint"),
+        (lambda p: os.mkfifo(p), "not a regular file"),
+    ],
+)
+def test_things_that_are_not_checkpoints_give_one_line(tmp_path, capsys, make, message):
+    path = tmp_path / "model.pt"
+    make(path)
+    assert main(["export", str(path), "--format", "onnx", "--out", str(tmp_path / "m.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_corrupt_onnx_file_gives_one_line(tmp_path, capsys):
+    image = tmp_path / "a.png"
+    write_image(image, (10, 20, 30), seed=0)
+    bad = tmp_path / "model.onnx"
+    bad.write_bytes(b"\x08\x07garbage" * 100)
+    assert main(["predict", str(image), "--checkpoint", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "is not a readable ONNX file" in err and len(err.strip().splitlines()) == 1

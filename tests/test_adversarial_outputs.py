@@ -1,0 +1,157 @@
+"""The output-safety rule: no output overwrites an input, output locations are checked before any work,
+a failed write (a full disk included) keeps the previous file and leaves no temporary file, and files
+get the mode the umask asks for."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import selecsls
+from selecsls._io import OutputError, atomic_write, check_output
+from selecsls.cli import main
+from selecsls.deploy.export import export_model
+from sparse_models import sparse_tiny_model
+
+SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("model") / "x.pt"
+    selecsls.save(sparse_tiny_model(), path)
+    return path
+
+
+def _mounted(tmp_path, options):
+    """A tmpfs mounted with ``options`` (needs root; the test is skipped where mounting is not allowed)."""
+    folder = tmp_path / "mount"
+    folder.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small filesystem here (needs root)")
+    return folder
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 64 KiB filesystem holding one small good file, ``previous.bin``."""
+    folder = _mounted(tmp_path, "size=64k")
+    (folder / "previous.bin").write_bytes(b"good")
+    yield folder
+    subprocess.run(["umount", str(folder)], check=True)
+
+
+@pytest.fixture
+def read_only_disk(tmp_path):
+    folder = _mounted(tmp_path, "size=64k,ro")
+    yield folder
+    subprocess.run(["umount", str(folder)], check=True)
+
+
+def _only_previous_file(folder: Path):
+    assert sorted(p.name for p in folder.iterdir()) == ["previous.bin"]
+    assert (folder / "previous.bin").read_bytes() == b"good"
+
+
+# ------------------------------------------------------------------------- inputs are never outputs
+@pytest.mark.parametrize("spelling", ["same", "relative", "symlink", "hardlink"])
+def test_an_output_that_resolves_to_an_input_is_refused(model_file, tmp_path, monkeypatch, spelling):
+    monkeypatch.chdir(model_file.parent)
+    out = {
+        "same": model_file,
+        "relative": Path("..") / model_file.parent.name / model_file.name,
+        "symlink": tmp_path / "link.pt",
+        "hardlink": tmp_path / "hard.pt",
+    }[spelling]
+    if spelling == "symlink":
+        out.symlink_to(model_file)
+    elif spelling == "hardlink":
+        os.link(model_file, out)
+    with pytest.raises(OutputError, match="is the input"):
+        check_output(out, [model_file])
+
+
+@pytest.mark.parametrize("command", ["export", "prune"])
+def test_export_and_prune_never_overwrite_their_input(model_file, capsys, command):
+    before = model_file.read_bytes()
+    options = ["--format", "onnx"] if command == "export" else ["--img-size", "32", "--repeats", "1"]
+    assert main([command, str(model_file), "--out", str(model_file), *options]) == 2
+    err = capsys.readouterr().err
+    assert "is the input" in err and len(err.strip().splitlines()) == 1
+    assert model_file.read_bytes() == before
+
+
+# -------------------------------------------------------------------- checked before any work
+def test_unwritable_places_are_refused_up_front(model_file, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(OutputError, match="is a file"):
+        check_output(blocker / "sub" / "out.pt")
+    with pytest.raises(OutputError, match="is a directory"):
+        check_output(tmp_path)
+    with pytest.raises(OutputError, match="is an existing file"):
+        check_output(blocker, directory=True)
+    assert check_output(tmp_path / "new" / "dir", directory=True) == tmp_path / "new" / "dir"
+    assert not (tmp_path / "new").exists(), "checking must not create anything"
+
+
+def test_a_read_only_place_is_refused_before_any_work(read_only_disk, model_file, capsys, monkeypatch):
+    import selecsls.bench.runner as runner
+
+    monkeypatch.setattr(runner, "run_benchmark", lambda *a, **k: pytest.fail("benchmarked before checking"))
+    assert main(["bench", "--output", str(read_only_disk / "bench")]) == 2
+    assert "is not writable" in capsys.readouterr().err
+    with pytest.raises(OutputError, match="is not writable"):
+        export_model(sparse_tiny_model(), read_only_disk / "m.onnx", "onnx")
+
+
+# --------------------------------------------------------------------------- failed writes
+def test_a_full_disk_keeps_the_previous_file_and_no_temporary_file(small_disk):
+    model = sparse_tiny_model()
+    for name in ("model.pt", "model.safetensors"):
+        with pytest.raises(OutputError, match=f"cannot write {small_disk / name}: .*nothing was written"):
+            selecsls.save(model, small_disk / name)
+        _only_previous_file(small_disk)
+    with pytest.raises(OutputError, match="No space left on device"), atomic_write(small_disk / "previous.bin") as f:
+        f.write(b"x" * 200_000)
+    _only_previous_file(small_disk)
+    with pytest.raises(OutputError, match="No space left on device"):
+        export_model(model.eval(), small_disk / "m.onnx", "onnx")
+    _only_previous_file(small_disk)
+
+
+def test_a_full_disk_during_torchscript_export_is_one_line_not_an_abort(small_disk, model_file):
+    """torch.jit.save's own writer aborts the process (exit 134) on a full disk; the export must not."""
+    out = small_disk / "previous.bin"
+    command = [sys.executable, "-m", "selecsls", "export", str(model_file), "--format", "torchscript"]
+    result = subprocess.run(
+        [*command, "--out", str(out), "--img-size", "32"], capture_output=True, text=True, env=SUBPROCESS_ENV
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "No space left on device" in result.stderr and "Traceback" not in result.stderr
+    _only_previous_file(small_disk)
+
+
+# ------------------------------------------------------------------------------------ modes
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_new_files_respect_the_umask(tmp_path, umask, mode):
+    old = os.umask(umask)
+    try:
+        selecsls.save(sparse_tiny_model(), tmp_path / "m.pt")
+        with atomic_write(tmp_path / "t.txt", "w") as f:
+            f.write("x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "m.pt").stat().st_mode & 0o777 == mode
+    assert (tmp_path / "t.txt").stat().st_mode & 0o777 == mode
+
+
+def test_replacing_a_file_keeps_its_mode(tmp_path):
+    target = tmp_path / "m.pt"
+    torch.save({}, target)
+    target.chmod(0o640)
+    selecsls.save(sparse_tiny_model(), target)
+    assert target.stat().st_mode & 0o777 == 0o640
