@@ -31,15 +31,16 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 GLOBAL_POOLS = ("avg", "max", "")
 
 
-def _taps_reading(size: int, kernel: int, stride: int, padding: int, dilation: int, like: Tensor) -> Tensor:
-    """One-hot ``[kernel, out_size, size]``: entry (i, o, y) is 1 iff tap i of output o reads input y.
+def _tap_index(size: int, kernel: int, stride: int, padding: int, dilation: int, device: torch.device) -> Tensor:
+    """``[out_size, size]``: the tap of output o that reads input y, or ``kernel`` (a zero tap) if none.
 
-    Taps that land on zero padding match no ``y``, so they drop out of the dense matrix below.
+    Taps that land on zero padding read no input, so they are absent from the dense matrix below.
     """
     out_size = (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
-    reads = torch.arange(out_size, device=like.device)[None] * stride - padding
-    reads = reads + torch.arange(kernel, device=like.device)[:, None] * dilation
-    return (reads[..., None] == torch.arange(size, device=like.device)).to(like.dtype)
+    offset = torch.arange(size, device=device)[None] + padding - torch.arange(out_size, device=device)[:, None] * stride
+    tap = torch.div(offset, dilation, rounding_mode="floor")
+    reads = (offset % dilation == 0) & (tap >= 0) & (tap < kernel)
+    return torch.where(reads, tap, torch.full_like(tap, kernel))
 
 
 class SmallMapConv2d(nn.Conv2d):
@@ -63,21 +64,21 @@ class SmallMapConv2d(nn.Conv2d):
 
     def _dense_forward(self, x: Tensor) -> Tensor:
         batch, channels, height, width = x.shape
-        weight = self.weight
-        rows = _taps_reading(height, weight.shape[2], self.stride[0], self.padding[0], self.dilation[0], weight)
-        cols = _taps_reading(width, weight.shape[3], self.stride[1], self.padding[1], self.dilation[1], weight)
-        out_h, out_w = rows.shape[1], cols.shape[1]
-        # matrix[(o, p, q), (c, y, x)] = weight[o, c, i, j] for the tap (i, j) reading (y, x) from (p, q).
-        # tensordot, not einsum: TorchScript passes einsum's operands as a list, which keeps
-        # torch.jit.freeze from turning the weight into a constant.
-        matrix = torch.tensordot(torch.tensordot(weight, rows, dims=([2], [0])), cols, dims=([2], [0]))
-        matrix = matrix.permute(0, 2, 4, 1, 3, 5)  # (o, c, p, y, q, x) -> (o, p, q, c, y, x)
-        matrix = matrix.reshape(weight.shape[0] * out_h * out_w, channels * height * width)
-        # Under autocast x may be bf16/fp16 while the weight stays fp32: multiply in x's precision, as a conv would.
+        out_chs, _, kernel_h, kernel_w = self.weight.shape
+        rows = _tap_index(height, kernel_h, self.stride[0], self.padding[0], self.dilation[0], x.device)
+        cols = _tap_index(width, kernel_w, self.stride[1], self.padding[1], self.dilation[1], x.device)
+        out_h, out_w = rows.shape[0], cols.shape[0]
+        # matrix[(o, p, q), (c, y, x)] = weight[o, c, i, j] for the tap (i, j) by which output (p, q) reads
+        # input (y, x), 0 where none does (index ``kernel``: the zero row and column padded on).
+        # Gathering (not a product with one-hot matrices) keeps the weight's dtype under autocast.
+        weight = F.pad(self.weight, [0, 1, 0, 1])
+        matrix = weight[:, :, rows[:, :, None, None], cols[None, None, :, :]]  # (o, c, p, y, q, x)
+        matrix = matrix.permute(0, 2, 4, 1, 3, 5).reshape(out_chs * out_h * out_w, channels * height * width)
+        # Under autocast x may be bf16 while the weight stays fp32: multiply in x's precision, as a conv would.
         out = torch.mm(x.reshape(batch, channels * height * width), matrix.t().to(x.dtype))
-        out = out.reshape(batch, weight.shape[0], out_h, out_w)
+        out = out.reshape(batch, out_chs, out_h, out_w)
         bias = self.bias
-        return out if bias is None else out + bias.reshape(1, -1, 1, 1)
+        return out if bias is None else out + bias.reshape(1, -1, 1, 1).to(out.dtype)
 
 
 class ConvNormAct(nn.Module):
