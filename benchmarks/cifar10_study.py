@@ -242,10 +242,6 @@ def deploy(data: str, out: Path, preset: Preset) -> None:
         )
 
 
-if __name__ == "__main__":
-    main()
-
-
 # ------------------------------------------------------------------------------------ report
 def _metrics(directory: Path) -> list[dict]:
     path = directory / "metrics.jsonl"
@@ -356,3 +352,7 @@ def _print_tables(result: dict) -> None:
             for k in ("params", "gmacs", "latency_ms")
         ]
         print(f"| {name} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()

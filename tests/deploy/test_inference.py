@@ -104,3 +104,14 @@ def test_predict_reports_a_checkpoint_model_mismatch(tmp_path, image, capsys):
 def test_predict_needs_weights(image, capsys):
     assert main(["predict", str(image)]) == 2
     assert "give --checkpoint FILE, or --model NAME" in capsys.readouterr().err
+
+
+def test_a_fixed_batch_onnx_file_predicts_many_images(checkpoint, image, tmp_path):
+    """An export without --dynamic has a batch of one; predict still takes several images at once."""
+    onnx_path = tmp_path / "static.onnx"
+    assert main(["export", str(checkpoint), "--format", "onnx", "--out", str(onnx_path)]) == 0
+    predictions = Predictor.from_onnx(onnx_path).predict([image] * 3, topk=2)
+    reference = Predictor.from_model(selecsls.load(checkpoint), "eager").predict([image], topk=2)[0].classes
+    assert len(predictions) == 3
+    for prediction in predictions:
+        assert [p for _, p in prediction.classes] == pytest.approx([p for _, p in reference], abs=1e-5)

@@ -130,7 +130,10 @@ class Predictor:
         if not isinstance(num_classes, int):
             raise CheckpointError(f"{shown}: its output has no fixed number of classes")
         cfg = check_pretrained_cfg(metadata, num_classes, shown)
-        return cls(session_runner(session), eval_transform_from_cfg(cfg), class_names(cfg, num_classes), "onnxruntime")
+        run = session_runner(session)
+        if session.get_inputs()[0].shape[0] == 1:  # exported without --dynamic: a fixed batch of one
+            run = one_image_at_a_time(run)
+        return cls(run, eval_transform_from_cfg(cfg), class_names(cfg, num_classes), "onnxruntime")
 
     def predict(self, paths: Sequence[PathLike], topk: int = 5, batch_size: int = 16) -> list[Prediction]:
         """Top-``topk`` classes with softmax probabilities for each image, in input order.
