@@ -72,7 +72,7 @@ def test_every_backend_and_the_exported_file_give_the_same_probabilities(checkpo
     }
     onnx_path = tmp_path / "model.onnx"
     assert main(["export", str(checkpoint), "--format", "onnx", "--dynamic", "--out", str(onnx_path)]) == 0
-    results["onnx file"] = Predictor.from_onnx(onnx_path).predict([image], topk=3)
+    results["onnx file"] = Predictor.from_exported(onnx_path).predict([image], topk=3)
     reference = results["eager"][0].classes
     for backend, predictions in results.items():
         assert [name for name, _ in predictions[0].classes] == [name for name, _ in reference], backend
