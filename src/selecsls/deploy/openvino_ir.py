@@ -129,8 +129,10 @@ def ir_metadata(model, source: str) -> dict[str, Any]:
 def quantize_ir(model, calibration_images: Tensor):
     """The int8 version of ``model`` by NNCF post-training quantization, calibrated on ``calibration_images``.
 
-    NNCF's defaults for the CPU: symmetric per-channel int8 weights, int8 activations (signedness
-    from the calibration statistics), fast bias correction. ``calibration_images`` (N, C, H, W) are
+    NNCF's CPU defaults (symmetric per-channel int8 weights, int8 activations with signedness from
+    the calibration statistics) without its fast bias correction: on the Fashion-MNIST test model
+    the correction, fitted to the calibration images, cut top-1 agreement with fp32 from 92% to 78%
+    (ONNX Runtime's quantizer does none either). ``calibration_images`` (N, C, H, W) are
     preprocessed as at inference and fed in batches of the model's fixed batch size (1 if dynamic).
     NNCF's log and progress bars are silenced.
     """
@@ -149,6 +151,6 @@ def quantize_ir(model, calibration_images: Tensor):
     nncf_logger.setLevel(logging.ERROR)
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # rich progress bars print to sys.stdout
-            return nncf.quantize(model, nncf.Dataset(chunks), subset_size=len(chunks))
+            return nncf.quantize(model, nncf.Dataset(chunks), subset_size=len(chunks), fast_bias_correction=False)
     finally:
         nncf_logger.setLevel(level)
