@@ -132,6 +132,20 @@ def test_unavailable_backends_raise_with_a_reason():
         BACKENDS["pruned_int8"](create_model("resnet50"), torch.zeros(1, 3, 32, 32))
     with pytest.raises(BackendUnavailable, match="selecsls_no_such_module is not importable"):
         Backend("missing", "module absent", "selecsls_no_such_module:run")(nn.Identity(), torch.zeros(1))
+    for name in ("cuda_graphs", "cuda_graphs_fp16"):
+        with pytest.raises(BackendUnavailable, match=f"backend {name} runs on cuda only; the example is on cpu"):
+            BACKENDS[name](create_model("resnet50"), torch.zeros(1, 3, 32, 32))
+
+
+def test_cuda_graph_backends_capture_fp32_or_fp16_channels_last(monkeypatch):
+    import selecsls.deploy.runtimes as runtimes
+
+    captured = []
+    monkeypatch.setattr(runtimes, "_captured", lambda model, example, *formats: captured.append(formats))
+    runtimes.cuda_graphs(nn.Identity(), torch.zeros(1))
+    runtimes.cuda_graphs_fp16(nn.Identity(), torch.zeros(1))
+    assert captured == [(torch.float32, torch.contiguous_format), (torch.float16, torch.channels_last)]
+    assert (BACKENDS["cuda_graphs"].exact, BACKENDS["cuda_graphs_fp16"].precision) == (True, "fp16")
 
 
 def needs_hardware(model, example):
