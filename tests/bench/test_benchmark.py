@@ -137,17 +137,6 @@ def test_unavailable_backends_raise_with_a_reason():
             BACKENDS[name](create_model("resnet50"), torch.zeros(1, 3, 32, 32))
 
 
-def test_cuda_graph_backends_capture_fp32_or_fp16_channels_last(monkeypatch):
-    import selecsls.deploy.runtimes as runtimes
-
-    captured = []
-    monkeypatch.setattr(runtimes, "_captured", lambda model, example, *formats: captured.append(formats))
-    runtimes.cuda_graphs(nn.Identity(), torch.zeros(1))
-    runtimes.cuda_graphs_fp16(nn.Identity(), torch.zeros(1))
-    assert captured == [(torch.float32, torch.contiguous_format), (torch.float16, torch.channels_last)]
-    assert (BACKENDS["cuda_graphs"].exact, BACKENDS["cuda_graphs_fp16"].precision) == (True, "fp16")
-
-
 def needs_hardware(model, example):
     raise BackendUnavailable("no accelerator here")
 

@@ -98,7 +98,12 @@ BACKENDS: dict[str, Backend] = {
         Backend("eager", "plain PyTorch, NCHW memory layout", f"{_TORCH}:eager"),
         Backend("channels_last", "eager, weights and input in NHWC (channels-last) layout", f"{_TORCH}:channels_last"),
         Backend("script", "TorchScript (torch.jit.script)", f"{_TORCH}:script"),
-        Backend("compile", "torch.compile (inductor), compiled before timing", f"{_TORCH}:compile_inductor"),
+        Backend(
+            "compile",
+            "torch.compile (inductor), weights frozen, compiled at the example's shape before timing",
+            f"{_TORCH}:compile_inductor",
+            fixed_shape=True,
+        ),
         Backend("fused", "BatchNorm folded into the convs (selecsls.fuse; torch.fx for baselines)", f"{_TORCH}:fused"),
         Backend(
             "fused_channels_last", "BatchNorm folded, weights and input channels-last", f"{_TORCH}:fused_channels_last"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 
 import torch
+import torch._inductor.config
 from torch import Tensor, nn
 from torch.fx.experimental.optimization import fuse as fx_fuse
 
@@ -39,11 +40,22 @@ def script(model: nn.Module, example: Tensor) -> Runner:
     return scripted
 
 
+#: Inductor settings of the ``compile`` backend (``benchmarks/inductor_settings.py`` measures the
+#: alternatives). Freezing makes the weights constants: BatchNorm is folded and every conv weight is
+#: laid out (prepacked) for oneDNN once, at compile time. Unfrozen, inductor takes the weights as
+#: inputs and copies every 3x3 weight to channels-last layout on every call (~100 MB per image for
+#: selecsls60, whose head holds ~26 M 3x3 parameters): the compiled model was slower than eager.
+COMPILE_SETTINGS = {"freezing": True}
+
+
 def compile_inductor(model: nn.Module, example: Tensor) -> Runner:
-    """``torch.compile`` (inductor); compiled here, on the example, so timing excludes compilation."""
+    """``torch.compile`` (inductor) with :data:`COMPILE_SETTINGS`, compiled here on the example (so
+    timing excludes compilation) for inference: later calls must run under ``torch.no_grad``."""
     compiled = torch.compile(model)
     try:
-        with torch.no_grad():
+        # torch.compile(options=) ignores ``freezing`` in torch 2.13; the config applies when the
+        # first call compiles.
+        with torch.no_grad(), torch._inductor.config.patch(COMPILE_SETTINGS):
             compiled(example)
     except Exception as exc:  # inductor needs a working C++ (CPU) or Triton (GPU) toolchain at run time
         raise BackendUnavailable(f"torch.compile failed: {first_line(exc)}") from exc
