@@ -23,6 +23,7 @@ compile time. The variants test one hypothesis each:
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import time
@@ -66,7 +67,8 @@ def main() -> None:
             expected = model(example)
             calls[f"{name} eager"] = lambda model=model: model(example)
             for variant in args.variants.split(","):
-                compiled = torch.compile(model)
+                # A copy per variant: dynamo caches compiled code per module and ignores inductor settings.
+                compiled = torch.compile(copy.deepcopy(model))
                 start = time.perf_counter()
                 with torch._inductor.config.patch(VARIANTS[variant]):
                     output = compiled(example)
