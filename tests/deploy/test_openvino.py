@@ -100,12 +100,16 @@ def test_reading_an_ir_without_its_weights_names_the_missing_file(model, tmp_pat
         read_metadata(xml)
 
 
-def test_a_missing_openvino_is_a_skip_reason_not_an_import_error(model, monkeypatch):
+def test_a_missing_openvino_is_a_skip_reason_not_an_import_error(model, tmp_path, capsys, monkeypatch):
+    checkpoint = tmp_path / "model.pt"
+    selecsls.save(model, checkpoint)
     monkeypatch.setitem(sys.modules, "openvino", None)  # `import openvino` now raises ImportError
+    assert main(["export", str(checkpoint), "--format", "openvino", "--out", str(tmp_path / "m.xml")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("selecsls export: error: openvino is needed") and "\n" not in err
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["model.pt"]
     for name in ("openvino", "openvino_int8"):
-        with pytest.raises(
-            BackendUnavailable, match=r"openvino is not importable \(pip install 'selecsls\[openvino\]'\)"
-        ):
+        with pytest.raises(BackendUnavailable, match=r"openvino is needed .*pip install 'selecsls\[openvino\]'"):
             BACKENDS[name].build(model, torch.randn(1, *SIZE))
     monkeypatch.setattr("selecsls.bench.runner.inference_rss_growth_bytes", lambda models, shapes, threads: {})
     settings = BenchSettings(

@@ -57,7 +57,6 @@ class Backend:
     ``device``: the one device type it runs on ("cpu": ONNX Runtime's CPU provider; "cuda":
     CUDA graphs), None for any.
     ``fixed_shape``: the runner accepts only the example's shape (a graph exported at it).
-    ``extra``: the ``pip install 'selecsls[EXTRA]'`` that provides its optional packages.
     """
 
     name: str
@@ -67,7 +66,6 @@ class Backend:
     precision: str = "fp32"
     device: str | None = None
     fixed_shape: bool = False
-    extra: str | None = None
 
     def build(self, model: nn.Module, example: Tensor) -> Runner:
         if self.device is not None and example.device.type != self.device:
@@ -81,9 +79,8 @@ class Backend:
             raise BackendUnavailable(f"{module} is not importable: {first_line(exc)}") from exc
         try:
             return build(model, example)
-        except ImportError as exc:  # an optional runtime imported by the builder
-            hint = f" (pip install 'selecsls[{self.extra}]')" if self.extra else ""
-            raise BackendUnavailable(f"{exc.name or 'a package'} is not importable{hint}: {first_line(exc)}") from exc
+        except ImportError as exc:  # an optional runtime (selecsls._optional.require names its extra)
+            raise BackendUnavailable(first_line(exc)) from exc
 
     def __call__(self, model: nn.Module, example: Tensor) -> Callable[[], Any]:
         """A zero-argument call running the built backend on ``example`` (what the benchmark times)."""
@@ -114,7 +111,6 @@ BACKENDS: dict[str, Backend] = {
             "selecsls.deploy.export:onnxruntime_backend",
             device="cpu",
             fixed_shape=True,
-            extra="all",
         ),
         Backend(
             "int8",
@@ -124,7 +120,6 @@ BACKENDS: dict[str, Backend] = {
             precision="int8",
             device="cpu",
             fixed_shape=True,
-            extra="all",
         ),
         Backend(
             "openvino",
@@ -132,7 +127,6 @@ BACKENDS: dict[str, Backend] = {
             "selecsls.deploy.export:openvino_backend",
             device="cpu",
             fixed_shape=True,
-            extra="openvino",
         ),
         Backend(
             "openvino_int8",
@@ -142,7 +136,6 @@ BACKENDS: dict[str, Backend] = {
             precision="int8",
             device="cpu",
             fixed_shape=True,
-            extra="openvino",
         ),
         Backend(
             "cuda_graphs",
@@ -174,7 +167,6 @@ BACKENDS: dict[str, Backend] = {
             precision="int8",
             device="cpu",
             fixed_shape=True,
-            extra="all",
         ),
     )
 }

@@ -9,7 +9,8 @@ Two settings keep OpenVINO exact (measured on selecsls60, relative to the PyTorc
 Models are converted from the package's ONNX export (``selecsls.deploy.export.to_onnx``), not from
 PyTorch directly: the outputs are identical, conversion is 3-5x faster (no ``torch.jit.trace``)
 and the graph keeps the ONNX names ``input`` and ``logits``. ``openvino`` and ``nncf`` are
-optional: they are imported inside the functions, and an ImportError becomes a skipped backend.
+optional (the ``openvino`` extra): they are imported inside the functions with
+:func:`selecsls._optional.require`, so a missing one is one line naming the extra (and a skipped backend).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import torch
 from torch import Tensor
 
 from selecsls._io import PathLike, atomic_paths
+from selecsls._optional import require
 from selecsls.deploy.backends import Runner
 
 __all__ = [
@@ -45,11 +47,13 @@ __all__ = [
 METADATA_PATH = ["selecsls", "pretrained_cfg"]
 
 
+def _openvino():
+    return require("openvino", "to run or write OpenVINO models", extra="openvino")
+
+
 @lru_cache(maxsize=1)
 def _core():
-    import openvino as ov
-
-    return ov.Core()
+    return _openvino().Core()
 
 
 def compile_config(threads: int | None = None) -> dict[str, Any]:
@@ -63,9 +67,7 @@ def compile_config(threads: int | None = None) -> dict[str, Any]:
 
 def from_onnx(onnx_model: bytes, metadata: str):
     """The ``openvino.Model`` of a serialised ONNX model, carrying ``metadata`` (the JSON ``pretrained_cfg``)."""
-    import openvino as ov
-
-    model = ov.convert_model(io.BytesIO(onnx_model))
+    model = _openvino().convert_model(io.BytesIO(onnx_model))
     model.set_rt_info(metadata, METADATA_PATH)
     return model
 
@@ -102,9 +104,7 @@ def staged_ir(path: PathLike) -> Iterator[Path]:
 
 def save_ir(model, xml: PathLike) -> None:
     """Write ``model`` as ``xml`` + its .bin with fp32 weights kept fp32 (module docstring)."""
-    import openvino as ov
-
-    ov.save_model(model, os.fspath(xml), compress_to_fp16=False)
+    _openvino().save_model(model, os.fspath(xml), compress_to_fp16=False)
 
 
 def read_ir(path: PathLike):
@@ -136,8 +136,7 @@ def quantize_ir(model, calibration_images: Tensor):
     preprocessed as at inference and fed in batches of the model's fixed batch size (1 if dynamic).
     NNCF's log and progress bars are silenced.
     """
-    import nncf
-
+    nncf = require("nncf", "to quantize OpenVINO models", extra="openvino")
     shape = model.inputs[0].get_partial_shape()
     batch = shape[0].get_length() if shape[0].is_static else 1
     if calibration_images.ndim != 4 or len(calibration_images) < batch:
