@@ -106,6 +106,14 @@ BACKENDS: dict[str, Backend] = {
             "fused_channels_last", "BatchNorm folded, weights and input channels-last", f"{_TORCH}:fused_channels_last"
         ),
         Backend(
+            "tuned",
+            "BatchNorm folded; each spatial conv runs as oneDNN's conv or as an exact im2col matrix product, "
+            "whichever was faster at the example's shape",
+            f"{_TORCH}:tuned",
+            device="cpu",
+            fixed_shape=True,
+        ),
+        Backend(
             "onnxruntime",
             "ONNX Runtime (CPU, fp32) on the model exported at the example's shape, checked against PyTorch",
             "selecsls.deploy.export:onnxruntime_backend",
