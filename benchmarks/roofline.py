@@ -40,7 +40,7 @@ def size(text: str) -> tuple[int, int]:
     return int(height or width), int(width)
 
 
-def seconds(fn, repeats: int, summary=statistics.median, warmup: int = 2) -> float:
+def timed(fn, repeats: int, summary=statistics.median, warmup: int = 2) -> float:
     for _ in range(warmup):
         fn()
     samples = []
@@ -56,12 +56,12 @@ def machine_peaks(repeats: int) -> dict[str, float]:
     call of each (a peak; the median is pulled down by other jobs on a shared machine)."""
     with torch.no_grad():
         a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-        matmul = 2 * 2048**3 / seconds(lambda: a @ b, repeats, min) / 1e9
+        matmul = 2 * 2048**3 / timed(lambda: a @ b, repeats, min) / 1e9
         source = torch.ones(64 * 2**20)  # 256 MB, far beyond any cache
         target = torch.empty_like(source)
-        copy = 2 * source.numel() * 4 / seconds(lambda: target.copy_(source), repeats, min) / 1e9
+        copy = 2 * source.numel() * 4 / timed(lambda: target.copy_(source), repeats, min) / 1e9
         weights, vector = torch.randn(9216, 1024), torch.randn(1024, 1)  # 37.7 MB: head.2 of selecsls60
-        gemv = weights.numel() * 4 / seconds(lambda: torch.mm(weights, vector), repeats, min) / 1e9
+        gemv = weights.numel() * 4 / timed(lambda: torch.mm(weights, vector), repeats, min) / 1e9
     return dict(matmul_gflops=matmul, copy_gbs=copy, gemv_gbs=gemv)
 
 
@@ -85,7 +85,7 @@ def conv_layers(model: nn.Module, example: torch.Tensor, repeats: int) -> tuple[
     handles = [m.register_forward_pre_hook(before(name)) for name, m in convs.items()]
     handles += [m.register_forward_hook(after(name)) for name, m in convs.items()]
     with torch.no_grad():
-        forward = seconds(lambda: model(example), repeats)
+        forward = timed(lambda: model(example), repeats)
     for handle in handles:
         handle.remove()
     rows = []
