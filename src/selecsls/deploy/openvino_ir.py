@@ -129,11 +129,14 @@ def ir_metadata(model, source: str) -> dict[str, Any]:
 def quantize_ir(model, calibration_images: Tensor):
     """The int8 version of ``model`` by NNCF post-training quantization, calibrated on ``calibration_images``.
 
-    NNCF's CPU defaults (symmetric per-channel int8 weights, int8 activations with signedness from
-    the calibration statistics) without its fast bias correction: on the Fashion-MNIST test model
-    the correction, fitted to the calibration images, cut top-1 agreement with fp32 from 92% to 78%
-    (ONNX Runtime's quantizer does none either). ``calibration_images`` (N, C, H, W) are
-    preprocessed as at inference and fed in batches of the model's fixed batch size (1 if dynamic).
+    NNCF's CPU preset (symmetric per-channel int8 weights, int8 activations with signedness from
+    the calibration statistics) with two changes measured on the test suite's Fashion-MNIST model
+    (top-1 agreement with fp32 on 500 validation images): activation ranges from the calibration
+    minimum and maximum, as ONNX Runtime's quantizer does, instead of NNCF's outlier-clipping
+    estimate, and no fast bias correction (fitted to the few calibration images). NNCF's defaults:
+    66% agreement, 7.2 points top-1 lost; without the bias correction: 87%, 2.2 points; both
+    changes: 94%, 0.2 points. ``calibration_images`` (N, C, H, W) are preprocessed as at inference
+    and fed in batches of the model's fixed batch size (1 if dynamic).
     NNCF's log and progress bars are silenced.
     """
     nncf = require("nncf", "to quantize OpenVINO models", extra="openvino")
@@ -145,11 +148,18 @@ def quantize_ir(model, calibration_images: Tensor):
             f"got {tuple(calibration_images.shape)}"
         )
     chunks = [chunk.numpy() for chunk in calibration_images[: len(calibration_images) // batch * batch].split(batch)]
+    min_max = nncf.quantization.range_estimator.RangeEstimatorParametersSet.MINMAX
     nncf_logger = logging.getLogger("nncf")
     level = nncf_logger.level
     nncf_logger.setLevel(logging.ERROR)
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # rich progress bars print to sys.stdout
-            return nncf.quantize(model, nncf.Dataset(chunks), subset_size=len(chunks), fast_bias_correction=False)
+            return nncf.quantize(
+                model,
+                nncf.Dataset(chunks),
+                subset_size=len(chunks),
+                fast_bias_correction=False,
+                advanced_parameters=nncf.AdvancedQuantizationParameters(activations_range_estimator_params=min_max),
+            )
     finally:
         nncf_logger.setLevel(level)
