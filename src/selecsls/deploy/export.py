@@ -281,9 +281,8 @@ def export_model(
         raise ValueError(f"format must be one of {EXPORT_FORMATS}, got {format!r}")
     if dynamic and format not in DYNAMIC_FORMATS:
         raise ValueError("dynamic applies to ONNX and OpenVINO: TorchScript already accepts any batch and image size")
-    check_output(path)
-    if format == "openvino":
-        check_output(os.fspath(path)[: -len(".xml")] + ".bin")
+    for output in openvino_ir.ir_files(path) if format == "openvino" else (path,):
+        check_output(output)
     model = model.eval()
     example = _example_input(model, input_size)
     if images is not None and tuple(images.shape[1:]) != tuple(example.shape[1:]):

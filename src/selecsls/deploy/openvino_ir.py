@@ -36,6 +36,7 @@ __all__ = [
     "compile_config",
     "compiled_runner",
     "from_onnx",
+    "ir_files",
     "ir_metadata",
     "quantize_ir",
     "read_ir",
@@ -84,7 +85,8 @@ def compiled_runner(model, threads: int | None = None) -> Runner:
     return lambda x: torch.from_numpy(request.infer([x.numpy()])[0])
 
 
-def _ir_files(path: PathLike) -> tuple[Path, Path]:
+def ir_files(path: PathLike) -> tuple[Path, Path]:
+    """(NAME.xml, NAME.bin) of an IR path; a path not ending in .xml is one clear error."""
     xml = Path(path)
     if xml.suffix != ".xml":
         raise ValueError(
@@ -97,7 +99,7 @@ def _ir_files(path: PathLike) -> tuple[Path, Path]:
 def staged_ir(path: PathLike) -> Iterator[Path]:
     """Yield a temporary .xml to :func:`save_ir` to (and check); ``path`` (.xml) and its .bin land
     together only if the block succeeds (:func:`selecsls._io.atomic_paths`)."""
-    xml, weights = _ir_files(path)
+    xml, weights = ir_files(path)
     with atomic_paths(weights, xml) as (_, staged_xml):
         yield staged_xml
 
@@ -109,7 +111,7 @@ def save_ir(model, xml: PathLike) -> None:
 
 def read_ir(path: PathLike):
     """The ``openvino.Model`` of an IR written by :func:`save_ir` (its .bin beside it)."""
-    xml, weights = _ir_files(path)
+    xml, weights = ir_files(path)
     missing = [os.fspath(p) for p in (xml, weights) if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"OpenVINO IR file(s) {missing} do not exist (an IR is NAME.xml with NAME.bin)")
