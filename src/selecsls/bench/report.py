@@ -203,7 +203,8 @@ def write_plot(result: dict, path: str | os.PathLike) -> None:
         yscale="log",
         title="Eager inference latency",
     )
-    latency_axes.legend(fontsize="small")
+    if latency_axes.lines:  # eager may not be among the timed backends
+        latency_axes.legend(fontsize="small")
 
     if show_best:
         best = result["best_vs_best"]
