@@ -7,6 +7,8 @@
   an input, and its directory must be writable, so a long job never fails at its very end.
 * Files are created with the mode any other tool would give them (0o666 minus the umask),
   not the 0o600 of :func:`tempfile.mkstemp`.
+* Files that only work together (an OpenVINO ``.xml`` and its ``.bin``) land together or not at
+  all (:func:`atomic_paths`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -23,6 +26,7 @@ __all__ = [
     "OutputError",
     "PathLike",
     "atomic_path",
+    "atomic_paths",
     "atomic_write",
     "check_output",
     "one_line",
@@ -177,3 +181,35 @@ def atomic_write(path: PathLike, mode: str = "wb") -> Iterator[IO]:
         yield handle
         handle.flush()
         os.fsync(handle.fileno())
+
+
+@contextlib.contextmanager
+def atomic_paths(*paths: str | os.PathLike) -> Iterator[list[Path]]:
+    """:func:`atomic_path` for files that only work together (an OpenVINO ``.xml`` and its ``.bin``).
+
+    Yields temporary paths with the same file names in a fresh folder beside them (libraries that
+    derive one name from another, as OpenVINO derives ``.bin`` from ``.xml``, keep working). On
+    success they are renamed into place in the order given; if a rename fails, the files already
+    moved are removed, so the set appears whole or not at all. All paths must share one folder.
+    """
+    targets = [Path(path) for path in paths]
+    folder = targets[0].parent
+    if any(target.parent != folder for target in targets) or len({t.name for t in targets}) != len(targets):
+        raise ValueError(f"atomic_paths needs distinct file names in one folder, got {[str(t) for t in targets]}")
+    folder.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=folder, prefix=f".{targets[0].name}."))
+    try:
+        temporaries = [staging / target.name for target in targets]
+        yield temporaries
+        moved: list[Path] = []
+        try:
+            for temporary, target in zip(temporaries, targets):
+                os.replace(temporary, target)
+                moved.append(target)
+        except BaseException:
+            for target in moved:
+                with contextlib.suppress(FileNotFoundError):
+                    target.unlink()
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

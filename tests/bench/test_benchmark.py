@@ -12,13 +12,16 @@ from selecsls.bench.runner import (
     FULL_SIZES,
     QUICK_SHAPES,
     BenchSettings,
+    best_vs_best,
     grid_shapes,
     run_benchmark,
+    shape_key,
+    size_label,
     summarize,
     time_interleaved,
 )
 from selecsls.cli import main
-from selecsls.deploy.backends import BACKENDS, Backend, BackendUnavailable
+from selecsls.deploy.backends import BACKENDS, Backend, BackendUnavailable, device_backends
 from selecsls.models.baselines import create_baseline
 from sparse_models import tiny_spec, trained_like
 
@@ -80,11 +83,19 @@ def test_flop_count_of_a_single_conv_matches_the_formula():
     assert count_flops(conv, (2, 3, 16, 16)) == 2 * 2 * out_pixels * 8 * 3 * 3 * 3
 
 
-def test_grid_shapes_quick_full_and_overridden():
+def test_grid_shapes_presets_and_overrides():
     assert grid_shapes() == QUICK_SHAPES
-    assert grid_shapes(full=True) == tuple((b, s) for b in FULL_BATCH_SIZES for s in FULL_SIZES)
-    assert grid_shapes(sizes=(64, 96), batch_sizes=(2,)) == ((2, 64), (2, 96))
-    assert grid_shapes(full=True, batch_sizes=(1,)) == tuple((1, s) for s in FULL_SIZES)
+    assert grid_shapes("full") == tuple((b, *s) for b in FULL_BATCH_SIZES for s in FULL_SIZES)
+    assert grid_shapes("realtime") == ((1, 224, 224), (1, 320, 512), (1, 512, 512))
+    assert grid_shapes(sizes=((64, 64), (48, 96)), batch_sizes=(2,)) == ((2, 64, 64), (2, 48, 96))
+    assert grid_shapes("full", batch_sizes=(1,)) == tuple((1, *s) for s in FULL_SIZES)
+    assert grid_shapes("realtime", sizes=((32, 32),)) == ((1, 32, 32),)
+    with pytest.raises(ValueError, match="preset must be one of quick, full, realtime"):
+        grid_shapes("fast")
+
+
+def test_size_labels_name_width_by_height():
+    assert (size_label(224, 224), size_label(320, 512), shape_key(1, 320, 512)) == ("224", "512x320", "1x512x320")
 
 
 @pytest.mark.parametrize(
@@ -92,7 +103,8 @@ def test_grid_shapes_quick_full_and_overridden():
     [
         (dict(models=("resnet51",)), "choose from .*resnet50"),
         (dict(backends=("tensorrt",)), "choose from eager"),
-        (dict(shapes=((1, 0),)), "must be positive"),
+        (dict(shapes=((1, 0, 32),)), "must be positive"),
+        (dict(shapes=((1, 32),)), "must be positive \\(batch, height, width\\)"),
         (dict(repeats=0), "repeats >= 1"),
     ],
 )
@@ -120,6 +132,9 @@ def test_unavailable_backends_raise_with_a_reason():
         BACKENDS["pruned_int8"](create_model("resnet50"), torch.zeros(1, 3, 32, 32))
     with pytest.raises(BackendUnavailable, match="selecsls_no_such_module is not importable"):
         Backend("missing", "module absent", "selecsls_no_such_module:run")(nn.Identity(), torch.zeros(1))
+    for name in ("cuda_graphs", "cuda_graphs_fp16"):
+        with pytest.raises(BackendUnavailable, match=f"backend {name} runs on cuda only; the example is on cpu"):
+            BACKENDS[name](create_model("resnet50"), torch.zeros(1, 3, 32, 32))
 
 
 def needs_hardware(model, example):
@@ -132,18 +147,24 @@ def test_run_benchmark_records_a_skipped_backend_with_its_reason(monkeypatch):
     )
     settings = BenchSettings(
         models=("selecsls42b",),
-        shapes=((1, 32),),
+        shapes=((1, 32, 32),),
         backends=("eager", "needs_hardware"),
         warmup=0,
         repeats=2,
-        memory_shapes=((2, 64),),
+        memory_shapes=((2, 64, 64),),
     )
     monkeypatch.setattr("selecsls.bench.runner.inference_rss_growth_bytes", lambda *args: {"selecsls42b": [1]})
     result = run_benchmark(settings)
     eager, skipped = result["latency"]
     assert eager["status"] == "ok" and len(eager["samples_s"]) == 2
     assert skipped == dict(
-        model="selecsls42b", backend="needs_hardware", batch=1, size=32, status="skipped", reason="no accelerator here"
+        model="selecsls42b",
+        backend="needs_hardware",
+        batch=1,
+        height=32,
+        width=32,
+        status="skipped",
+        reason="no accelerator here",
     )
 
 
@@ -195,3 +216,72 @@ def test_bench_command_reports_a_bad_model_in_one_line(capsys):
     assert main(["bench", "--models", "selecsls61"]) == 2
     error = capsys.readouterr().err.strip()
     assert error.startswith("selecsls bench: error: unknown or no models ['selecsls61']") and "\n" not in error
+
+
+def _record(model, backend, median, height=32, width=32, status="ok"):
+    return dict(
+        model=model, backend=backend, batch=1, height=height, width=width, status=status, summary=dict(median=median)
+    )
+
+
+def test_best_vs_best_takes_each_models_fastest_backend_per_precision():
+    result = dict(
+        reference="resnet50",
+        models={"selecsls60": {"macs_per_image": {"32": 100}}, "resnet50": {"macs_per_image": {"32": 150}}},
+        latency=[
+            _record("selecsls60", "eager", 0.010),
+            _record("selecsls60", "onnxruntime", 0.008),
+            _record("selecsls60", "pruned", 0.001),  # a different (narrower) network: never competes
+            _record("selecsls60", "int8", 0.004),
+            _record("selecsls60", "openvino", 0.001, status="skipped"),
+            _record("resnet50", "eager", 0.012),
+            _record("resnet50", "openvino", 0.009),
+            _record("resnet50", "openvino_int8", 0.005),
+        ],
+    )
+    rows = {(row["precision"], row["model"]): row for row in best_vs_best(result)}
+    assert len(rows) == 4
+    fp32 = rows[("fp32", "selecsls60")]
+    assert (fp32["backend"], fp32["median_s"], fp32["frames_per_s"]) == ("onnxruntime", 0.008, 125.0)
+    assert fp32["speedup"] == pytest.approx(0.009 / 0.008) and fp32["mac_bound"] == 1.5
+    int8 = rows[("int8", "selecsls60")]
+    assert (int8["backend"], int8["speedup"]) == ("int8", pytest.approx(0.005 / 0.004))
+    assert rows[("int8", "resnet50")]["speedup"] == 1.0
+
+
+def test_realtime_backends_are_every_backend_of_the_same_network_that_can_run_on_the_device():
+    cpu, cuda = device_backends("cpu"), device_backends("cuda")
+    assert {"eager", "compile", "onnxruntime", "int8", "openvino", "openvino_int8"} <= set(cpu)
+    assert not {"cuda_graphs", "cuda_graphs_fp16", "pruned", "pruned_int8"} & set(cpu)
+    assert {"cuda_graphs", "cuda_graphs_fp16", "compile"} <= set(cuda) and "onnxruntime" not in cuda
+
+
+def test_realtime_bench_writes_one_best_vs_best_row_per_model_and_size(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("selecsls.bench.runner.inference_rss_growth_bytes", lambda models, shapes, threads: {})
+    prefix = tmp_path / "realtime"
+    argv = ["bench", "--realtime", "--models", "selecsls42b,resnet50", "--backends", "eager,fused"]
+    argv += ["--sizes", "32,48x32", "--warmup", "0", "--repeats", "2", "--threads", "1", "--output", str(prefix)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "Best vs best" in out and "b1 48x32px ms (IQR)" in out
+    result = json.loads(prefix.with_suffix(".json").read_text())
+    assert result["settings"]["shapes"] == [[1, 32, 32], [1, 32, 48]]
+    rows = result["best_vs_best"]
+    assert sorted((r["model"], r["height"], r["width"]) for r in rows) == [
+        ("resnet50", 32, 32),
+        ("resnet50", 32, 48),
+        ("selecsls42b", 32, 32),
+        ("selecsls42b", 32, 48),
+    ]
+    for row in rows:
+        assert row["precision"] == "fp32" and row["backend"] in ("eager", "fused") and row["frames_per_s"] > 0
+        assert row["speedup"] > 0 and row["mac_bound"] > 0
+    assert set(result["models"]["selecsls42b"]["macs_per_image"]) == {"32", "48x32"}
+    with Image.open(prefix.with_suffix(".png")) as plot:
+        assert plot.format == "PNG"
+
+
+def test_bench_rejects_a_malformed_size(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--sizes", "512by320"])
+    assert "expected comma-separated sizes such as 224,512x320" in capsys.readouterr().err

@@ -130,8 +130,12 @@ def test_a_mismatching_export_fails_and_writes_nothing(dense, tmp_path, monkeypa
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--format", "torchscript", "--dynamic"], "--dynamic applies to ONNX only"),
-        (["--format", "torchscript", "--int8", "--calibration", "data"], "--int8 produces an ONNX model"),
+        (["--format", "torchscript", "--dynamic"], "--dynamic applies to ONNX and OpenVINO"),
+        (
+            ["--format", "torchscript", "--int8", "--calibration", "data"],
+            "--int8 produces an ONNX model or an OpenVINO IR",
+        ),
+        (["--format", "openvino"], "--format openvino writes NAME.xml and NAME.bin: give --out ending in .xml"),
         (["--format", "onnx", "--int8"], "--int8 needs --calibration DATA"),
         (["--format", "onnx", "--images", "missing.jpg"], "image missing.jpg does not exist"),
     ],

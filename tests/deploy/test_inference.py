@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -72,7 +74,7 @@ def test_every_backend_and_the_exported_file_give_the_same_probabilities(checkpo
     }
     onnx_path = tmp_path / "model.onnx"
     assert main(["export", str(checkpoint), "--format", "onnx", "--dynamic", "--out", str(onnx_path)]) == 0
-    results["onnx file"] = Predictor.from_onnx(onnx_path).predict([image], topk=3)
+    results["onnx file"] = Predictor.from_exported(onnx_path).predict([image], topk=3)
     reference = results["eager"][0].classes
     for backend, predictions in results.items():
         assert [name for name, _ in predictions[0].classes] == [name for name, _ in reference], backend
@@ -110,8 +112,58 @@ def test_a_fixed_batch_onnx_file_predicts_many_images(checkpoint, image, tmp_pat
     """An export without --dynamic has a batch of one; predict still takes several images at once."""
     onnx_path = tmp_path / "static.onnx"
     assert main(["export", str(checkpoint), "--format", "onnx", "--out", str(onnx_path)]) == 0
-    predictions = Predictor.from_onnx(onnx_path).predict([image] * 3, topk=2)
+    predictions = Predictor.from_exported(onnx_path).predict([image] * 3, topk=2)
     reference = Predictor.from_model(selecsls.load(checkpoint), "eager").predict([image], topk=2)[0].classes
     assert len(predictions) == 3
     for prediction in predictions:
         assert [p for _, p in prediction.classes] == pytest.approx([p for _, p in reference], abs=1e-5)
+
+
+def test_benchmark_counts_every_image_and_decodes_beside_inference(checkpoint, tmp_path):
+    predictor = Predictor.from_model(selecsls.load(checkpoint), "eager")
+    paths = [write_image(tmp_path / f"{i}.jpg", (40, 200, 40), seed=i, size=(120, 90)) for i in range(6)]
+    decode_threads = set()
+    transform = predictor.transform
+
+    def recording_transform(image):
+        decode_threads.add(threading.current_thread().name)
+        return transform(image)
+
+    recording_transform.draft_size = transform.draft_size
+    predictor.transform = recording_transform
+    rate = predictor.benchmark(paths, decode_threads=2, prefetch=2)
+    assert rate.images == 6 and rate.frames_per_s > 0
+    assert 0 < rate.inference_seconds <= rate.seconds
+    assert "6 images in" in str(rate) and "frames/s end to end" in str(rate)
+    assert any(name.startswith("selecsls-decode") for name in decode_threads)  # not on the inference thread
+
+
+def test_predict_benchmark_reports_frames_per_second_of_a_folder(checkpoint, tmp_path, capsys):
+    folder = tmp_path / "frames"
+    for i in range(4):
+        write_image(folder / f"{i}.jpg", (200, 40, 40), seed=i, size=(120, 90))
+    write_image(folder / "more" / "4.png", (200, 40, 40), seed=4, size=(64, 64))
+    (folder / "notes.txt").write_text("not an image")
+    argv = ["predict", "--benchmark", str(folder), "--checkpoint", str(checkpoint), "--backend", "fused"]
+    assert main(argv) == 0
+    backend, rate = capsys.readouterr().out.splitlines()
+    assert backend == "backend: fused"
+    assert rate.startswith("5 images in") and float(rate.split(": ")[1].split()[0]) > 0
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--benchmark", "{folder}", "{image}"], "--benchmark takes its images from FOLDER: drop the IMAGE arguments"),
+        (["--benchmark", "{folder}/missing"], "--benchmark folder {folder}/missing does not exist"),
+        (["--benchmark", "{folder}/empty"], "--benchmark folder {folder}/empty holds no images"),
+        ([], "give at least one IMAGE to classify (or --benchmark FOLDER)"),
+    ],
+)
+def test_predict_benchmark_rejects_bad_folders_in_one_line(checkpoint, image, tmp_path, capsys, argv, message):
+    (tmp_path / "empty").mkdir()
+    fill = dict(folder=tmp_path, image=image)
+    argv = [part.format(**fill) for part in argv]
+    assert main(["predict", *argv, "--checkpoint", str(checkpoint)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message.format(**fill) in err and "\n" not in err

@@ -1,4 +1,5 @@
-"""int8 post-training quantization: the model runs and keeps its accuracy on real Fashion-MNIST images."""
+"""int8 post-training quantization (ONNX Runtime, OpenVINO/NNCF): the model runs and keeps its accuracy on real
+Fashion-MNIST images."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import torch
 import selecsls
 from selecsls.data.datasets import TransformedDataset, build_dataset, build_loader
 from selecsls.data.transforms import build_eval_transform
-from selecsls.deploy.export import onnx_session, session_runner, to_onnx
+from selecsls.deploy import openvino_ir
+from selecsls.deploy.export import onnx_session, session_runner
 from selecsls.deploy.quantization import AccuracyComparison, compare_accuracy, export_int8
 from training_fixtures import narrow_spec
 
@@ -52,28 +54,47 @@ def trained():
     return model.eval()
 
 
-def test_int8_model_runs_and_stays_within_the_stated_accuracy_drop(trained, tmp_path):
+def int8_files(format: str, tmp_path: Path) -> tuple[Path, Path]:
+    """(the path to export to, the file holding the weights)."""
+    if format == "onnx":
+        return tmp_path / "int8.onnx", tmp_path / "int8.onnx"
+    pytest.importorskip("nncf")
+    return tmp_path / "int8.xml", tmp_path / "int8.bin"
+
+
+def load_int8(format: str, path: Path):
+    return (
+        session_runner(onnx_session(path))
+        if format == "onnx"
+        else openvino_ir.compiled_runner(openvino_ir.read_ir(path))
+    )
+
+
+@pytest.mark.parametrize("format", ["onnx", "openvino"])
+def test_int8_model_runs_and_stays_within_the_stated_accuracy_drop(trained, tmp_path, format):
     calibration = torch.cat([images for images, _, _ in batches("train", 64)])
     validation = batches("val", 500)
-    path = tmp_path / "int8.onnx"
-    checks, comparison = export_int8(trained, path, calibration, validation, dynamic=True, max_drop=MAX_DROP)
+    path, weights = int8_files(format, tmp_path)
+    checks, comparison = export_int8(
+        trained, path, calibration, validation, format=format, dynamic=True, max_drop=MAX_DROP
+    )
     assert all(check.passed for check in checks)  # the fp32 graph it quantized was exact
     assert comparison.images == 500
     assert comparison.reference_top1 > 50.0  # a real classifier (chance is 10%)
     assert comparison.drop <= MAX_DROP
     assert comparison.agreement >= 90.0
-    fp32_size = len(to_onnx(trained, calibration[:1]))
-    assert path.stat().st_size < 0.5 * fp32_size  # int8 weights
-    logits = session_runner(onnx_session(path))(validation[0].images)
+    assert weights.stat().st_size < 0.5 * 4 * selecsls.count_params(trained)  # int8 weights, not fp32
+    logits = load_int8(format, path)(validation[0].images)
     assert logits.shape == (100, 10) and torch.isfinite(logits).all()
 
 
-def test_a_drop_beyond_max_drop_fails_and_writes_nothing(trained, tmp_path):
+@pytest.mark.parametrize("format", ["onnx", "openvino"])
+def test_a_drop_beyond_max_drop_fails_and_writes_nothing(trained, tmp_path, format):
     calibration = torch.cat([images for images, _, _ in batches("train", 16)])
-    path = tmp_path / "int8.onnx"
+    path, _ = int8_files(format, tmp_path)
     with pytest.raises(ValueError, match="more than --max-drop"):
-        export_int8(trained, path, calibration, batches("val", 100), max_drop=-100.0)
-    assert not path.exists()
+        export_int8(trained, path, calibration, batches("val", 100), format=format, max_drop=-100.0)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_compare_accuracy_counts_hits_and_agreement():

@@ -2,7 +2,8 @@
 
 Every ratio is to the reference model (ResNet-50) measured in the same run: speed-up is the
 reference's eager median latency over this median at the same batch and image size; a memory
-fraction is this model's bytes over the reference's.
+fraction is this model's bytes over the reference's. The best-vs-best table compares each
+model's fastest backend with the reference's fastest of the same precision.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Sequence
 
 from selecsls._io import atomic_path, atomic_write
 from selecsls._optional import require
+from selecsls.bench.runner import size_label
 
 __all__ = ["format_report", "write_json", "write_plot"]
 
@@ -53,19 +55,19 @@ def _machine_line(result: dict) -> str:
 def _latency_table(result: dict) -> str:
     """Medians (IQR) per model and backend; speed-up vs the reference's eager run and, with several
     backends, vs the reference on the same backend (equal footing: same runtime and precision)."""
-    records = {(r["model"], r["backend"], r["batch"], r["size"]): r for r in result["latency"]}
-    cells = list(dict.fromkeys((batch, size) for _, _, batch, size in records))
+    records = {(r["model"], r["backend"], r["batch"], r["height"], r["width"]): r for r in result["latency"]}
+    cells = list(dict.fromkeys(key[2:] for key in records))
     several_backends = len(result["settings"]["backends"]) > 1
     reference = result["reference"]
 
-    def reference_median(backend: str, batch: int, size: int) -> float | None:
-        return records.get((reference, backend, batch, size), {}).get("summary", {}).get("median")
+    def reference_median(backend: str, batch: int, height: int, width: int) -> float | None:
+        return records.get((reference, backend, batch, height, width), {}).get("summary", {}).get("median")
 
     rows, skipped = [], []
-    for model, backend in dict.fromkeys((model, backend) for model, backend, _, _ in records):
+    for model, backend in dict.fromkeys(key[:2] for key in records):
         row = [f"{model} {backend}"]
-        for batch, size in cells:
-            record = records[(model, backend, batch, size)]
+        for batch, height, width in cells:
+            record = records[(model, backend, batch, height, width)]
             if record["status"] != "ok":
                 row += ["skipped", "-"] + (["-"] if several_backends else [])
                 skipped.append(f"  {model} {backend}: {record['reason']}")
@@ -73,18 +75,44 @@ def _latency_table(result: dict) -> str:
             median, iqr = record["summary"]["median"], record["summary"]["iqr"]
             row += [
                 f"{median * 1e3:.1f} ({iqr * 1e3:.1f})",
-                _ratio(reference_median("eager", batch, size), median, "x"),
+                _ratio(reference_median("eager", batch, height, width), median, "x"),
             ]
             if several_backends:
-                row.append(_ratio(reference_median(backend, batch, size), median, "x"))
+                row.append(_ratio(reference_median(backend, batch, height, width), median, "x"))
         rows.append(row)
     header = ["model backend"]
-    for batch, size in cells:
-        header += [f"b{batch} {size}px ms (IQR)", f"x {reference} eager"] + (
+    for batch, height, width in cells:
+        header += [f"b{batch} {size_label(height, width)}px ms (IQR)", f"x {reference} eager"] + (
             [f"x {reference} same"] if several_backends else []
         )
     notes = "\n".join(dict.fromkeys(skipped))
     return _table(header, rows) + (f"\nskipped:\n{notes}" if notes else "")
+
+
+def _best_table(result: dict) -> str:
+    """One row per precision, shape and model: the fastest backend, ms, frames/s, speed-up vs the
+    reference's fastest of that precision, and the MAC bound (the speed-up at equal efficiency per MAC)."""
+    rows = sorted(
+        result["best_vs_best"],
+        key=lambda r: (r["precision"] != "fp32", r["precision"], r["batch"], r["height"] * r["width"], r["height"]),
+    )
+    header = ["precision", "batch", "size", "model", "fastest backend", "ms", "frames/s", f"x {result['reference']}"]
+    header.append("MAC bound")
+    table = [
+        [
+            row["precision"],
+            str(row["batch"]),
+            size_label(row["height"], row["width"]),
+            row["model"],
+            row["backend"],
+            f"{row['median_s'] * 1e3:.1f}",
+            f"{row['frames_per_s']:.1f}",
+            f"{row['speedup']:.2f}x" if row["speedup"] else "-",
+            f"{row['mac_bound']:.2f}x" if row["mac_bound"] else "-",
+        ]
+        for row in rows
+    ]
+    return _table(header, table)
 
 
 def _models_table(result: dict) -> str:
@@ -119,6 +147,11 @@ def format_report(result: dict) -> str:
         "Latency, median of interleaved rounds in ms (inter-quartile range); speed-up vs "
         f"{result['reference']} at the same batch and size:\n" + _latency_table(result),
     ]
+    if len(result["settings"]["backends"]) > 1 and result.get("best_vs_best"):
+        parts.append(
+            f"Best vs best: each model's fastest backend against {result['reference']}'s fastest of the same "
+            "precision (MAC bound: the speed-up at equal efficiency per multiply-accumulate):\n" + _best_table(result)
+        )
     memory = result["memory"]
     parts += [
         _memory_table(measure, memory[measure], result["reference"]) for measure in MEMORY_MEASURES if measure in memory
@@ -134,39 +167,67 @@ def write_json(result: dict, path: str | os.PathLike) -> None:
         handle.write("\n")
 
 
+def _grouped_bars(axes, groups: list[str], series: dict[str, list[float]]) -> None:
+    """One group of bars per entry of ``groups``, one bar per series (legend label -> values)."""
+    width = 0.8 / max(len(series), 1)
+    for index, (label, values) in enumerate(series.items()):
+        axes.bar([g + index * width for g in range(len(groups))], values, width, label=label)
+    axes.set_xticks([g + width * (len(series) - 1) / 2 for g in range(len(groups))], groups)
+    axes.legend(fontsize="small")
+
+
 def write_plot(result: dict, path: str | os.PathLike) -> None:
-    """Left: eager median latency vs image size per model (one line style per batch size).
-    Right: saved-activation memory per model at each memory shape (grouped bars)."""
+    """Eager median latency vs image size per model (one line style per batch size); with several
+    backends, best-vs-best frames/s per shape and precision; saved-activation memory per model."""
     require("matplotlib", "to plot benchmark results").use("Agg")
     plt = require("matplotlib.pyplot", "to plot benchmark results")
 
-    figure, (latency_axes, memory_axes) = plt.subplots(1, 2, figsize=(12, 4.5))
+    show_best = len(result["settings"]["backends"]) > 1 and bool(result.get("best_vs_best"))
+    figure, axes = plt.subplots(1, 3 if show_best else 2, figsize=(18 if show_best else 12, 4.5))
+    latency_axes, memory_axes = axes[0], axes[-1]
     eager = [r for r in result["latency"] if r["backend"] == "eager" and r["status"] == "ok"]
     batches = sorted({r["batch"] for r in eager})
     styles = ["-o", "--s", ":^", "-.v"]
     for index, model in enumerate(result["models"]):
         for batch, style in zip(batches, styles * len(batches)):
             points = sorted(
-                (r["size"], r["summary"]["median"] * 1e3) for r in eager if r["model"] == model and r["batch"] == batch
+                ((r["height"] * r["width"]) ** 0.5, r["summary"]["median"] * 1e3)
+                for r in eager
+                if r["model"] == model and r["batch"] == batch
             )
             if points:
                 latency_axes.plot(*zip(*points), style, color=f"C{index % 10}", label=f"{model} b{batch}")
     latency_axes.set(
-        xlabel="image size (px)", ylabel="median latency (ms)", yscale="log", title="Eager inference latency"
+        xlabel="image size, sqrt(height x width) (px)",
+        ylabel="median latency (ms)",
+        yscale="log",
+        title="Eager inference latency",
     )
-    latency_axes.legend(fontsize="small")
+    if latency_axes.lines:  # eager may not be among the timed backends
+        latency_axes.legend(fontsize="small")
+
+    if show_best:
+        best = result["best_vs_best"]
+        groups = list(
+            dict.fromkeys(f"{r['precision']} b{r['batch']} {size_label(r['height'], r['width'])}" for r in best)
+        )
+        rate = {
+            (r["model"], f"{r['precision']} b{r['batch']} {size_label(r['height'], r['width'])}"): r["frames_per_s"]
+            for r in best
+        }
+        _grouped_bars(
+            axes[1], groups, {model: [rate.get((model, group), 0.0) for group in groups] for model in result["models"]}
+        )
+        axes[1].set(ylabel="frames/s (fastest backend)", title="Best vs best")
 
     saved = result["memory"]["saved_tensor_bytes"]
     keys = list(dict.fromkeys(key for per_model in saved.values() for key in per_model))
-    width = 0.8 / max(len(keys), 1)
-    for index, key in enumerate(keys):
-        positions = [m + index * width for m in range(len(saved))]
-        memory_axes.bar(
-            positions, [per_model[key] / MIB for per_model in saved.values()], width, label=f"batch x size {key}"
-        )
-    memory_axes.set_xticks([m + width * (len(keys) - 1) / 2 for m in range(len(saved))], list(saved))
+    _grouped_bars(
+        memory_axes,
+        list(saved),
+        {f"batch x size {key}": [per_model[key] / MIB for per_model in saved.values()] for key in keys},
+    )
     memory_axes.set(ylabel="MiB", yscale="log", title="Activations saved for backward")
-    memory_axes.legend(fontsize="small")
     figure.tight_layout()
     with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png", dpi=120)

@@ -1,8 +1,13 @@
-"""Fair side-by-side benchmarks: interleaved timing, robust summaries, the model x size grid.
+"""Fair side-by-side benchmarks: interleaved timing, robust summaries, the model x size grid, best vs best.
 
 Timings on a shared machine drift (other processes, clock boosts, thermal limits). Measuring
 models round-robin, one call each per round, exposes every model to the same drift, and the
 median with its inter-quartile range is robust to the odd slow call.
+
+Shapes are (batch, height, width). The ``realtime`` preset is what SelecSLS is for (XNect: one
+512x320 video frame at a time): batch 1 at 224x224, 512x320 and 512x512 on every backend that
+can run on the device, and :func:`best_vs_best` compares each model's fastest backend with the
+reference's fastest, per precision.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from selecsls.bench.memory import (
     inference_rss_growth_bytes,
     saved_tensor_bytes,
 )
-from selecsls.deploy.backends import BACKENDS, BackendUnavailable
+from selecsls.deploy.backends import BACKENDS, BackendUnavailable, predict_backends
 from selecsls.models.complexity import count_macs, count_params
 from selecsls.models.factory import create_model, list_models
 from selecsls.models.limits import check_img_size
@@ -34,9 +39,12 @@ from selecsls.models.limits import check_img_size
 __all__ = [
     "BackendUnavailable",
     "BenchSettings",
+    "best_vs_best",
     "cuda_event_clock",
     "grid_shapes",
     "run_benchmark",
+    "shape_key",
+    "size_label",
     "summarize",
     "time_interleaved",
     "wall_clock",
@@ -44,12 +52,19 @@ __all__ = [
 
 REFERENCE_MODEL = "resnet50"
 QUICK_MODELS = ("selecsls42b", "selecsls60", "resnet50", "vovnet39")
-# (batch, image size): the published claims at a small and a large image, and at a large batch.
-QUICK_SHAPES = ((1, 224), (1, 512), (16, 224))
-FULL_SIZES = (224, 400, 512)
+# (batch, height, width): the published claims at a small and a large image, and at a large batch.
+QUICK_SHAPES = ((1, 224, 224), (1, 512, 512), (16, 224, 224))
+FULL_SIZES = ((224, 224), (400, 400), (512, 512))
 FULL_BATCH_SIZES = (1, 16)
+# Real time: one frame at a time; 512x320 (width x height) is XNect's video frame.
+REALTIME_SHAPES = ((1, 224, 224), (1, 320, 512), (1, 512, 512))
+PRESETS = {
+    "quick": QUICK_SHAPES,
+    "full": tuple((batch, *size) for batch in FULL_BATCH_SIZES for size in FULL_SIZES),
+    "realtime": REALTIME_SHAPES,
+}
 # Saved activations are counted on the meta device (free), at a small and a large training load.
-MEMORY_SHAPES = ((1, 224), (8, 512))
+MEMORY_SHAPES = ((1, 224, 224), (8, 512, 512))
 
 Clock = Callable[[Callable[[], object]], float]
 
@@ -131,35 +146,43 @@ def cuda_event_clock() -> Clock:
 
 
 def grid_shapes(
-    full: bool = False, sizes: Sequence[int] = (), batch_sizes: Sequence[int] = ()
-) -> tuple[tuple[int, int], ...]:
-    """(batch, image size) cells to time: the quick list, or the full grid; ``sizes`` or
-    ``batch_sizes`` replace that axis and make the grid every size with every batch size."""
-    if not (full or sizes or batch_sizes):
-        return QUICK_SHAPES
-    sizes = tuple(sizes) or (FULL_SIZES if full else tuple(sorted({s for _, s in QUICK_SHAPES})))
-    batch_sizes = tuple(batch_sizes) or (FULL_BATCH_SIZES if full else tuple(sorted({b for b, _ in QUICK_SHAPES})))
-    return tuple((batch, size) for batch in batch_sizes for size in sizes)
+    preset: str = "quick", sizes: Sequence[tuple[int, int]] = (), batch_sizes: Sequence[int] = ()
+) -> tuple[tuple[int, int, int], ...]:
+    """(batch, height, width) cells to time: a preset's (:data:`PRESETS`); ``sizes`` ((height, width)
+    pairs) or ``batch_sizes`` replace that axis and make the grid every size with every batch size."""
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {', '.join(PRESETS)}, got {preset!r}")
+    shapes = PRESETS[preset]
+    if not (sizes or batch_sizes):
+        return shapes
+    sizes = tuple(sizes) or tuple(dict.fromkeys((height, width) for _, height, width in shapes))
+    batch_sizes = tuple(batch_sizes) or tuple(sorted({batch for batch, _, _ in shapes}))
+    return tuple((batch, height, width) for batch in batch_sizes for height, width in sizes)
 
 
-def shape_key(batch: int, size: int) -> str:
-    """JSON key of a (batch, image size) cell, e.g. '1x224'."""
-    return f"{batch}x{size}"
+def size_label(height: int, width: int) -> str:
+    """'224' for a square image, else WIDTHxHEIGHT as video formats are named: '512x320'."""
+    return f"{height}" if height == width else f"{width}x{height}"
+
+
+def shape_key(batch: int, height: int, width: int) -> str:
+    """JSON key of a (batch, height, width) cell: '1x224', or '1x512x320' (batch, width, height)."""
+    return f"{batch}x{size_label(height, width)}"
 
 
 @dataclass(frozen=True)
 class BenchSettings:
-    """What to measure. ``shapes`` are (batch, image size) cells; ``threads`` None keeps torch's default."""
+    """What to measure. ``shapes`` are (batch, height, width) cells; ``threads`` None keeps torch's default."""
 
     models: tuple[str, ...] = QUICK_MODELS
-    shapes: tuple[tuple[int, int], ...] = QUICK_SHAPES
+    shapes: tuple[tuple[int, int, int], ...] = QUICK_SHAPES
     backends: tuple[str, ...] = ("eager",)
     device: str = "cpu"
     threads: int | None = None
     amp: bool = False
     warmup: int = 1
     repeats: int = 7
-    memory_shapes: tuple[tuple[int, int], ...] = field(default=MEMORY_SHAPES)
+    memory_shapes: tuple[tuple[int, int, int], ...] = field(default=MEMORY_SHAPES)
 
     def __post_init__(self) -> None:
         known = list_models(baselines=True)
@@ -173,11 +196,12 @@ class BenchSettings:
             raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("--device cuda: CUDA is not available in this PyTorch build or machine; use --device cpu")
-        bad = [cell for cell in self.shapes + self.memory_shapes if min(cell) < 1]
+        bad = [cell for cell in self.shapes + self.memory_shapes if len(cell) != 3 or min(cell) < 1]
         if bad or not self.shapes:
-            raise ValueError(f"batch sizes and image sizes must be positive, got {bad or 'none'}")
-        for batch, size in self.shapes:
-            check_img_size(size, "image size", batch)
+            raise ValueError(f"shapes must be positive (batch, height, width), got {bad or 'none'}")
+        for batch, height, width in self.shapes:
+            for side in {height, width}:
+                check_img_size(side, "image size", batch)
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
         if self.warmup < 0 or self.repeats < 1:
@@ -215,13 +239,14 @@ def _inference(call: Callable[[], object], device: str, amp: bool) -> Callable[[
     return run
 
 
-def _time_cell(models: Mapping[str, nn.Module], batch: int, size: int, settings: BenchSettings) -> list[dict]:
-    """Latency of every (model, backend) at one (batch, size), interleaved; skipped ones with reasons."""
-    example = torch.randn(batch, 3, size, size, device=settings.device)
+def _time_cell(models: Mapping[str, nn.Module], shape: tuple[int, int, int], settings: BenchSettings) -> list[dict]:
+    """Latency of every (model, backend) at one (batch, height, width), interleaved; skipped ones with reasons."""
+    batch, height, width = shape
+    example = torch.randn(batch, 3, height, width, device=settings.device)
     records, calls = [], {}
     for model_name, model in models.items():
         for backend in settings.backends:
-            record = dict(model=model_name, backend=backend, batch=batch, size=size)
+            record = dict(model=model_name, backend=backend, batch=batch, height=height, width=width)
             try:
                 calls[(model_name, backend)] = _inference(
                     BACKENDS[backend](model, example), settings.device, settings.amp
@@ -252,7 +277,10 @@ def _model_info(model: nn.Module, settings: BenchSettings) -> dict[str, object]:
     return dict(
         implementation=f"{type(model).__module__}.{type(model).__qualname__}",
         params=count_params(model),
-        macs_per_image={str(s): count_macs(meta, (1, 3, s, s)) for s in sorted({s for _, s in settings.shapes})},
+        macs_per_image={
+            size_label(h, w): count_macs(meta, (1, 3, h, w))
+            for h, w in dict.fromkeys((h, w) for _, h, w in settings.shapes)
+        },
     )
 
 
@@ -260,7 +288,7 @@ def _memory(models: Mapping[str, nn.Module], settings: BenchSettings) -> dict[st
     """Saved activations (exact) at the memory shapes; CUDA training peak or CPU inference RSS growth."""
     memory: dict[str, object] = {
         "saved_tensor_bytes": {
-            name: {shape_key(b, s): saved_tensor_bytes(model, (b, 3, s, s)) for b, s in settings.memory_shapes}
+            name: {shape_key(b, h, w): saved_tensor_bytes(model, (b, 3, h, w)) for b, h, w in settings.memory_shapes}
             for name, model in models.items()
         }
     }
@@ -268,15 +296,15 @@ def _memory(models: Mapping[str, nn.Module], settings: BenchSettings) -> dict[st
         if settings.device == "cuda":
             memory["cuda_training_peak_bytes"] = {
                 name: {
-                    shape_key(b, s): cuda_training_peak_bytes(model, (b, 3, s, s), settings.device, settings.amp)
-                    for b, s in settings.memory_shapes
+                    shape_key(b, h, w): cuda_training_peak_bytes(model, (b, 3, h, w), settings.device, settings.amp)
+                    for b, h, w in settings.memory_shapes
                 }
                 for name, model in models.items()
             }
         else:
-            growth = inference_rss_growth_bytes(models, [(b, 3, s, s) for b, s in settings.shapes], settings.threads)
+            growth = inference_rss_growth_bytes(models, [(b, 3, h, w) for b, h, w in settings.shapes], settings.threads)
             memory["inference_rss_growth_bytes"] = {
-                name: {shape_key(b, s): value for (b, s), value in zip(settings.shapes, values)}
+                name: {shape_key(*shape): value for shape, value in zip(settings.shapes, values)}
                 for name, values in growth.items()
             }
     except MemoryUnavailable as exc:
@@ -311,13 +339,62 @@ def run_benchmark(settings: BenchSettings, log: Callable[[str], None] = lambda m
         log(f"counting parameters and MACs of {', '.join(models)}")
         result["models"] = {name: _model_info(model, settings) for name, model in models.items()}
         result["latency"] = []
-        for batch, size in settings.shapes:
+        for batch, height, width in settings.shapes:
             log(
-                f"timing batch {batch} at {size}x{size}: "
+                f"timing batch {batch} at {width}x{height} (width x height): "
                 f"{settings.warmup} warm-up + {settings.repeats} interleaved rounds"
             )
-            result["latency"] += _time_cell(models, batch, size, settings)
+            result["latency"] += _time_cell(models, (batch, height, width), settings)
+        result["best_vs_best"] = best_vs_best(result)
         log("measuring memory")
         result["memory"] = _memory(models, settings)
         result["machine"]["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     return result
+
+
+def best_vs_best(result: Mapping) -> list[dict]:
+    """Each model's fastest backend at each shape against the reference's fastest, per precision.
+
+    Only backends that keep the network (:func:`selecsls.deploy.backends.predict_backends`: not
+    the pruned ones) compete, and only with backends of the same precision (fp32 with fp32, int8
+    with int8). One row per precision, model and shape measured: the winning backend, its median
+    latency, frames per second, speed-up over the reference's best and ``mac_bound``, the speed-up
+    a model would have at the reference's efficiency per multiply-accumulate (its MAC ratio).
+    """
+    same_network = set(predict_backends())
+    fastest: dict[tuple, dict] = {}
+    for record in result["latency"]:
+        if record["status"] != "ok" or record["backend"] not in same_network:
+            continue
+        key = (
+            BACKENDS[record["backend"]].precision,
+            record["model"],
+            record["batch"],
+            record["height"],
+            record["width"],
+        )
+        if key not in fastest or record["summary"]["median"] < fastest[key]["summary"]["median"]:
+            fastest[key] = record
+    reference, macs = result["reference"], result["models"]
+    rows = []
+    for (precision, model, batch, height, width), record in fastest.items():
+        median = record["summary"]["median"]
+        reference_record = fastest.get((precision, reference, batch, height, width))
+        label = size_label(height, width)
+        rows.append(
+            dict(
+                precision=precision,
+                model=model,
+                batch=batch,
+                height=height,
+                width=width,
+                backend=record["backend"],
+                median_s=median,
+                frames_per_s=batch / median,
+                speedup=reference_record["summary"]["median"] / median if reference_record else None,
+                mac_bound=macs[reference]["macs_per_image"][label] / macs[model]["macs_per_image"][label]
+                if reference in macs
+                else None,
+            )
+        )
+    return rows

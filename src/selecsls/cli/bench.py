@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from selecsls._io import check_output
-from selecsls.deploy.backends import BACKENDS
+from selecsls.deploy.backends import BACKENDS, device_backends
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -17,6 +17,22 @@ def _int_list(text: str) -> tuple[int, ...]:
     if not values:
         raise argparse.ArgumentTypeError("expected at least one integer")
     return values
+
+
+def _size_list(text: str) -> tuple[tuple[int, int], ...]:
+    """'224,512x320' -> ((224, 224), (320, 512)): a side for square images, else WIDTHxHEIGHT."""
+    sizes = []
+    for part in filter(None, (part.strip() for part in text.split(","))):
+        width, _, height = part.partition("x")
+        try:
+            sizes.append((int(height or width), int(width)))
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated sizes such as 224,512x320 (WIDTHxHEIGHT), got {text!r}"
+            ) from None
+    if not sizes:
+        raise argparse.ArgumentTypeError("expected at least one size")
+    return tuple(sizes)
 
 
 def _name_list(text: str) -> tuple[str, ...]:
@@ -33,17 +49,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "machine drift hits all alike; medians and inter-quartile ranges are reported."
         ),
     )
-    p.add_argument("--full", action="store_true", help="the published grid: 224/400/512 px x batch 1/16")
+    preset = p.add_mutually_exclusive_group()
+    preset.add_argument("--full", action="store_true", help="the published grid: 224/400/512 px x batch 1/16")
+    preset.add_argument(
+        "--realtime",
+        action="store_true",
+        help="batch 1 at 224x224, 512x320 (the XNect video frame) and 512x512 on every backend available on "
+        "--device, with a best-vs-best table (each model's fastest backend vs resnet50's fastest)",
+    )
     p.add_argument(
         "--models", type=_name_list, help="comma-separated SelecSLS variants and baselines (resnet50, vovnet39)"
     )
-    p.add_argument("--sizes", type=_int_list, default=(), help="image sizes, e.g. 224,512 (a grid with --batch-sizes)")
+    p.add_argument(
+        "--sizes",
+        type=_size_list,
+        default=(),
+        help="image sizes: a side for square images, WIDTHxHEIGHT otherwise, e.g. 224,512x320 "
+        "(a grid with --batch-sizes)",
+    )
     p.add_argument("--batch-sizes", type=_int_list, default=(), help="batch sizes, e.g. 1,16")
     p.add_argument(
         "--backends",
         type=_name_list,
-        default=("eager",),
-        help="comma-separated: " + ", ".join(BACKENDS) + " (default eager)",
+        help="comma-separated: " + ", ".join(BACKENDS) + " (default eager; with --realtime every one that can run)",
     )
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice, printed)")
@@ -65,10 +93,12 @@ def run_bench(args: argparse.Namespace) -> int:
 
     for suffix in (".json", ".png"):
         check_output(f"{args.output}{suffix}")
+    preset = "full" if args.full else "realtime" if args.realtime else "quick"
+    backends = args.backends or (tuple(device_backends(args.device)) if args.realtime else ("eager",))
     settings = BenchSettings(
         models=QUICK_MODELS if args.models is None else args.models,
-        shapes=grid_shapes(args.full, args.sizes, args.batch_sizes),
-        backends=args.backends,
+        shapes=grid_shapes(preset, args.sizes, args.batch_sizes),
+        backends=backends,
         device=args.device,
         threads=args.threads,
         amp=args.amp,

@@ -1,4 +1,5 @@
-"""``selecsls export`` (ONNX / TorchScript / int8, checked) and ``selecsls predict`` (top-k on image files)."""
+"""``selecsls export`` (ONNX / TorchScript / OpenVINO / int8, checked) and ``selecsls predict`` (top-k on image
+files, or the frame rate of the whole pipeline)."""
 
 from __future__ import annotations
 
@@ -9,18 +10,25 @@ from selecsls._io import check_output
 from selecsls.cli import CLIError
 from selecsls.deploy.backends import predict_backends
 
+#: Files ``selecsls predict --checkpoint`` runs as exported graphs, by suffix, with the backend that runs them.
+EXPORTED_SUFFIXES = {".onnx": "onnxruntime", ".xml": "openvino"}
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "export",
-        help="export a checkpoint to ONNX or frozen TorchScript, checked against PyTorch",
+        help="export a checkpoint to ONNX, frozen TorchScript or an OpenVINO IR, checked against PyTorch",
         description="Export a model and verify the file: it is run on random inputs (and on --images) and must "
         "match PyTorch within 1e-4 relative, or nothing is written.",
     )
     p.add_argument("checkpoint", help="any checkpoint: selecsls.save / training / pruned files, or a state dict")
     p.add_argument("--model", help="variant name, needed only for a state dict whose shapes fit several variants")
-    p.add_argument("--format", choices=("onnx", "torchscript"), required=True)
-    p.add_argument("--out", required=True, help="file to write (atomically, only once the check passed)")
+    p.add_argument("--format", choices=("onnx", "torchscript", "openvino"), required=True)
+    p.add_argument(
+        "--out",
+        required=True,
+        help="file to write (atomically, only once the check passed); openvino: NAME.xml, with NAME.bin beside it",
+    )
     p.add_argument("--fuse", action="store_true", help="fold BatchNorm into the convolutions first")
     p.add_argument(
         "--prune",
@@ -28,11 +36,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="THRESHOLD",
         help="first remove channels with |BN gamma| below THRESHOLD (exact; implies --fuse)",
     )
-    p.add_argument("--dynamic", action="store_true", help="ONNX: free batch size, height and width")
+    p.add_argument("--dynamic", action="store_true", help="ONNX, OpenVINO: free batch size, height and width")
     p.add_argument("--img-size", type=int, help="export (and check) at this input size (default: the model's)")
     p.add_argument("--images", nargs="+", default=(), metavar="IMAGE", help="real images to check the export on")
     p.add_argument(
-        "--int8", action="store_true", help="ONNX: post-training static int8 quantization (needs --calibration)"
+        "--int8",
+        action="store_true",
+        help="ONNX (ONNX Runtime's quantizer), OpenVINO (NNCF): post-training static int8 quantization "
+        "(needs --calibration)",
     )
     p.add_argument(
         "--calibration",
@@ -47,10 +58,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-drop", type=float, metavar="POINTS", help="fail if int8 loses more top-1 points than this")
     p.set_defaults(func=run_export)
 
-    p = subparsers.add_parser("predict", help="classify images: top-k class names and probabilities")
-    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p = subparsers.add_parser(
+        "predict", help="classify images: top-k class names and probabilities (or the pipeline's frames/s)"
+    )
+    p.add_argument("images", nargs="*", metavar="IMAGE")
     p.add_argument(
-        "--checkpoint", help="checkpoint or .onnx file from `selecsls export` (default: published weights of --model)"
+        "--checkpoint",
+        help="checkpoint, or a .onnx / OpenVINO .xml file from `selecsls export` "
+        "(default: published weights of --model)",
     )
     p.add_argument("--model", help="variant name (with no --checkpoint: its published ImageNet weights)")
     p.add_argument("--topk", type=int, default=5)
@@ -59,6 +74,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         choices=("auto", *predict_backends()),
         default="auto",
         help="inference path; auto takes the fastest correct one (onnxruntime, else fused_channels_last)",
+    )
+    p.add_argument(
+        "--benchmark",
+        metavar="FOLDER",
+        help="instead of printing predictions, classify every image under FOLDER one at a time and report "
+        "frames/s of decode + preprocess + inference (decoding overlapped with inference)",
+    )
+    p.add_argument(
+        "--decode-threads", type=int, default=1, help="--benchmark: threads decoding images ahead (default 1)"
     )
     p.set_defaults(func=run_predict)
 
@@ -74,14 +98,16 @@ def _check_export_args(args: argparse.Namespace) -> None:
         check_number("--max-drop", args.max_drop, 0.0)
     check_int("--calibration-images", args.calibration_images)
     check_int("--eval-images", args.eval_images)
-    if args.int8 and args.format != "onnx":
-        raise CLIError("--int8 produces an ONNX model: use --format onnx")
+    if args.int8 and args.format == "torchscript":
+        raise CLIError("--int8 produces an ONNX model or an OpenVINO IR: use --format onnx or --format openvino")
     if args.int8 and not args.calibration:
         raise CLIError("--int8 needs --calibration DATA: real images to calibrate on and to measure the accuracy drop")
     if args.calibration and not args.int8:
         raise CLIError("--calibration is for --int8 only")
-    if args.dynamic and args.format != "onnx":
-        raise CLIError("--dynamic applies to ONNX only: TorchScript already accepts any batch and image size")
+    if args.dynamic and args.format == "torchscript":
+        raise CLIError("--dynamic applies to ONNX and OpenVINO: TorchScript already accepts any batch and image size")
+    if args.format == "openvino" and not args.out.endswith(".xml"):
+        raise CLIError(f"--format openvino writes NAME.xml and NAME.bin: give --out ending in .xml, got {args.out}")
     _require_files(args.images)
 
 
@@ -130,7 +156,14 @@ def run_export(args: argparse.Namespace) -> int:
 
         calibration, evaluation = _int8_data(args, model, transform)
         checks, comparison = export_int8(
-            model, args.out, calibration, evaluation, dynamic=args.dynamic, images=images, max_drop=args.max_drop
+            model,
+            args.out,
+            calibration,
+            evaluation,
+            format=args.format,
+            dynamic=args.dynamic,
+            images=images,
+            max_drop=args.max_drop,
         )
     else:
         checks = export_model(model, args.out, args.format, dynamic=args.dynamic, images=images)
@@ -139,7 +172,8 @@ def run_export(args: argparse.Namespace) -> int:
         print(f"  {check}")
     if args.int8:
         print(f"int8 vs fp32: {comparison}")
-    print(f"wrote {args.out}")
+    written = f"{args.out} and {Path(args.out).with_suffix('.bin')}" if args.format == "openvino" else args.out
+    print(f"wrote {written}")
     return 0
 
 
@@ -164,18 +198,21 @@ def _int8_data(args: argparse.Namespace, model, transform):
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    if not any(Path(image).is_file() for image in args.images):
-        _require_files(args.images)  # nothing to predict: fail before loading the model
+    images = _predict_images(args)
     from selecsls.deploy.inference import Predictor
 
-    if args.checkpoint and args.checkpoint.endswith(".onnx"):
-        if args.backend not in ("auto", "onnxruntime"):
-            raise CLIError(f"an .onnx file runs on onnxruntime only; drop --backend {args.backend}")
-        predictor = Predictor.from_onnx(args.checkpoint)
+    exported = EXPORTED_SUFFIXES.get(Path(args.checkpoint or "").suffix)
+    if exported:
+        if args.backend not in ("auto", exported):
+            raise CLIError(f"{args.checkpoint} runs on {exported} only; drop --backend {args.backend}")
+        predictor = Predictor.from_exported(args.checkpoint)
     else:
         predictor = Predictor.from_model(_predict_model(args), args.backend)
     print(f"backend: {predictor.backend}")
-    predictions = predictor.predict(args.images, args.topk)
+    if args.benchmark:
+        print(predictor.benchmark(images, decode_threads=args.decode_threads))
+        return 0
+    predictions = predictor.predict(images, args.topk)
     for prediction in predictions:
         print(prediction)
     unreadable = [prediction.path for prediction in predictions if prediction.error is not None]
@@ -185,6 +222,26 @@ def run_predict(args: argparse.Namespace) -> int:
             + (" ..." if len(unreadable) > 5 else "")
         )
     return 0
+
+
+def _predict_images(args: argparse.Namespace) -> list[str]:
+    """The IMAGE arguments, or with --benchmark every image under its folder; checked before loading a model."""
+    if not args.benchmark:
+        if not args.images:
+            raise CLIError("give at least one IMAGE to classify (or --benchmark FOLDER)")
+        if not any(Path(image).is_file() for image in args.images):
+            _require_files(args.images)  # nothing to predict: fail before loading the model
+        return args.images
+    from selecsls.data.datasets import IMAGE_EXTENSIONS, image_files
+
+    if args.images:
+        raise CLIError("--benchmark takes its images from FOLDER: drop the IMAGE arguments")
+    if not Path(args.benchmark).is_dir():
+        raise FileNotFoundError(f"--benchmark folder {args.benchmark} does not exist")
+    images = image_files(args.benchmark)
+    if not images:
+        raise CLIError(f"--benchmark folder {args.benchmark} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+    return images
 
 
 def _predict_model(args: argparse.Namespace):

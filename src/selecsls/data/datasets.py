@@ -39,6 +39,7 @@ __all__ = [
     "build_dataset",
     "build_loader",
     "collate_skipping",
+    "image_files",
     "is_regular_file",
     "open_image",
     "read_idx",
@@ -257,7 +258,7 @@ class ImageFolder(Dataset):
         owner: dict[str, str] = {}  # real path of every image -> the class folder it was found in
         for name in folders:
             files = []
-            for path in _image_files(self.root / name):
+            for path in image_files(self.root / name):
                 real = os.path.realpath(path)
                 if real in owner and owner[real] != name:
                     raise ValueError(
@@ -283,7 +284,7 @@ class ImageFolder(Dataset):
         return open_image(path, draft_size), target
 
 
-def _image_files(folder: Path) -> list[str]:
+def image_files(folder: PathLike) -> list[str]:
     """Regular files with an image extension under ``folder``, sorted; links to folders are not
     followed (a link to a parent would loop), FIFOs and devices are skipped (reading them blocks)."""
     return sorted(

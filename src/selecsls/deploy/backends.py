@@ -4,9 +4,10 @@ A backend turns an fp32 model in eval mode and an example input (both on the tar
 device) into a :data:`Runner`: a function running one inference on inputs shaped like the
 example (compiled, converted and warmed as needed), returning logits as a tensor. A backend
 that cannot run here raises :class:`BackendUnavailable` with the reason, and callers report
-it as skipped. Adding a backend is one :class:`Backend` entry in :data:`BACKENDS`; its code
-(and optional dependencies) are imported only when it is built, so this module, and the CLI
-help that lists the table, import neither torch nor any runtime.
+it as skipped; so does one whose optional package is missing (an ImportError while building).
+Adding a backend is one :class:`Backend` entry in :data:`BACKENDS`; its code (and optional
+dependencies) are imported only when it is built, so this module, and the CLI help that lists
+the table, import neither torch nor any runtime.
 """
 
 from __future__ import annotations
@@ -19,7 +20,15 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from torch import Tensor, nn
 
-__all__ = ["BACKENDS", "Backend", "BackendUnavailable", "Runner", "first_line", "predict_backends"]
+__all__ = [
+    "BACKENDS",
+    "Backend",
+    "BackendUnavailable",
+    "Runner",
+    "device_backends",
+    "first_line",
+    "predict_backends",
+]
 
 #: One inference on an input shaped like the example the runner was built for.
 Runner = Callable[["Tensor"], "Tensor"]
@@ -43,8 +52,10 @@ def first_line(exc: BaseException) -> str:
 class Backend:
     """One way to run a model. ``builder`` is ``"module:function"``, imported on first use.
 
-    ``exact``: outputs equal the model's (fp32, same weights); int8 and pruning are not.
-    ``cpu_only``: refuses examples on another device (e.g. ONNX Runtime's CPU provider).
+    ``exact``: outputs equal the model's (fp32, same weights); int8, fp16 and pruning are not.
+    ``precision``: the arithmetic, for comparing like with like (fp32, fp16, int8).
+    ``device``: the one device type it runs on ("cpu": ONNX Runtime's CPU provider; "cuda":
+    CUDA graphs), None for any.
     ``fixed_shape``: the runner accepts only the example's shape (a graph exported at it).
     """
 
@@ -52,18 +63,24 @@ class Backend:
     summary: str
     builder: str
     exact: bool = True
-    cpu_only: bool = False
+    precision: str = "fp32"
+    device: str | None = None
     fixed_shape: bool = False
 
     def build(self, model: nn.Module, example: Tensor) -> Runner:
-        if self.cpu_only and example.device.type != "cpu":
-            raise BackendUnavailable(f"backend {self.name} runs on the CPU only; the example is on {example.device}")
+        if self.device is not None and example.device.type != self.device:
+            raise BackendUnavailable(
+                f"backend {self.name} runs on {self.device} only; the example is on {example.device.type}"
+            )
         module, function = self.builder.split(":")
         try:
             build = getattr(importlib.import_module(module), function)
         except ImportError as exc:
             raise BackendUnavailable(f"{module} is not importable: {first_line(exc)}") from exc
-        return build(model, example)
+        try:
+            return build(model, example)
+        except ImportError as exc:  # an optional runtime (selecsls._optional.require names its extra)
+            raise BackendUnavailable(first_line(exc)) from exc
 
     def __call__(self, model: nn.Module, example: Tensor) -> Callable[[], Any]:
         """A zero-argument call running the built backend on ``example`` (what the benchmark times)."""
@@ -78,16 +95,29 @@ BACKENDS: dict[str, Backend] = {
         Backend("eager", "plain PyTorch, NCHW memory layout", f"{_TORCH}:eager"),
         Backend("channels_last", "eager, weights and input in NHWC (channels-last) layout", f"{_TORCH}:channels_last"),
         Backend("script", "TorchScript (torch.jit.script)", f"{_TORCH}:script"),
-        Backend("compile", "torch.compile (inductor), compiled before timing", f"{_TORCH}:compile_inductor"),
+        Backend(
+            "compile",
+            "torch.compile (inductor), weights frozen, compiled at the example's shape before timing",
+            f"{_TORCH}:compile_inductor",
+            fixed_shape=True,
+        ),
         Backend("fused", "BatchNorm folded into the convs (selecsls.fuse; torch.fx for baselines)", f"{_TORCH}:fused"),
         Backend(
             "fused_channels_last", "BatchNorm folded, weights and input channels-last", f"{_TORCH}:fused_channels_last"
         ),
         Backend(
+            "tuned",
+            "BatchNorm folded; each spatial conv runs as oneDNN's conv or as an exact im2col matrix product, "
+            "whichever was faster at the example's shape",
+            f"{_TORCH}:tuned",
+            device="cpu",
+            fixed_shape=True,
+        ),
+        Backend(
             "onnxruntime",
             "ONNX Runtime (CPU, fp32) on the model exported at the example's shape, checked against PyTorch",
             "selecsls.deploy.export:onnxruntime_backend",
-            cpu_only=True,
+            device="cpu",
             fixed_shape=True,
         ),
         Backend(
@@ -95,7 +125,40 @@ BACKENDS: dict[str, Backend] = {
             "ONNX Runtime int8 (static QDQ) on the model exported at the example's shape",
             "selecsls.deploy.quantization:int8_backend",
             exact=False,
-            cpu_only=True,
+            precision="int8",
+            device="cpu",
+            fixed_shape=True,
+        ),
+        Backend(
+            "openvino",
+            "OpenVINO (CPU plugin, fp32 pinned) on the model converted at the example's shape, checked against PyTorch",
+            "selecsls.deploy.export:openvino_backend",
+            device="cpu",
+            fixed_shape=True,
+        ),
+        Backend(
+            "openvino_int8",
+            "OpenVINO int8 (NNCF post-training quantization) on the model converted at the example's shape",
+            "selecsls.deploy.quantization:openvino_int8_backend",
+            exact=False,
+            precision="int8",
+            device="cpu",
+            fixed_shape=True,
+        ),
+        Backend(
+            "cuda_graphs",
+            "BatchNorm folded, the forward pass captured once as a CUDA graph and replayed (no launch overhead)",
+            f"{_TORCH}:cuda_graphs",
+            device="cuda",
+            fixed_shape=True,
+        ),
+        Backend(
+            "cuda_graphs_fp16",
+            "cuda_graphs with fp16 weights and activations in channels-last layout (tensor cores)",
+            f"{_TORCH}:cuda_graphs_fp16",
+            exact=False,
+            precision="fp16",
+            device="cuda",
             fixed_shape=True,
         ),
         Backend(
@@ -109,7 +172,8 @@ BACKENDS: dict[str, Backend] = {
             "the pruned model run by the int8 backend: the two speed-ups compound",
             f"{_TORCH}:pruned_int8",
             exact=False,
-            cpu_only=True,
+            precision="int8",
+            device="cpu",
             fixed_shape=True,
         ),
     )
@@ -117,5 +181,11 @@ BACKENDS: dict[str, Backend] = {
 
 
 def predict_backends() -> list[str]:
-    """Backends that keep the model's function (exact, or int8 quantized): pruning changes the model."""
+    """Backends that keep the model's function (exact, or at lower precision): pruning changes the model."""
     return [name for name, backend in BACKENDS.items() if not name.startswith("pruned")]
+
+
+def device_backends(device: str) -> list[str]:
+    """:func:`predict_backends` that can run on ``device`` ("cpu" or "cuda"): the same network on every
+    engine that may be available there (the real-time benchmark's default)."""
+    return [name for name in predict_backends() if BACKENDS[name].device in (None, device)]

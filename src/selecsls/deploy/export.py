@@ -1,16 +1,17 @@
-"""Export a model to ONNX or frozen TorchScript, and prove the file computes what the model does.
+"""Export a model to ONNX, frozen TorchScript or an OpenVINO IR, and prove the file computes what the model does.
 
 Every export is checked before it lands on disk: the written file is loaded back (ONNX
-Runtime for ONNX, ``torch.jit.load`` for TorchScript) and run on random inputs and on any
-real images given, and its outputs are compared with the PyTorch model's. The file is only
-moved into place when the largest difference is within :data:`RELATIVE_TOLERANCE` of the
-output's scale.
+Runtime for ONNX, ``torch.jit.load`` for TorchScript, OpenVINO's CPU plugin for the IR) and
+run on random inputs and on any real images given, and its outputs are compared with the
+PyTorch model's. The file (the IR's .xml and .bin together) is only moved into place when the
+largest difference is within :data:`RELATIVE_TOLERANCE` of the output's scale.
 
 ONNX is produced by torch's TorchScript-based exporter (``dynamo=False``): this network is
 only convs, ReLUs, additions and pooling, which that exporter handles completely, and it
 needs no extra package (the torch.export-based exporter needs ``onnxscript``). ONNX
 Runtime folds the BatchNorms into the convs when it loads the graph. docs/deployment.md has
-the measured speed of the exported graphs.
+the measured speed of the exported graphs. The OpenVINO IR is converted from that ONNX graph
+(:mod:`selecsls.deploy.openvino_ir` says why and how its precision is kept fp32).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from torch import Tensor, nn
 
 from selecsls._io import PathLike, atomic_path, check_output, one_line, printable
 from selecsls._optional import require
+from selecsls.deploy import openvino_ir
 from selecsls.deploy.backends import BackendUnavailable, Runner
 from selecsls.models.checkpoint import CheckpointError
 
@@ -44,13 +46,17 @@ __all__ = [
     "one_image_at_a_time",
     "onnxruntime_backend",
     "onnx_session",
+    "openvino_backend",
     "read_metadata",
     "session_runner",
     "to_onnx",
+    "to_openvino",
     "to_torchscript",
 ]
 
-EXPORT_FORMATS = ("onnx", "torchscript")
+EXPORT_FORMATS = ("onnx", "torchscript", "openvino")
+#: Formats whose graph can be exported with free batch and spatial size.
+DYNAMIC_FORMATS = ("onnx", "openvino")
 ONNX_OPSET = 18
 #: An export fails when max |exported - pytorch| exceeds this fraction of max |pytorch output|.
 RELATIVE_TOLERANCE = 1e-4
@@ -108,10 +114,13 @@ def _metadata(model: nn.Module) -> str:
 
 
 def read_metadata(path: PathLike) -> dict[str, Any]:
-    """The ``pretrained_cfg`` (preprocessing, class names) stored in an exported ONNX file, unchecked.
+    """The ``pretrained_cfg`` (preprocessing, class names) stored in an exported ONNX file or OpenVINO IR
+    (.xml), unchecked.
 
     A file that is not ONNX, or damaged, is one :class:`CheckpointError` naming it.
     """
+    if os.fspath(path).endswith(".xml"):
+        return openvino_ir.ir_metadata(openvino_ir.read_ir(path), os.fspath(path))
     onnx = require("onnx", "to read an ONNX file")
     shown = printable(os.fspath(path))
     if not os.path.isfile(path):
@@ -158,6 +167,11 @@ def to_onnx(model: nn.Module, example: Tensor, dynamic: bool = False) -> bytes:
     return proto.SerializeToString()
 
 
+def to_openvino(model: nn.Module, example: Tensor, dynamic: bool = False):
+    """The ``openvino.Model`` of :func:`to_onnx`'s graph, with ``pretrained_cfg`` as runtime info."""
+    return openvino_ir.from_onnx(to_onnx(model, example, dynamic), _metadata(model))
+
+
 def to_torchscript(model: nn.Module) -> torch.jit.ScriptModule:
     """The model scripted and frozen: weights become constants, BatchNorm is folded into convs."""
     with _quiet_deprecations():
@@ -179,13 +193,18 @@ def onnx_session(model: PathLike | bytes, threads: int | None = None):
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 
+def _require_match(model: nn.Module, run: Runner, example: Tensor, what: str) -> None:
+    """Raise :class:`ExportMismatchError` unless ``run`` reproduces ``model`` on ``example``."""
+    check = compare_outputs(model, run, [("example", example)])[0]
+    if not check.passed:
+        raise ExportMismatchError(f"the {what} export is not exact: {check} (tolerance {RELATIVE_TOLERANCE:g})")
+
+
 def checked_session(model: nn.Module, example: Tensor, dynamic: bool = False):
     """An ONNX Runtime session of ``model`` exported in memory, trusted only after it matched
     PyTorch on ``example``; raises :class:`ExportMismatchError` otherwise."""
     session = onnx_session(to_onnx(model, example, dynamic))
-    check = compare_outputs(model, session_runner(session), [("example", example)])[0]
-    if not check.passed:
-        raise ExportMismatchError(f"the ONNX export is not exact: {check} (tolerance {RELATIVE_TOLERANCE:g})")
+    _require_match(model, session_runner(session), example, "ONNX")
     return session
 
 
@@ -195,6 +214,16 @@ def onnxruntime_backend(model: nn.Module, example: Tensor) -> Runner:
         return session_runner(checked_session(model, example))
     except ExportMismatchError as exc:
         raise BackendUnavailable(str(exc)) from exc
+
+
+def openvino_backend(model: nn.Module, example: Tensor) -> Runner:
+    """OpenVINO (CPU plugin, fp32 pinned) on the model converted at the example's shape, checked against PyTorch."""
+    run = openvino_ir.compiled_runner(to_openvino(model, example))
+    try:
+        _require_match(model, run, example, "OpenVINO")
+    except ExportMismatchError as exc:
+        raise BackendUnavailable(str(exc)) from exc
+    return run
 
 
 def session_runner(session) -> Runner:
@@ -240,27 +269,32 @@ def export_model(
     dynamic: bool = False,
     images: Tensor | None = None,
 ) -> list[ExportCheck]:
-    """Write ``model`` to ``path`` as ``format`` ('onnx' or 'torchscript') and return the checks.
+    """Write ``model`` to ``path`` as ``format`` (one of :data:`EXPORT_FORMATS`) and return the checks.
 
     ``input_size`` (C, H, W) defaults to ``model.pretrained_cfg['input_size']``; ``images``
-    is a preprocessed batch of real images at that size. ``dynamic`` (ONNX only; TorchScript
-    always accepts any shape) frees batch and spatial size, and is then checked at a second
-    shape. Raises :class:`ExportMismatchError` (leaving ``path`` untouched) if any check fails.
+    is a preprocessed batch of real images at that size. ``dynamic`` (ONNX and OpenVINO;
+    TorchScript always accepts any shape) frees batch and spatial size, and is then checked at a
+    second shape. An OpenVINO IR is ``path`` (.xml) and the .bin beside it. Raises
+    :class:`ExportMismatchError` (leaving ``path`` untouched) if any check fails.
     """
     if format not in EXPORT_FORMATS:
         raise ValueError(f"format must be one of {EXPORT_FORMATS}, got {format!r}")
-    if dynamic and format != "onnx":
-        raise ValueError("dynamic applies to ONNX only: TorchScript already accepts any batch and image size")
-    check_output(path)
+    if dynamic and format not in DYNAMIC_FORMATS:
+        raise ValueError("dynamic applies to ONNX and OpenVINO: TorchScript already accepts any batch and image size")
+    for output in openvino_ir.ir_files(path) if format == "openvino" else (path,):
+        check_output(output)
     model = model.eval()
     example = _example_input(model, input_size)
     if images is not None and tuple(images.shape[1:]) != tuple(example.shape[1:]):
         raise ValueError(f"real images are {tuple(images.shape[1:])} but the export size is {tuple(example.shape[1:])}")
-    with atomic_path(path) as tmp:
+    writer = openvino_ir.staged_ir(path) if format == "openvino" else atomic_path(path)
+    with writer as tmp:
         if format == "onnx":
             tmp.write_bytes(to_onnx(model, example, dynamic))
             run = session_runner(onnx_session(tmp))
-            run = run if dynamic else one_image_at_a_time(run)
+        elif format == "openvino":
+            openvino_ir.save_ir(to_openvino(model, example, dynamic), tmp)
+            run = openvino_ir.compiled_runner(openvino_ir.read_ir(tmp))
         else:
             # Serialised in memory and written by Python: torch.jit.save's own file writer aborts the
             # process on a full disk, Python's raises an error that leaves the previous file in place.
@@ -270,7 +304,10 @@ def export_model(
             tmp.write_bytes(buffer.getvalue())
             with _quiet_deprecations():
                 run = torch.jit.load(tmp)
-        checks = compare_outputs(model, run, _check_inputs(model, example, format == "torchscript" or dynamic, images))
+        any_shape = format == "torchscript" or dynamic
+        checks = compare_outputs(
+            model, run if any_shape else one_image_at_a_time(run), _check_inputs(model, example, any_shape, images)
+        )
         failed = [check for check in checks if not check.passed]
         if failed:
             raise ExportMismatchError(

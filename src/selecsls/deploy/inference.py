@@ -2,16 +2,21 @@
 
 Any backend of :data:`selecsls.deploy.backends.BACKENDS` that keeps the model's function
 runs predictions (see :func:`~selecsls.deploy.backends.predict_backends`); an ``.onnx`` file
-exported by ``selecsls export`` runs on ONNX Runtime. ``auto`` takes the fastest per image
-that is available and correct: onnxruntime, else fused_channels_last (docs/deployment.md has
-the measurements behind that order).
+exported by ``selecsls export`` runs on ONNX Runtime, an OpenVINO IR (``.xml``) on OpenVINO.
+``auto`` takes the fastest per image that is available and correct: onnxruntime, else
+fused_channels_last (docs/deployment.md has the measurements behind that order).
+:meth:`Predictor.benchmark` measures the whole pipeline's frame rate: decoding and
+preprocessing in threads, overlapped with inference, as a video or camera application runs.
 """
 
 from __future__ import annotations
 
 import os
+import time
 import warnings
+from collections import deque
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
@@ -23,13 +28,22 @@ from torch import Tensor, nn
 from selecsls._io import PathLike, one_line, printable
 from selecsls.data.datasets import UnreadableImageError, open_image
 from selecsls.data.transforms import EvalTransform, eval_transform_from_cfg
+from selecsls.deploy import openvino_ir
 from selecsls.deploy.backends import BACKENDS, BackendUnavailable, Runner, predict_backends
 from selecsls.deploy.export import one_image_at_a_time, onnx_session, read_metadata, session_runner
 from selecsls.models.checkpoint import CheckpointError
 from selecsls.models.limits import check_int
 from selecsls.models.metadata import check_pretrained_cfg
 
-__all__ = ["AUTO_ORDER", "Prediction", "Predictor", "class_names", "imagenet_class_names", "load_images"]
+__all__ = [
+    "AUTO_ORDER",
+    "PipelineRate",
+    "Prediction",
+    "Predictor",
+    "class_names",
+    "imagenet_class_names",
+    "load_images",
+]
 
 #: What ``backend="auto"`` tries, fastest first.
 AUTO_ORDER = ("onnxruntime", "fused_channels_last")
@@ -119,21 +133,30 @@ class Predictor:
         return cls(_runner(candidates[-1], model, example), transform, names, candidates[-1])
 
     @classmethod
-    def from_onnx(cls, path: PathLike) -> Predictor:
-        """Wrap an ONNX file written by ``selecsls export`` (its metadata holds the preprocessing)."""
+    def from_exported(cls, path: PathLike) -> Predictor:
+        """Wrap a file written by ``selecsls export``: ``.onnx`` (ONNX Runtime) or an OpenVINO IR ``.xml``
+        (OpenVINO). Its metadata holds the preprocessing and class names; a graph exported at a fixed
+        batch size runs one image at a time."""
         metadata, shown = read_metadata(path), printable(os.fspath(path))
-        try:
-            session = onnx_session(path)
-        except Exception as exc:  # onnxruntime's errors (invalid graph, ...) share no base class
-            raise CheckpointError(f"{shown} is not a runnable ONNX model ({one_line(exc)})") from None
-        num_classes = session.get_outputs()[0].shape[-1]
+        if os.fspath(path).endswith(".xml"):
+            model = openvino_ir.read_ir(path)
+            run, backend = openvino_ir.compiled_runner(model), "openvino"
+            classes = model.outputs[0].get_partial_shape()[-1]
+            num_classes = classes.get_length() if classes.is_static else None
+            fixed_batch = openvino_ir.is_static(model)
+        else:
+            try:
+                session = onnx_session(path)
+            except Exception as exc:  # onnxruntime's errors (invalid graph, ...) share no base class
+                raise CheckpointError(f"{shown} is not a runnable ONNX model ({one_line(exc)})") from None
+            run, backend = session_runner(session), "onnxruntime"
+            num_classes = session.get_outputs()[0].shape[-1]
+            fixed_batch = isinstance(session.get_inputs()[0].shape[0], int)
         if not isinstance(num_classes, int):
             raise CheckpointError(f"{shown}: its output has no fixed number of classes")
         cfg = check_pretrained_cfg(metadata, num_classes, shown)
-        run = session_runner(session)
-        if session.get_inputs()[0].shape[0] == 1:  # exported without --dynamic: a fixed batch of one
-            run = one_image_at_a_time(run)
-        return cls(run, eval_transform_from_cfg(cfg), class_names(cfg, num_classes), "onnxruntime")
+        run = one_image_at_a_time(run) if fixed_batch else run
+        return cls(run, eval_transform_from_cfg(cfg), class_names(cfg, num_classes), backend)
 
     def predict(self, paths: Sequence[PathLike], topk: int = 5, batch_size: int = 16) -> list[Prediction]:
         """Top-``topk`` classes with softmax probabilities for each image, in input order.
@@ -161,3 +184,59 @@ class Predictor:
                     values, indices = next(ranked)
                     predictions.append(Prediction(path, tuple((self.names[i], v) for i, v in zip(indices, values))))
         return predictions
+
+    def benchmark(self, paths: Sequence[PathLike], decode_threads: int = 1, prefetch: int = 4) -> PipelineRate:
+        """Frames per second of the whole pipeline on ``paths``, one image at a time (a video stream).
+
+        ``decode_threads`` decode (Pillow) and preprocess images while the model runs on earlier
+        ones, up to ``prefetch`` images ahead; the clock runs from the first decode to the last
+        result. One untimed inference on the first image comes first (allocations, lazy set-up).
+        """
+        if not paths:
+            raise ValueError("no images to benchmark on")
+        if decode_threads < 1 or prefetch < 1:
+            raise ValueError(f"decode_threads and prefetch must be >= 1, got {decode_threads} and {prefetch}")
+        with torch.no_grad():
+            self.run(load_images(paths[:1], self.transform))
+            inference = 0.0
+            with ThreadPoolExecutor(decode_threads, thread_name_prefix="selecsls-decode") as decoders:
+                start = time.perf_counter()
+                pending: deque = deque()
+                for path in paths:
+                    pending.append(decoders.submit(load_images, [path], self.transform))
+                    if len(pending) > prefetch:
+                        inference += self._timed_run(pending.popleft().result())
+                while pending:
+                    inference += self._timed_run(pending.popleft().result())
+                elapsed = time.perf_counter() - start
+        return PipelineRate(len(paths), elapsed, inference)
+
+    def _timed_run(self, batch: Tensor) -> float:
+        start = time.perf_counter()
+        self.run(batch)
+        return time.perf_counter() - start
+
+
+@dataclass(frozen=True)
+class PipelineRate:
+    """How fast a :class:`Predictor` classified a stream of image files (:meth:`Predictor.benchmark`)."""
+
+    images: int
+    seconds: float  # wall time: first decode to last result
+    inference_seconds: float  # of which inside the model
+
+    @property
+    def frames_per_s(self) -> float:
+        return self.images / self.seconds
+
+    @property
+    def inference_frames_per_s(self) -> float:
+        return self.images / max(self.inference_seconds, 1e-12)
+
+    def __str__(self) -> str:
+        limit = "inference" if self.inference_seconds >= 0.9 * self.seconds else "decoding and preprocessing"
+        return (
+            f"{self.images} images in {self.seconds:.2f} s: {self.frames_per_s:.1f} frames/s end to end "
+            f"(decode + preprocess + inference, decoding overlapped with inference); inference alone "
+            f"{self.inference_frames_per_s:.1f} frames/s, so {limit} sets the rate"
+        )

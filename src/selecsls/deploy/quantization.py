@@ -1,4 +1,4 @@
-"""int8 post-training static quantization with ONNX Runtime, and its accuracy cost on real data.
+"""int8 post-training static quantization (ONNX Runtime; OpenVINO with NNCF), and its accuracy cost on real data.
 
 Why ONNX Runtime's quantizer and not torch's PT2E flow: in torch 2.13 PT2E lives in the
 separate ``torchao`` package, and its int8 model is only fast after ``torch.compile`` with
@@ -10,6 +10,9 @@ convolutions use AVX-512 VNNI on this CPU. docs/deployment.md has the measuremen
 Format: QDQ (QuantizeLinear/DequantizeLinear pairs that ONNX Runtime fuses into integer
 kernels), uint8 activations (post-ReLU activations are non-negative, so the full range is
 used) and per-channel int8 weights; MinMax calibration on real images.
+
+For OpenVINO, NNCF quantizes the IR with its CPU defaults
+(:func:`selecsls.deploy.openvino_ir.quantize_ir`); the accuracy check is the same.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from torch import Tensor, nn
 
 from selecsls._io import PathLike, atomic_path
 from selecsls._optional import require
+from selecsls.deploy import openvino_ir
 from selecsls.deploy.backends import Runner
 from selecsls.deploy.export import (
     ExportCheck,
@@ -32,9 +36,21 @@ from selecsls.deploy.export import (
     onnx_session,
     session_runner,
     to_onnx,
+    to_openvino,
 )
 
-__all__ = ["AccuracyComparison", "compare_accuracy", "export_int8", "int8_backend", "quantize_onnx"]
+__all__ = [
+    "INT8_FORMATS",
+    "AccuracyComparison",
+    "compare_accuracy",
+    "export_int8",
+    "int8_backend",
+    "openvino_int8_backend",
+    "quantize_onnx",
+]
+
+#: Export formats with an int8 version.
+INT8_FORMATS = ("onnx", "openvino")
 
 
 def quantize_onnx(fp32_model: bytes, calibration_images: Tensor) -> bytes:
@@ -87,14 +103,22 @@ def quantize_onnx(fp32_model: bytes, calibration_images: Tensor) -> bytes:
         return int8.read_bytes()
 
 
-def int8_backend(model: nn.Module, example: Tensor) -> Runner:
-    """ONNX Runtime int8 (static QDQ) on the model exported at the example's shape.
+def _noise_calibration(example: Tensor) -> Tensor:
+    """Gaussian noise shaped like normalised images, for the benchmark's int8 backends: the speed of
+    int8 kernels does not depend on the calibration ranges (accuracy does: use ``selecsls export --int8``)."""
+    return torch.randn(max(8, len(example)), *example.shape[1:], generator=torch.Generator().manual_seed(0))
 
-    Calibrated on Gaussian noise shaped like normalised images: the speed of int8 kernels does
-    not depend on the calibration ranges (accuracy does: use ``selecsls export --int8``).
-    """
-    noise = torch.randn(max(8, len(example)), *example.shape[1:], generator=torch.Generator().manual_seed(0))
-    return session_runner(onnx_session(quantize_onnx(to_onnx(model.eval(), example), noise)))
+
+def int8_backend(model: nn.Module, example: Tensor) -> Runner:
+    """ONNX Runtime int8 (static QDQ) on the model exported at the example's shape, calibrated on noise."""
+    return session_runner(onnx_session(quantize_onnx(to_onnx(model.eval(), example), _noise_calibration(example))))
+
+
+def openvino_int8_backend(model: nn.Module, example: Tensor) -> Runner:
+    """OpenVINO int8 (NNCF post-training quantization) on the model converted at the example's shape,
+    calibrated on noise."""
+    quantized = openvino_ir.quantize_ir(to_openvino(model.eval(), example), _noise_calibration(example))
+    return openvino_ir.compiled_runner(quantized)
 
 
 @dataclass(frozen=True)
@@ -143,11 +167,13 @@ def export_int8(
     calibration_images: Tensor,
     evaluation_batches: Iterable[tuple[Tensor, Tensor]],
     *,
+    format: str = "onnx",
     dynamic: bool = False,
     images: Tensor | None = None,
     max_drop: float | None = None,
 ) -> tuple[list[ExportCheck], AccuracyComparison]:
-    """Write the int8 ONNX model of ``model`` to ``path`` with its accuracy cost measured.
+    """Write the int8 ``format`` ('onnx' or 'openvino') model of ``model`` to ``path`` with its accuracy
+    cost measured.
 
     The fp32 export is checked against PyTorch first (as :func:`selecsls.deploy.export.export_model`
     does, on random inputs and ``images``), then quantized with ``calibration_images`` and
@@ -155,19 +181,30 @@ def export_int8(
     With ``max_drop`` (percentage points) a larger top-1 drop raises ValueError and nothing
     is written.
     """
+    if format not in INT8_FORMATS:
+        raise ValueError(f"int8 export writes one of {INT8_FORMATS}, got {format!r}")
     model = model.eval()
     input_size: Sequence[int] = tuple(calibration_images.shape[1:])
     with tempfile.TemporaryDirectory(prefix="selecsls-fp32-") as tmp:
-        fp32_path = Path(tmp) / "fp32.onnx"
-        checks = export_model(model, fp32_path, "onnx", input_size=input_size, dynamic=dynamic, images=images)
-        int8 = quantize_onnx(fp32_path.read_bytes(), calibration_images)
-    run = session_runner(onnx_session(int8))
-    comparison = compare_accuracy(model, run if dynamic else one_image_at_a_time(run), evaluation_batches)
-    if max_drop is not None and comparison.drop > max_drop:
-        raise ValueError(
-            f"int8 loses {comparison.drop:.2f} top-1 points (more than --max-drop {max_drop:g}): {comparison}; "
-            "calibrate on more or more representative images, or deploy the fp32 model"
-        )
-    with atomic_path(path) as tmp_path:
-        tmp_path.write_bytes(int8)
+        fp32_path = Path(tmp) / ("fp32.onnx" if format == "onnx" else "fp32.xml")
+        checks = export_model(model, fp32_path, format, input_size=input_size, dynamic=dynamic, images=images)
+        if format == "onnx":
+            int8 = quantize_onnx(fp32_path.read_bytes(), calibration_images)
+            run = session_runner(onnx_session(int8))
+        else:
+            int8 = openvino_ir.quantize_ir(openvino_ir.read_ir(fp32_path), calibration_images)
+            run = openvino_ir.compiled_runner(int8)
+        comparison = compare_accuracy(model, run if dynamic else one_image_at_a_time(run), evaluation_batches)
+        if max_drop is not None and comparison.drop > max_drop:
+            raise ValueError(
+                f"int8 loses {comparison.drop:.2f} top-1 points (more than --max-drop {max_drop:g}): {comparison}; "
+                "calibrate on more or more representative images, or deploy the fp32 model"
+            )
+        # Written while the fp32 files are still there: OpenVINO may map weights from them.
+        if format == "onnx":
+            with atomic_path(path) as tmp_path:
+                tmp_path.write_bytes(int8)
+        else:
+            with openvino_ir.staged_ir(path) as tmp_xml:
+                openvino_ir.save_ir(int8, tmp_xml)
     return checks, comparison

@@ -1,11 +1,14 @@
 """PyTorch backends of :data:`selecsls.deploy.backends.BACKENDS` (eager, channels-last, TorchScript,
-inductor, BN-fused, pruned): each turns a model and an example into a runner."""
+inductor, BN-fused, GEMM-tuned, CUDA graphs, pruned): each turns a model and an example into a runner."""
 
 from __future__ import annotations
 
 import copy
+import time
 
 import torch
+import torch._inductor.config
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.fx.experimental.optimization import fuse as fx_fuse
 
@@ -39,11 +42,22 @@ def script(model: nn.Module, example: Tensor) -> Runner:
     return scripted
 
 
+#: Inductor settings of the ``compile`` backend (``benchmarks/inductor_settings.py`` measures the
+#: alternatives). Freezing makes the weights constants: BatchNorm is folded and every conv weight is
+#: laid out (prepacked) for oneDNN once, at compile time. Unfrozen, inductor takes the weights as
+#: inputs and copies every 3x3 weight to channels-last layout on every call (~100 MB per image for
+#: selecsls60, whose head holds ~26 M 3x3 parameters): the compiled model was slower than eager.
+COMPILE_SETTINGS = {"freezing": True}
+
+
 def compile_inductor(model: nn.Module, example: Tensor) -> Runner:
-    """``torch.compile`` (inductor); compiled here, on the example, so timing excludes compilation."""
+    """``torch.compile`` (inductor) with :data:`COMPILE_SETTINGS`, compiled here on the example (so
+    timing excludes compilation) for inference: later calls must run under ``torch.no_grad``."""
     compiled = torch.compile(model)
     try:
-        with torch.no_grad():
+        # torch.compile(options=) ignores ``freezing`` in torch 2.13; the config applies when the
+        # first call compiles.
+        with torch.no_grad(), torch._inductor.config.patch(COMPILE_SETTINGS):
             compiled(example)
     except Exception as exc:  # inductor needs a working C++ (CPU) or Triton (GPU) toolchain at run time
         raise BackendUnavailable(f"torch.compile failed: {first_line(exc)}") from exc
@@ -69,6 +83,128 @@ def fused(model: nn.Module, example: Tensor) -> Runner:
 def fused_channels_last(model: nn.Module, example: Tensor) -> Runner:
     """BatchNorm folded into the convs, weights and input in channels-last layout."""
     return channels_last(fused_model(model, example.device).eval(), example)
+
+
+def _captured(model: nn.Module, example: Tensor, dtype: torch.dtype, memory_format: torch.memory_format) -> Runner:
+    """The fused model's forward pass on ``example``'s shape, captured once as a CUDA graph.
+
+    At batch 1 a GPU spends most of a forward pass launching kernels (every model took 3-6 ms on
+    an H200, whatever its MACs); replaying a captured graph launches them all at once. Inputs are
+    copied into the graph's static input (converted to ``dtype`` and ``memory_format``); the
+    output is returned as a new fp32 tensor, so a later replay cannot overwrite it.
+    """
+    network = fused_model(model, example.device).eval().to(dtype=dtype, memory_format=memory_format)
+    static_input = example.to(dtype=dtype, memory_format=memory_format, copy=True)
+    side_stream = torch.cuda.Stream()
+    side_stream.wait_stream(torch.cuda.current_stream())
+    with torch.no_grad(), torch.cuda.stream(side_stream):
+        for _ in range(3):  # cudnn autotuning and allocator warm-up stay outside the graph
+            network(static_input)
+    torch.cuda.current_stream().wait_stream(side_stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        static_output = network(static_input)
+
+    def run(x: Tensor) -> Tensor:
+        static_input.copy_(x)
+        graph.replay()
+        return static_output.to(torch.float32, copy=True)
+
+    return run
+
+
+def cuda_graphs(model: nn.Module, example: Tensor) -> Runner:
+    """BatchNorm folded, the forward pass captured once as a CUDA graph and replayed."""
+    return _captured(model, example, torch.float32, torch.contiguous_format)
+
+
+def cuda_graphs_fp16(model: nn.Module, example: Tensor) -> Runner:
+    """:func:`cuda_graphs` in fp16 and channels-last layout (the tensor cores' preferred input)."""
+    return _captured(model, example, torch.float16, torch.channels_last)
+
+
+class GemmConv2d(nn.Module):
+    """An ``nn.Conv2d`` (groups 1, zero padding) computed as im2col + one matrix product
+    (``F.unfold`` + ``matmul``): the same sums in another order (about 5e-7 relative difference).
+
+    oneDNN picks a slow algorithm for some of SelecSLS's head convs at batch 1: measured on the
+    development EPYC, 1024 input channels on a 7x7 map, stride 2, took 36 ms as a conv and 7 ms
+    as this product (selecsls42b's 960-channel stride-1 head conv: 41 vs 19 ms), while most
+    other convs are as fast or faster as convs. :func:`tuned` times both per layer.
+    """
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__()
+        if conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise ValueError("GemmConv2d needs a conv with groups=1 and numeric zero padding")
+        self.kernel_size, self.stride = conv.kernel_size, conv.stride
+        self.padding, self.dilation = conv.padding, conv.dilation
+        self.out_channels = conv.out_channels
+        self.weight = nn.Parameter(conv.weight.detach().reshape(conv.out_channels, -1).clone(), requires_grad=False)
+        self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch, _, height, width = x.shape
+        out_h, out_w = (
+            (size + 2 * pad - dil * (k - 1) - 1) // step + 1
+            for size, pad, dil, k, step in zip(
+                (height, width), self.padding, self.dilation, self.kernel_size, self.stride
+            )
+        )
+        columns = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)
+        out = torch.matmul(self.weight, columns)
+        if self.bias is not None:
+            out = out + self.bias[:, None]
+        return out.reshape(batch, self.out_channels, out_h, out_w)
+
+
+#: :func:`tuned` swaps a conv for :class:`GemmConv2d` only when the product is at least this much
+#: faster (fastest of :data:`TUNING_REPEATS` calls each): small differences are timing noise.
+TUNING_MARGIN, TUNING_REPEATS = 1.2, 5
+
+
+def _fastest_seconds(fn, x: Tensor) -> float:
+    fn(x)  # warm-up: allocations, oneDNN primitive creation
+    best = float("inf")
+    for _ in range(TUNING_REPEATS):
+        start = time.perf_counter()
+        fn(x)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def tuned(model: nn.Module, example: Tensor) -> Runner:
+    """BatchNorm folded, then every spatial conv timed at its input shape for ``example`` as oneDNN's
+    conv and as :class:`GemmConv2d`; the product replaces the conv where it is faster."""
+    network = fused_model(model, example.device).eval()
+    convs = {
+        name: conv
+        for name, conv in network.named_modules()
+        if isinstance(conv, nn.Conv2d)
+        and conv.kernel_size != (1, 1)
+        and conv.groups == 1
+        and conv.padding_mode == "zeros"
+        and not isinstance(conv.padding, str)
+    }
+    inputs: dict[str, Tensor] = {}
+
+    def recorder(name: str):
+        def record(module: nn.Module, args: tuple[Tensor, ...]) -> None:
+            inputs[name] = args[0]
+
+        return record
+
+    hooks = [conv.register_forward_pre_hook(recorder(name)) for name, conv in convs.items()]
+    with torch.no_grad():
+        network(example)
+        for hook in hooks:
+            hook.remove()
+        for name, conv in convs.items():
+            gemm = GemmConv2d(conv)
+            if _fastest_seconds(conv, inputs[name]) > TUNING_MARGIN * _fastest_seconds(gemm, inputs[name]):
+                parent, _, attribute = name.rpartition(".")
+                setattr(network.get_submodule(parent), attribute, gemm)
+    return network
 
 
 def _pruned_model(model: nn.Module, example: Tensor) -> nn.Module:
