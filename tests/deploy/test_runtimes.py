@@ -73,3 +73,14 @@ def test_cuda_graph_backends_capture_fp32_or_fp16_channels_last(monkeypatch):
     runtimes.cuda_graphs_fp16(nn.Identity(), torch.zeros(1))
     assert captured == [(torch.float32, torch.contiguous_format), (torch.float16, torch.channels_last)]
     assert (BACKENDS["cuda_graphs"].exact, BACKENDS["cuda_graphs_fp16"].precision) == (True, "fp16")
+
+
+def test_bench_and_predict_offer_the_one_backend_table():
+    from selecsls.cli import build_parser
+    from selecsls.deploy.backends import BACKENDS, predict_backends
+
+    subcommands = build_parser()._subparsers._group_actions[0].choices
+    predict_choices = next(a.choices for a in subcommands["predict"]._actions if a.dest == "backend")
+    assert set(predict_choices) == {"auto", *predict_backends()} and set(predict_backends()) <= set(BACKENDS)
+    bench_help = next(a.help for a in subcommands["bench"]._actions if a.dest == "backends")
+    assert all(name in bench_help for name in BACKENDS)

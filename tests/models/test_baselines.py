@@ -55,3 +55,16 @@ def test_resnet50_falls_back_when_torchvision_is_broken(monkeypatch):
 def test_unknown_baseline_names_the_choices():
     with pytest.raises(ValueError, match="resnet50, vovnet39"):
         create_baseline("resnet18")
+
+
+def test_the_one_registry_builds_baselines_and_refuses_selecsls_only_options():
+    import selecsls
+
+    assert selecsls.list_models(baselines=True)[-2:] == ["resnet50", "vovnet39"]
+    assert "resnet50" not in selecsls.list_models()
+    for name in ("resnet50", "vovnet39"):
+        model = selecsls.create_model(name, num_classes=7)
+        assert (model.num_classes, model.pretrained_cfg["architecture"]) == (7, name)
+        assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 7)
+    with pytest.raises(ValueError, match="baseline resnet50 .*drop features_only, output_stride"):
+        selecsls.create_model("resnet50", features_only=True, output_stride=16)
