@@ -16,7 +16,6 @@ from torch.utils.checkpoint import checkpoint
 from selecsls.models.spec import BlockSpec, ModelSpec
 
 __all__ = [
-    "SmallMapConv2d",
     "ConvNormAct",
     "ConcatConvNormAct",
     "SelecSLSBlock",
@@ -31,56 +30,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 GLOBAL_POOLS = ("avg", "max", "")
 
 
-def _tap_index(size: int, kernel: int, stride: int, padding: int, dilation: int, device: torch.device) -> Tensor:
-    """``[out_size, size]``: the tap of output o that reads input y, or ``kernel`` (a zero tap) if none.
-
-    Taps that land on zero padding read no input, so they are absent from the dense matrix below.
-    """
-    out_size = (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
-    offset = torch.arange(size, device=device)[None] + padding - torch.arange(out_size, device=device)[:, None] * stride
-    tap = torch.div(offset, dilation, rounding_mode="floor")
-    reads = (offset % dilation == 0) & (tap >= 0) & (tap < kernel)
-    return torch.where(reads, tap, torch.full_like(tap, kernel))
-
-
-class SmallMapConv2d(nn.Conv2d):
-    """``nn.Conv2d`` (same parameters, same state dict) that trains fast on tiny feature maps.
-
-    At 32-64 px inputs the head's 3x3 convs run on 2x2 and 1x1 maps, where most taps only
-    multiply zero padding (8 of 9 on a 1x1 map) and oneDNN's backward is many times slower
-    than a matrix product of the same size. When the map has no more pixels than the kernel
-    has taps, the conv is computed as one GEMM with its exact dense matrix, built from the
-    weight by one-hot tap selection: fewer multiplies, the same sums, and autograd returns
-    exactly the conv's gradients (zero for taps that only read padding). Eval mode, and
-    larger maps, run the ordinary conv, so inference and export are unchanged.
-    """
-
-    def forward(self, x: Tensor) -> Tensor:
-        height, width = x.shape[-2], x.shape[-1]
-        kernel_h, kernel_w = self.kernel_size
-        if self.training and self.groups == 1 and height * width <= kernel_h * kernel_w:
-            return self._dense_forward(x)
-        return self._conv_forward(x, self.weight, self.bias)
-
-    def _dense_forward(self, x: Tensor) -> Tensor:
-        batch, channels, height, width = x.shape
-        out_chs, _, kernel_h, kernel_w = self.weight.shape
-        rows = _tap_index(height, kernel_h, self.stride[0], self.padding[0], self.dilation[0], x.device)
-        cols = _tap_index(width, kernel_w, self.stride[1], self.padding[1], self.dilation[1], x.device)
-        out_h, out_w = rows.shape[0], cols.shape[0]
-        # matrix[(o, p, q), (c, y, x)] = weight[o, c, i, j] for the tap (i, j) by which output (p, q) reads
-        # input (y, x), 0 where none does (index ``kernel``: the zero row and column padded on).
-        # Gathering (not a product with one-hot matrices) keeps the weight's dtype under autocast.
-        weight = F.pad(self.weight, [0, 1, 0, 1])
-        matrix = weight[:, :, rows[:, :, None, None], cols[None, None, :, :]]  # (o, c, p, y, q, x)
-        matrix = matrix.permute(0, 2, 4, 1, 3, 5).reshape(out_chs * out_h * out_w, channels * height * width)
-        # Under autocast x may be bf16 while the weight stays fp32: multiply in x's precision, as a conv would.
-        out = torch.mm(x.reshape(batch, channels * height * width), matrix.t().to(x.dtype))
-        out = out.reshape(batch, out_chs, out_h, out_w)
-        bias = self.bias
-        return out if bias is None else out + bias.reshape(1, -1, 1, 1).to(out.dtype)
-
-
 class ConvNormAct(nn.Module):
     """conv (no bias) + BatchNorm + ReLU; with ``fused=True`` a biased conv + ReLU (BN folded in)."""
 
@@ -89,8 +38,7 @@ class ConvNormAct(nn.Module):
     ) -> None:
         super().__init__()
         padding = dilation * (kernel_size - 1) // 2
-        conv = SmallMapConv2d if kernel_size > 1 else nn.Conv2d
-        self.conv = conv(in_chs, out_chs, kernel_size, stride, padding, dilation=dilation, bias=fused)
+        self.conv = nn.Conv2d(in_chs, out_chs, kernel_size, stride, padding, dilation=dilation, bias=fused)
         self.bn = nn.Identity() if fused else nn.BatchNorm2d(out_chs)
         self.act = nn.ReLU(inplace=True)
 
