@@ -229,8 +229,11 @@ def test_kill_and_resume_ends_with_the_same_weights(folder, init_checkpoint, tmp
 
 
 def test_two_process_ddp_run(folder, init_checkpoint, tmp_path):
-    # Also exercises bf16 autocast, channels_last, gradient clipping and colour jitter.
+    # Also exercises bf16 autocast, channels_last, gradient clipping and colour jitter. At 64 px: with two
+    # processes, bf16 and the head on 1x1 maps (32 px) the loss turns NaN on this CPU's oneDNN, which
+    # the non-finite guard (rightly) reports as divergence; see docs/training.md.
     options = ["--epochs", 1, "--amp", "bf16", "--channels-last", "--clip-grad", 1.0, "--color-jitter", 0.2]
+    options += ["--img-size", 64]
     command = [
         sys.executable,
         "-m",
