@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -40,9 +41,9 @@ class Preset:
 
 
 PRESETS = {
-    # What the 2-core development CPU affords (selecsls42b trains ~25-60 img/s at 32 px there):
-    # 3,000 balanced training images (300 per class), 6 epochs of batch 32 = 564 steps per run.
-    "cpu": Preset(img_size=32, limit=3000, val_limit=1000, epochs=6, batch_size=32, finetune_epochs=2, save_every=40),
+    # What the 2-core development CPU affords (selecsls42b trains at ~130 img/s at 32 px on an idle
+    # one): 5,000 balanced training images (500 per class), 10 epochs of batch 32 = 1,560 steps per run.
+    "cpu": Preset(img_size=32, limit=5000, val_limit=1000, epochs=10, batch_size=32, finetune_epochs=2, save_every=100),
     "gpu": Preset(
         img_size=32, limit=None, val_limit=None, epochs=30, batch_size=128, finetune_epochs=5, save_every=200
     ),
@@ -60,18 +61,20 @@ class Run:
     question: str = ""
 
 
-#: In the order they run: the pruning source first, then accuracy parity (one recipe for every
-#: network), then the other recipes of the sparsity comparison (which also reads parity-selecsls42b).
+#: In the order they run: the candidate pruning sources first (the sparsity recipe with stronger
+#: settings), then accuracy parity (one recipe for every network), then the other recipes of the
+#: sparsity comparison (which also reads parity-selecsls42b, the adamw run).
 RUNS = (
     Run("sparsity-strong", "selecsls42b", "sparsity", ("--lr", "3e-3", "--weight-decay", "5e-3"), "sparsity"),
+    Run("sparsity-fast", "selecsls42b", "sparsity", ("--lr", "1e-2", "--weight-decay", "5e-3"), "sparsity"),
     Run("parity-selecsls42b", "selecsls42b", "adamw", question="parity"),
     Run("parity-resnet50", "resnet50", "adamw", question="parity"),
     Run("parity-selecsls60", "selecsls60", "adamw", question="parity"),
     Run("sparsity-default", "selecsls42b", "sparsity", question="sparsity"),
     Run("sparsity-sgd", "selecsls42b", "sgd", question="sparsity"),
 )
-#: The sparsity-trained model that the pruning steps start from.
-PRUNE_SOURCE = "sparsity-strong"
+#: The runs the pruning steps may start from: the one with most |gamma| < 1e-3 at its best epoch.
+PRUNE_CANDIDATES = ("sparsity-strong", "sparsity-fast")
 
 
 def run(command: list[str], log: Path) -> None:
@@ -169,39 +172,87 @@ def main() -> None:
         sys.exit(f"{args.data}/train does not exist: unpack CIFAR-10 first (bash ../shared/data/cifar10.sh DIR)")
     preset = PRESETS[args.preset]
     out = args.out / args.preset
+    _check_preset(out, preset)
     if args.report:
-        report(out, preset, args.report)
+        report(out, args.data, preset, args.report)
         return
     steps = set(args.steps.split(","))
     os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+    candidates = [spec for spec in RUNS if spec.name in PRUNE_CANDIDATES]
     if "train" in steps:
-        train(RUNS[0], args.data, out, preset)
+        for spec in candidates:
+            train(spec, args.data, out, preset)
     if "prune" in steps:
         prune_and_finetune(args.data, out, preset)
     if "deploy" in steps:
         deploy(args.data, out, preset)
     if "train" in steps:
-        for spec in RUNS[1:]:
-            train(spec, args.data, out, preset)
+        for spec in RUNS:
+            if spec not in candidates:
+                train(spec, args.data, out, preset)
+
+
+def _check_preset(out: Path, preset: Preset) -> None:
+    """Runs of other settings in ``out`` must not be resumed or reported as this preset's."""
+    record = out / "preset.json"
+    if record.exists():
+        if json.loads(record.read_text()) != preset.__dict__:
+            sys.exit(f"{out} holds runs made with other settings ({record.read_text().strip()}); pass another --out")
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(preset.__dict__) + "\n")
+
+
+def prune_source(out: Path) -> Path:
+    """The candidate whose best checkpoint has the most BN scales below 1e-3 (then: the higher top-1)."""
+    import selecsls
+    from selecsls.compress.sparsity import bn_scales
+
+    def rank(name: str) -> tuple[float, float]:
+        scales = bn_scales(selecsls.load(out / name / "best.pt"))
+        best_top1 = max(record["val_top1"] for record in _metrics(out / name))
+        return float((scales < 1e-3).float().mean()), best_top1
+
+    return out / max(PRUNE_CANDIDATES, key=rank) / "best.pt"
 
 
 def prune_and_finetune(data: str, out: Path, preset: Preset) -> None:
     """Prune the sparsity-trained model at 1e-3 (must not change accuracy), then to half the MACs
-    and fine-tune briefly; latency is measured by ``selecsls prune`` at the trained size and at 224."""
-    source = out / PRUNE_SOURCE / "best.pt"
-    for name, extra in (("pruned-1e-3", ()), ("pruned-half-macs", ("--target-macs", "0.5", "--allow-output-change"))):
+    and fine-tune briefly; latency of dense, BN-folded and pruned at batch 1, at the trained size and
+    at 224 px, by benchmarks/prune_latency.py (interleaved, medians)."""
+    source = prune_source(out)
+    (out / "prune_source.txt").write_text(f"{source.parent.name}\n")
+    pruned = {"pruned-1e-3": (), "pruned-half-macs": ("--target-macs", "0.5", "--allow-output-change")}
+    for name, extra in pruned.items():
         target = out / f"{name}.pt"
+        if not target.exists():
+            scratch = out / f".{name}.pt"
+            run(
+                selecsls("prune", str(source), "--out", str(scratch), "--img-size", str(preset.img_size), *extra),
+                out / "logs" / f"{name}.log",
+            )
+            scratch.replace(target)
         for size in (preset.img_size, 224):
-            log = out / "logs" / f"{name}-{size}px.log"
-            if not log.exists():
-                scratch = out / f".{name}-{size}.pt"
+            latency = out / f"latency-{name}-{size}px.json"
+            if not latency.exists():
+                script = Path(__file__).with_name("prune_latency.py")
                 run(
-                    selecsls(
-                        "prune", str(source), "--out", str(scratch), "--img-size", str(size), "--repeats", "20", *extra
-                    ),
-                    log,
+                    [
+                        sys.executable,
+                        str(script),
+                        "--checkpoint",
+                        str(source),
+                        "--pruned",
+                        str(target),
+                        "--img-size",
+                        str(size),
+                        "--repeats",
+                        "30",
+                        "--json",
+                        str(latency),
+                    ],
+                    out / "logs" / f"latency-{name}-{size}px.log",
                 )
-                scratch.replace(target) if size == preset.img_size else scratch.unlink()
         evaluate(target, data, preset, out)
     evaluate(source, data, preset, out)
     finetuned = train(
@@ -248,27 +299,43 @@ def _metrics(directory: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def _prune_figures(log: Path) -> dict:
-    """params, GMACs and latency before -> after, from the lines ``selecsls prune`` prints."""
-    figures = {}
-    for line in log.read_text().splitlines() if log.exists() else []:
-        if line.startswith("params "):
-            before, after = line.split()[1], line.split()[3]
-            figures["params"] = [int(before.replace(",", "")), int(after.replace(",", ""))]
-        elif line.startswith("GMACs@"):
-            figures["gmacs"] = [float(line.split()[1]), float(line.split()[3])]
-        elif line.startswith("CPU latency"):
-            numbers = line.split(": ", 1)[1].split()
-            figures["latency_ms"] = [float(numbers[0]), float(numbers[3])]
-    return figures
+def dead_filters(run_dir: Path, data: str, images: int = 500) -> dict:
+    """Filters of the run's best model that are off by the numbers: |gamma| < 1e-3, and zero after
+    ReLU on every one of ``images`` balanced val images (activation-measured). Cached in the run."""
+    cached = run_dir / "dead_filters.json"
+    if not cached.exists():
+        import selecsls
+        from selecsls.data.datasets import TransformedDataset, balanced_subset, build_loader
+        from selecsls.data.transforms import eval_transform_from_cfg
+        from selecsls.train.evaluation import validation_data
+
+        model = selecsls.load(run_dir / "best.pt").eval()
+        dataset = validation_data(data, model)
+        loader = build_loader(
+            TransformedDataset(dataset, eval_transform_from_cfg(model.pretrained_cfg)),
+            balanced_subset(dataset.targets, images, 0),
+            100,
+            0,
+        )
+        analysis = selecsls.analyze_sparsity(model, 1e-3, loader)
+        result = dict(
+            channels=analysis.total_channels,
+            gamma_below_1e_3=sum(int(layer.low_scale.sum()) for layer in analysis.layers),
+            dead_on_val=sum(int(layer.dead.sum()) for layer in analysis.layers),
+            val_images=images,
+        )
+        cached.write_text(json.dumps(result) + "\n")
+    return json.loads(cached.read_text())
 
 
-def report(out: Path, preset: Preset, destination: Path) -> None:
+def report(out: Path, data: str, preset: Preset, destination: Path) -> None:
     """Collect every finished step into ``destination`` (JSON) and plots beside it; print the tables."""
     runs = {}
+    figures = destination.with_suffix("")
+    figures.mkdir(parents=True, exist_ok=True)
     for spec in RUNS:
         history = _metrics(out / spec.name)
-        if not history:
+        if not history or not (out / spec.name / "summary.json").exists():
             continue
         wall = out / spec.name / "wall_seconds.txt"
         runs[spec.name] = dict(
@@ -281,14 +348,28 @@ def report(out: Path, preset: Preset, destination: Path) -> None:
             images_per_s=sorted(record["train_images_per_s"] for record in history)[len(history) // 2],
             wall_seconds=sum(float(line) for line in wall.read_text().split()) if wall.exists() else None,
         )
+        if spec.model.startswith("selecsls"):
+            runs[spec.name]["dead_filters"] = dead_filters(out / spec.name, data)
+            if spec.question == "sparsity":
+                shutil.copyfile(out / spec.name / "gamma_histograms.png", figures / f"gamma-{spec.name}.png")
     evaluations = {
-        path.name.removesuffix(".eval.json"): json.loads(path.read_text()) for path in out.rglob("*.eval.json")
+        str(path.relative_to(out)).removesuffix(".eval.json"): json.loads(path.read_text())
+        for path in sorted(out.rglob("*.eval.json"))
     }
-    pruning = {log.stem: _prune_figures(log) for log in sorted((out / "logs").glob("pruned-*px.log"))}
-    result = dict(preset=preset.__dict__, runs=runs, evaluations=evaluations, pruning=pruning, cpu=_cpu())
-    destination.parent.mkdir(parents=True, exist_ok=True)
+    latency = {
+        path.stem.removeprefix("latency-"): json.loads(path.read_text()) for path in sorted(out.glob("latency-*.json"))
+    }
+    source = out / "prune_source.txt"
+    result = dict(
+        preset=preset.__dict__,
+        runs=runs,
+        prune_source=source.read_text().strip() if source.exists() else None,
+        evaluations=evaluations,
+        latency=latency,
+        cpu=_cpu(),
+    )
     destination.write_text(json.dumps(result, indent=1) + "\n")
-    _plot(runs, destination.with_suffix(""))
+    _plot(runs, figures)
     _print_tables(result)
 
 
@@ -303,7 +384,6 @@ def _plot(runs: dict, folder: Path) -> None:
     """folder/curves.png: val top-1 per epoch (all runs) and the smallest / median |gamma| (runs with BN)."""
     from matplotlib.figure import Figure
 
-    folder.mkdir(parents=True, exist_ok=True)
     fig = Figure(figsize=(11, 4))
     accuracy_ax, sparsity_ax = fig.subplots(1, 2)
     for name, run_result in runs.items():
@@ -346,18 +426,25 @@ def _print_tables(result: dict) -> None:
                     f"| {name} | {record['epoch']} | {record['val_top1']:.1f}% | {below[0]} | {below[1]} "
                     f"| {record['gamma_min']:.2e} | {record['gamma_median']:.3f} |"
                 )
+    print("\n| run | channels | |gamma| < 1e-3 | zero after ReLU on 500 val images |")
+    print("|---|---|---|---|")
+    for name, run_result in result["runs"].items():
+        if "dead_filters" in run_result:
+            dead = run_result["dead_filters"]
+            print(f"| {name} | {dead['channels']} | {dead['gamma_below_1e_3']} | {dead['dead_on_val']} |")
     print("\n| model file | val top-1 | images |")
     print("|---|---|---|")
     for name, evaluation in result["evaluations"].items():
         print(f"| {name} | {evaluation['top1']:.2f}% | {evaluation['images']} |")
-    print("\n| pruning | params | GMACs | CPU latency b1 (ms) |")
-    print("|---|---|---|---|")
-    for name, figures in result["pruning"].items():
-        cells = [
-            " -> ".join(f"{v:,}" if isinstance(v, int) else f"{v:g}" for v in figures.get(k, []))
-            for k in ("params", "gmacs", "latency_ms")
-        ]
-        print(f"| {name} | " + " | ".join(cells) + " |")
+    print("\n| pruned @ size | params dense -> pruned | GMACs | dense ms | BN folded ms | pruned ms | pruned/folded |")
+    print("|---|---|---|---|---|---|---|")
+    for name, figures in result["latency"].items():
+        dense, fused, pruned = (figures["models"][key] for key in ("dense", "fused", "pruned"))
+        print(
+            f"| {name} | {dense['params']:,} -> {pruned['params']:,} | {dense['gmacs']:.4g} -> {pruned['gmacs']:.4g} | "
+            f"{dense['median_ms']:.2f} | {fused['median_ms']:.2f} | {pruned['median_ms']:.2f} | "
+            f"{pruned['median_ms'] / fused['median_ms']:.2f}x |"
+        )
 
 
 if __name__ == "__main__":

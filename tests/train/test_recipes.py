@@ -62,3 +62,22 @@ def test_schedule_settings_travel_with_the_scheduler_state(model):
 def test_unknown_recipe_names_the_choices():
     with pytest.raises(ValueError, match="unknown recipe 'lamb'; choose one of sparsity, sgd, adamw"):
         get_recipe("lamb")
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_fused_cpu_update_equals_the_per_tensor_update(name):
+    """On CPU the optimiser is built fused (one kernel per step) and updates as the per-tensor loop does."""
+    recipe = RECIPES[name]
+    models = [create_model(narrow_spec(), num_classes=3) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    fused, loop = (build_optimizer(m, recipe, recipe.lr, recipe.weight_decay) for m in models)
+    assert all(group["fused"] for group in fused.param_groups)
+    for group in loop.param_groups:
+        group["fused"] = False
+    for _ in range(3):
+        for model, optimizer in zip(models, (fused, loop)):
+            for p in model.parameters():
+                p.grad = 0.1 + 0.01 * p.detach()
+            optimizer.step()
+    for (key, a), b in zip(models[0].state_dict().items(), models[1].state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=key)

@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 from selecsls.models.spec import BlockSpec, ModelSpec
 
 __all__ = [
+    "SmallMapConv2d",
     "ConvNormAct",
     "ConcatConvNormAct",
     "SelecSLSBlock",
@@ -30,6 +31,65 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 GLOBAL_POOLS = ("avg", "max", "")
 
 
+def _live_taps(size: int, kernel: int, stride: int, padding: int, dilation: int) -> Tuple[int, int, int]:
+    """Along one axis: the first and last kernel tap that reads real input, and the output size.
+
+    Taps before the first or after the last only ever multiply zero padding.
+    """
+    out_size = (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+    first, last = kernel, -1
+    for tap in range(kernel):
+        for out in range(out_size):
+            if 0 <= out * stride - padding + tap * dilation < size:
+                first, last = min(first, tap), max(last, tap)
+    return first, last, out_size
+
+
+class SmallMapConv2d(nn.Conv2d):
+    """``nn.Conv2d`` (same parameters, same state dict) that trains fast on tiny feature maps.
+
+    At 32-64 px inputs SelecSLS's head runs convs with up to 1280 channels on 2x2 and 1x1 maps,
+    where oneDNN's backward is slow: measured per layer (forward + backward, batch 32), weights of
+    1M+ elements ran 1.2-4.3x faster as one matrix product, smaller ones up to 2x slower
+    (docs/cifar10.md). So when training, the output map has at most ``gemm_max_output_pixels``
+    pixels and the weight at least ``gemm_min_weight_elements`` elements, the conv runs as im2col +
+    one matrix product over only the kernel taps that read real input (1 of 9 on a 1x1 map): the
+    same sums in another order, and autograd gives the skipped taps exactly zero gradient, as the
+    conv does. Eval mode and other layers run the ordinary conv, so inference, export and 224 px
+    training are unchanged.
+    """
+
+    __constants__ = [*nn.Conv2d.__constants__, "gemm_max_output_pixels", "gemm_min_weight_elements"]
+    gemm_max_output_pixels = 4
+    gemm_min_weight_elements = 2**20
+
+    def forward(self, x: Tensor) -> Tensor:
+        large = self.weight.numel() >= self.gemm_min_weight_elements
+        if self.training and large and self.groups == 1 and self.padding_mode == "zeros":
+            rows = _live_taps(x.shape[-2], self.kernel_size[0], self.stride[0], self.padding[0], self.dilation[0])
+            cols = _live_taps(x.shape[-1], self.kernel_size[1], self.stride[1], self.padding[1], self.dilation[1])
+            some_input_read = rows[0] <= rows[1] and cols[0] <= cols[1]  # else the output is the bias alone
+            if some_input_read and rows[2] * cols[2] <= self.gemm_max_output_pixels:
+                return self._gemm_forward(x, rows, cols)
+        return self._conv_forward(x, self.weight, self.bias)
+
+    def _gemm_forward(self, x: Tensor, rows: Tuple[int, int, int], cols: Tuple[int, int, int]) -> Tensor:
+        (top, bottom, out_h), (left, right, out_w) = rows, cols
+        stride, dilation = self.stride, self.dilation
+        weight = self.weight[:, :, top : bottom + 1, left : right + 1]
+        # Pad (or crop: negative) so the trimmed kernel reads the same input positions as the full one.
+        pad_top, pad_left = self.padding[0] - top * dilation[0], self.padding[1] - left * dilation[1]
+        pad_bottom = (out_h - 1) * stride[0] - pad_top + (bottom - top) * dilation[0] - x.shape[-2] + 1
+        pad_right = (out_w - 1) * stride[1] - pad_left + (right - left) * dilation[1] - x.shape[-1] + 1
+        if pad_top != 0 or pad_bottom != 0 or pad_left != 0 or pad_right != 0:
+            x = F.pad(x, [pad_left, pad_right, pad_top, pad_bottom])
+        columns = F.unfold(x, [weight.shape[2], weight.shape[3]], self.dilation, 0, self.stride)
+        out = torch.matmul(weight.reshape(weight.shape[0], -1), columns)
+        out = out.reshape(x.shape[0], weight.shape[0], out_h, out_w)
+        bias = self.bias
+        return out if bias is None else out + bias.reshape(1, -1, 1, 1)
+
+
 class ConvNormAct(nn.Module):
     """conv (no bias) + BatchNorm + ReLU; with ``fused=True`` a biased conv + ReLU (BN folded in)."""
 
@@ -38,7 +98,7 @@ class ConvNormAct(nn.Module):
     ) -> None:
         super().__init__()
         padding = dilation * (kernel_size - 1) // 2
-        self.conv = nn.Conv2d(in_chs, out_chs, kernel_size, stride, padding, dilation=dilation, bias=fused)
+        self.conv = SmallMapConv2d(in_chs, out_chs, kernel_size, stride, padding, dilation=dilation, bias=fused)
         self.bn = nn.Identity() if fused else nn.BatchNorm2d(out_chs)
         self.act = nn.ReLU(inplace=True)
 
