@@ -72,6 +72,7 @@ RUNS = (
     Run("parity-selecsls60", "selecsls60", "adamw", question="parity"),
     Run("sparsity-default", "selecsls42b", "sparsity", question="sparsity"),
     Run("sparsity-sgd", "selecsls42b", "sgd", question="sparsity"),
+    Run("sparsity-fast-weak-l2", "selecsls42b", "sparsity", ("--lr", "1e-2", "--weight-decay", "5e-4"), "sparsity"),
 )
 #: The runs the pruning steps may start from: the one with most |gamma| < 1e-3 at its best epoch.
 PRUNE_CANDIDATES = ("sparsity-strong", "sparsity-fast")
@@ -217,58 +218,55 @@ def prune_source(out: Path) -> Path:
 
 
 def prune_and_finetune(data: str, out: Path, preset: Preset) -> None:
-    """Prune the sparsity-trained model at 1e-3 (must not change accuracy), then to half the MACs
-    and fine-tune briefly; latency of dense, BN-folded and pruned at batch 1, at the trained size and
-    at 224 px, by benchmarks/prune_latency.py (interleaved, medians)."""
+    """Prune the sparsity-trained model at 1e-3 (must not change accuracy), then with prune_to_budget
+    to half the MACs (or, when exact pruning already left less than that, to half of what it left) and
+    fine-tune briefly. Latency of dense, BN-folded and pruned at batch 1, at the trained size and at
+    224 px, by benchmarks/prune_latency.py (interleaved, medians)."""
     source = prune_source(out)
     (out / "prune_source.txt").write_text(f"{source.parent.name}\n")
-    pruned = {"pruned-1e-3": (), "pruned-half-macs": ("--target-macs", "0.5", "--allow-output-change")}
-    for name, extra in pruned.items():
-        target = out / f"{name}.pt"
-        if not target.exists():
-            scratch = out / f".{name}.pt"
-            run(
-                selecsls("prune", str(source), "--out", str(scratch), "--img-size", str(preset.img_size), *extra),
-                out / "logs" / f"{name}.log",
-            )
-            scratch.replace(target)
-        for size in (preset.img_size, 224):
-            latency = out / f"latency-{name}-{size}px.json"
-            if not latency.exists():
-                script = Path(__file__).with_name("prune_latency.py")
-                run(
-                    [
-                        sys.executable,
-                        str(script),
-                        "--checkpoint",
-                        str(source),
-                        "--pruned",
-                        str(target),
-                        "--img-size",
-                        str(size),
-                        "--repeats",
-                        "30",
-                        "--json",
-                        str(latency),
-                    ],
-                    out / "logs" / f"latency-{name}-{size}px.log",
-                )
-        evaluate(target, data, preset, out)
+    _prune(source, "pruned-1e-3", (), out, preset)
+    budget = min(0.5, _macs(out / "pruned-1e-3.pt", preset) / _macs(source, preset) / 2)
+    _prune(source, "pruned-budget", ("--target-macs", f"{budget:.4f}", "--allow-output-change"), out, preset)
+    for name in ("pruned-1e-3", "pruned-budget"):
+        evaluate(out / f"{name}.pt", data, preset, out)
     evaluate(source, data, preset, out)
     finetuned = train(
-        Run("pruned-half-macs-finetuned", "selecsls42b", "sparsity"),
+        Run("pruned-budget-finetuned", "selecsls42b", "sparsity"),
         data,
         out,
         preset,
-        init=out / "pruned-half-macs.pt",
+        init=out / "pruned-budget.pt",
         epochs=preset.finetune_epochs,
     )
     evaluate(finetuned / "best.pt", data, preset, out)
 
 
+def _macs(model_file: Path, preset: Preset) -> int:
+    import selecsls
+
+    return selecsls.count_macs(selecsls.load(model_file), (1, 3, preset.img_size, preset.img_size))
+
+
+def _prune(source: Path, name: str, options: tuple[str, ...], out: Path, preset: Preset) -> None:
+    """``selecsls prune`` into out/NAME.pt, then its latency against the source at two sizes."""
+    target = out / f"{name}.pt"
+    if not target.exists():
+        scratch = out / f".{name}.pt"
+        command = selecsls("prune", str(source), "--out", str(scratch), "--img-size", str(preset.img_size), *options)
+        run(command, out / "logs" / f"{name}.log")
+        scratch.replace(target)
+    for size in (preset.img_size, 224):
+        latency = out / f"latency-{name}-{size}px.json"
+        if not latency.exists():
+            script = Path(__file__).with_name("prune_latency.py")
+            command = [sys.executable, str(script), "--checkpoint", str(source), "--pruned", str(target)]
+            command += ["--img-size", str(size), "--repeats", "30", "--json", str(latency)]
+            run(command, out / "logs" / f"latency-{name}-{size}px.log")
+
+
 def deploy(data: str, out: Path, preset: Preset) -> None:
     """The pruned model exported to ONNX (fp32, checked) and int8 (calibrated on CIFAR-10), then predict."""
-    model = out / "pruned-half-macs-finetuned" / "best.pt"
+    model = out / "pruned-budget-finetuned" / "best.pt"
     images = sorted(Path(data, "val").glob("*/*.jpg"))[::1000][:6]
     for name, extra in (("fp32", ()), ("int8", ("--int8", "--calibration", data, "--eval-images", "1000"))):
         target = out / f"deployed-{name}.onnx"
@@ -299,10 +297,11 @@ def _metrics(directory: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def dead_filters(run_dir: Path, data: str, images: int = 500) -> dict:
-    """Filters of the run's best model that are off by the numbers: |gamma| < 1e-3, and zero after
-    ReLU on every one of ``images`` balanced val images (activation-measured). Cached in the run."""
-    cached = run_dir / "dead_filters.json"
+def sparsity_measures(run_dir: Path, data: str, preset: Preset, images: int = 500) -> dict:
+    """How much of the run's best model is off, by the numbers: channels with |gamma| < 1e-3; channels
+    zero after ReLU on every one of ``images`` balanced val images (activation-measured); and what
+    exact pruning at 1e-3 would keep of the MACs, with the output change it causes. Cached in the run."""
+    cached = run_dir / "sparsity_measures.json"
     if not cached.exists():
         import selecsls
         from selecsls.data.datasets import TransformedDataset, balanced_subset, build_loader
@@ -318,11 +317,15 @@ def dead_filters(run_dir: Path, data: str, images: int = 500) -> dict:
             0,
         )
         analysis = selecsls.analyze_sparsity(model, 1e-3, loader)
+        pruned = selecsls.prune(model, 1e-3, max_output_change=None)
+        size = (1, 3, preset.img_size, preset.img_size)
         result = dict(
             channels=analysis.total_channels,
             gamma_below_1e_3=sum(int(layer.low_scale.sum()) for layer in analysis.layers),
             dead_on_val=sum(int(layer.dead.sum()) for layer in analysis.layers),
             val_images=images,
+            pruned_macs_fraction=selecsls.count_macs(pruned, size) / selecsls.count_macs(model, size),
+            pruned_output_change=pruned.output_change,
         )
         cached.write_text(json.dumps(result) + "\n")
     return json.loads(cached.read_text())
@@ -349,7 +352,7 @@ def report(out: Path, data: str, preset: Preset, destination: Path) -> None:
             wall_seconds=sum(float(line) for line in wall.read_text().split()) if wall.exists() else None,
         )
         if spec.model.startswith("selecsls"):
-            runs[spec.name]["dead_filters"] = dead_filters(out / spec.name, data)
+            runs[spec.name]["sparsity"] = sparsity_measures(out / spec.name, data, preset)
             if spec.question == "sparsity":
                 shutil.copyfile(out / spec.name / "gamma_histograms.png", figures / f"gamma-{spec.name}.png")
     evaluations = {
@@ -381,26 +384,29 @@ def _cpu() -> str:
 
 
 def _plot(runs: dict, folder: Path) -> None:
-    """folder/curves.png: val top-1 per epoch (all runs) and the smallest / median |gamma| (runs with BN)."""
+    """folder/curves.png: val top-1 per epoch (all runs); for runs with BN, the smallest / median |gamma|
+    and the fraction of |gamma| below the pruning threshold 1e-3 (sparsity vs epoch)."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(11, 4))
-    accuracy_ax, sparsity_ax = fig.subplots(1, 2)
+    fig = Figure(figsize=(15, 4.2))
+    accuracy_ax, scale_ax, sparsity_ax = fig.subplots(1, 3)
     for name, run_result in runs.items():
-        epochs = [record["epoch"] for record in run_result["epochs"]]
-        (line,) = accuracy_ax.plot(
-            epochs, [record["val_top1"] for record in run_result["epochs"]], marker="o", label=name
-        )
-        if "gamma_min" in run_result["epochs"][0]:
-            for key, style in (("gamma_min", "-"), ("gamma_median", "--")):
-                values = [record[key] for record in run_result["epochs"]]
-                sparsity_ax.plot(
-                    epochs, values, linestyle=style, marker="o", color=line.get_color(), label=f"{name} {key[6:]}"
-                )
+        records = run_result["epochs"]
+        epochs = [record["epoch"] for record in records]
+        (line,) = accuracy_ax.plot(epochs, [record["val_top1"] for record in records], marker="o", label=name)
+        if "gamma_min" not in records[0]:
+            continue
+        color = line.get_color()
+        for key, style in (("gamma_min", "-"), ("gamma_median", "--")):
+            values = [record[key] for record in records]
+            scale_ax.plot(epochs, values, linestyle=style, marker="o", color=color, label=f"{name} {key[6:]}")
+        below = [100 * record["gamma_below_1e-3"] for record in records]
+        sparsity_ax.plot(epochs, below, marker="o", color=color, label=name)
     accuracy_ax.set(xlabel="epoch", ylabel="val top-1 (%)", title="CIFAR-10 validation accuracy")
-    sparsity_ax.axhline(1e-3, color="grey", linewidth=0.8, label="pruning threshold 1e-3")
-    sparsity_ax.set(xlabel="epoch", ylabel="|gamma|", yscale="log", title="BN scales: smallest (solid) and median")
-    for ax in (accuracy_ax, sparsity_ax):
+    scale_ax.axhline(1e-3, color="grey", linewidth=0.8, label="pruning threshold 1e-3")
+    scale_ax.set(xlabel="epoch", ylabel="|gamma|", yscale="log", title="BN scales: smallest (solid) and median")
+    sparsity_ax.set(xlabel="epoch", ylabel="% of BN channels", title="sparsity: |gamma| < 1e-3")
+    for ax in (accuracy_ax, scale_ax, sparsity_ax):
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(folder / "curves.png", dpi=90)
@@ -426,12 +432,20 @@ def _print_tables(result: dict) -> None:
                     f"| {name} | {record['epoch']} | {record['val_top1']:.1f}% | {below[0]} | {below[1]} "
                     f"| {record['gamma_min']:.2e} | {record['gamma_median']:.3f} |"
                 )
-    print("\n| run | channels | |gamma| < 1e-3 | zero after ReLU on 500 val images |")
-    print("|---|---|---|---|")
+    print(
+        "\n| run | best val top-1 | channels | |gamma| < 1e-3 | zero after ReLU on 500 val images "
+        "| MACs left by exact pruning at 1e-3 | its output change |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for name, run_result in result["runs"].items():
-        if "dead_filters" in run_result:
-            dead = run_result["dead_filters"]
-            print(f"| {name} | {dead['channels']} | {dead['gamma_below_1e_3']} | {dead['dead_on_val']} |")
+        if "sparsity" in run_result:
+            measures = run_result["sparsity"]
+            print(
+                f"| {name} | {run_result['best_top1']:.1f}% | {measures['channels']} | "
+                f"{measures['gamma_below_1e_3']} | {measures['dead_on_val']} | "
+                f"{100 * measures['pruned_macs_fraction']:.1f}% | "
+                f"{measures['pruned_output_change']:.1e} |"
+            )
     print("\n| model file | val top-1 | images |")
     print("|---|---|---|")
     for name, evaluation in result["evaluations"].items():
