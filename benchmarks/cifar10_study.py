@@ -73,6 +73,7 @@ RUNS = (
     Run("sparsity-default", "selecsls42b", "sparsity", question="sparsity"),
     Run("sparsity-sgd", "selecsls42b", "sgd", question="sparsity"),
     Run("sparsity-fast-weak-l2", "selecsls42b", "sparsity", ("--lr", "1e-2", "--weight-decay", "5e-4"), "sparsity"),
+    Run("sparsity-mid", "selecsls42b", "sparsity", ("--lr", "5e-3", "--weight-decay", "5e-4"), "sparsity"),
 )
 #: The runs the pruning steps may start from: the one with most |gamma| < 1e-3 at its best epoch.
 PRUNE_CANDIDATES = ("sparsity-strong", "sparsity-fast")

@@ -3,6 +3,7 @@
     python benchmarks/small_map_training.py                          # 32 and 64 px, batch 32
     python benchmarks/small_map_training.py --sizes 32,64,224 --batch 32 --repeats 15
     python benchmarks/small_map_training.py --layers --models selecsls42b,selecsls60,selecsls84
+    python benchmarks/small_map_training.py --eval --sizes 32,224 --batch 1 --repeats 30
 
 One training step = forward, cross-entropy, backward and the ``sparsity`` recipe's optimiser step.
 Two changes make SelecSLS train fast on small inputs, and both are switched off for the "before" rows:
@@ -12,13 +13,17 @@ ResNet-50 is timed with the per-tensor and the fused optimiser (the small-map co
 it: its convs are plain). All models run round-robin in one process; medians of ``--repeats`` rounds.
 ``--layers`` instead times forward + backward of every conv whose output map is 2x2 or smaller, as
 oneDNN's conv and as the product (the measurement behind ``SmallMapConv2d``'s weight-size rule),
-and the optimiser step alone, per-tensor vs fused.
+and the optimiser step alone, per-tensor vs fused. ``--eval`` times inference of the network against
+the same weights in plain ``nn.Conv2d`` layers (the product never runs in eval mode; this checks the
+check costs nothing).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+from functools import partial
 
 import torch
 from torch import nn
@@ -60,6 +65,40 @@ def _recorder(shapes: dict, key: str):
         shapes.setdefault(key, args[0].shape)
 
     return hook
+
+
+def with_plain_convs(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose SmallMapConv2d layers are plain ``nn.Conv2d`` with the same weights."""
+    model = copy.deepcopy(model)
+    for module in list(model.modules()):
+        for name, child in module.named_children():
+            if isinstance(child, SmallMapConv2d):
+                plain = nn.Conv2d(
+                    child.in_channels,
+                    child.out_channels,
+                    child.kernel_size,
+                    child.stride,
+                    child.padding,
+                    child.dilation,
+                    bias=child.bias is not None,
+                )
+                plain.load_state_dict(child.state_dict())
+                setattr(module, name, plain)
+    return model
+
+
+def eval_table(model_name: str, sizes: list[int], batch: int, warmup: int, repeats: int) -> None:
+    """Inference (eval mode) of the package's network vs the same weights in plain ``nn.Conv2d`` layers."""
+    print(f"{'input':<16}{'plain conv ms':>15}{'package ms':>12}{'package / plain':>17}")
+    for size in sizes:
+        package = create_model(model_name, num_classes=10).eval()
+        plain = with_plain_convs(package)
+        images = torch.randn(batch, 3, size, size)
+        with torch.inference_mode():
+            calls = {"plain": partial(plain, images), "package": partial(package, images)}
+            samples = time_interleaved(calls, warmup, repeats)
+        plain_ms, package_ms = (summarize(samples[key])["median"] * 1e3 for key in ("plain", "package"))
+        print(f"{f'{size} px, batch {batch}':<16}{plain_ms:>15.2f}{package_ms:>12.2f}{package_ms / plain_ms:>16.3f}x")
 
 
 def optimizer_table(models: list[str], warmup: int, repeats: int) -> None:
@@ -128,6 +167,7 @@ def main() -> None:
     parser.add_argument("--model", default="selecsls42b")
     parser.add_argument("--layers", action="store_true", help="time single convs as conv vs product instead")
     parser.add_argument("--models", default="selecsls42b,selecsls60", help="with --layers: the networks to scan")
+    parser.add_argument("--eval", action="store_true", help="time inference against plain convs instead")
     parser.add_argument("--sizes", default="32,64", help="comma-separated input sizes in pixels")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--warmup", type=int, default=2)
@@ -139,6 +179,9 @@ def main() -> None:
     if args.json:
         check_output(args.json)
     torch.set_num_threads(args.threads)
+    if args.eval:
+        eval_table(args.model, sizes, args.batch, args.warmup, args.repeats)
+        return
     if args.layers:
         layer_table(args.models.split(","), sizes, args.batch, args.warmup, args.repeats)
         optimizer_table([*args.models.split(","), "resnet50"], args.warmup, args.repeats)

@@ -64,8 +64,12 @@ class SmallMapConv2d(nn.Conv2d):
     gemm_min_weight_elements = 2**20
 
     def forward(self, x: Tensor) -> Tensor:
-        large = self.weight.numel() >= self.gemm_min_weight_elements
-        if self.training and large and self.groups == 1 and self.padding_mode == "zeros":
+        if (
+            self.training
+            and self.weight.numel() >= self.gemm_min_weight_elements
+            and self.groups == 1
+            and self.padding_mode == "zeros"
+        ):
             rows = _live_taps(x.shape[-2], self.kernel_size[0], self.stride[0], self.padding[0], self.dilation[0])
             cols = _live_taps(x.shape[-1], self.kernel_size[1], self.stride[1], self.padding[1], self.dilation[1])
             some_input_read = rows[0] <= rows[1] and cols[0] <= cols[1]  # else the output is the bias alone
