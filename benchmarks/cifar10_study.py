@@ -400,7 +400,8 @@ def _plot(runs: dict, folder: Path) -> None:
         color = line.get_color()
         for key, style in (("gamma_min", "-"), ("gamma_median", "--")):
             values = [record[key] for record in records]
-            scale_ax.plot(epochs, values, linestyle=style, marker="o", color=color, label=f"{name} {key[6:]}")
+            label = name if key == "gamma_min" else None  # one legend entry per run: the colour
+            scale_ax.plot(epochs, values, linestyle=style, marker="o", markersize=3, color=color, label=label)
         below = [100 * record["gamma_below_1e-3"] for record in records]
         sparsity_ax.plot(epochs, below, marker="o", color=color, label=name)
     accuracy_ax.set(xlabel="epoch", ylabel="val top-1 (%)", title="CIFAR-10 validation accuracy")
@@ -408,7 +409,7 @@ def _plot(runs: dict, folder: Path) -> None:
     scale_ax.set(xlabel="epoch", ylabel="|gamma|", yscale="log", title="BN scales: smallest (solid) and median")
     sparsity_ax.set(xlabel="epoch", ylabel="% of BN channels", title="sparsity: |gamma| < 1e-3")
     for ax in (accuracy_ax, scale_ax, sparsity_ax):
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=6, loc="lower left" if ax is scale_ax else "best")
     fig.tight_layout()
     fig.savefig(folder / "curves.png", dpi=90)
 
