@@ -8,14 +8,13 @@ import time
 
 import torch
 import torch._inductor.config
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.fx.experimental.optimization import fuse as fx_fuse
 
 from selecsls.compress.pruning import prune_to_budget
 from selecsls.deploy.backends import BACKENDS, BackendUnavailable, Runner, first_line
 from selecsls.models.fusion import fuse
-from selecsls.models.network import SelecSLS
+from selecsls.models.network import SelecSLS, conv2d_as_matmul
 
 #: Budget of the ``pruned`` backends, as a fraction of the fused model's MACs. With random
 #: weights no channel is free to remove, so this budget alone decides the pruned width.
@@ -124,8 +123,7 @@ def cuda_graphs_fp16(model: nn.Module, example: Tensor) -> Runner:
 
 
 class GemmConv2d(nn.Module):
-    """An ``nn.Conv2d`` (groups 1, zero padding) computed as im2col + one matrix product
-    (``F.unfold`` + ``matmul``): the same sums in another order (about 5e-7 relative difference).
+    """An ``nn.Conv2d`` (groups 1, zero padding) computed by :func:`~selecsls.models.network.conv2d_as_matmul`.
 
     oneDNN picks a slow algorithm for some of SelecSLS's head convs at batch 1: measured on the
     development EPYC, 1024 input channels on a 7x7 map, stride 2, took 36 ms as a conv and 7 ms
@@ -137,25 +135,12 @@ class GemmConv2d(nn.Module):
         super().__init__()
         if conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
             raise ValueError("GemmConv2d needs a conv with groups=1 and numeric zero padding")
-        self.kernel_size, self.stride = conv.kernel_size, conv.stride
-        self.padding, self.dilation = conv.padding, conv.dilation
-        self.out_channels = conv.out_channels
-        self.weight = nn.Parameter(conv.weight.detach().reshape(conv.out_channels, -1).clone(), requires_grad=False)
+        self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
+        self.weight = nn.Parameter(conv.weight.detach().clone(), requires_grad=False)
         self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        batch, _, height, width = x.shape
-        out_h, out_w = (
-            (size + 2 * pad - dil * (k - 1) - 1) // step + 1
-            for size, pad, dil, k, step in zip(
-                (height, width), self.padding, self.dilation, self.kernel_size, self.stride
-            )
-        )
-        columns = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)
-        out = torch.matmul(self.weight, columns)
-        if self.bias is not None:
-            out = out + self.bias[:, None]
-        return out.reshape(batch, self.out_channels, out_h, out_w)
+        return conv2d_as_matmul(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
 
 
 #: :func:`tuned` swaps a conv for :class:`GemmConv2d` only when the product is at least this much
