@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gzip
 import os
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -50,3 +52,11 @@ def narrow_spec(divisor: int = 8) -> ModelSpec:
     return spec.with_widths(
         {layer: max(2, out // divisor) for layer, _, out, _ in spec.conv_layers()}, name="narrow42b"
     )
+
+
+def write_idx(path: Path, array: np.ndarray, compress: bool = False) -> Path:
+    """An MNIST-style IDX file of unsigned bytes (gzip-compressed if asked)."""
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    data = header + array.astype(np.uint8).tobytes()
+    path.write_bytes(gzip.compress(data) if compress else data)
+    return path

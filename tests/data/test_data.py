@@ -1,5 +1,3 @@
-import gzip
-import struct
 from pathlib import Path
 
 import numpy as np
@@ -22,20 +20,13 @@ from selecsls.data.datasets import (
     training_classes,
 )
 from selecsls.data.transforms import build_eval_transform, build_train_transform
-from training_fixtures import CLASS_COLOURS, corrupt_image, make_image_folder, write_image
+from training_fixtures import CLASS_COLOURS, corrupt_image, make_image_folder, write_idx, write_image
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 needs_fashion_mnist = pytest.mark.skipif(
     not (FASHION_MNIST / "train-images-idx3-ubyte.gz").exists(),
     reason=f"Fashion-MNIST IDX files not installed in {FASHION_MNIST} (CI installs them)",
 )
-
-
-def _write_idx(path: Path, array: np.ndarray, compress: bool) -> Path:
-    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
-    data = header + array.astype(np.uint8).tobytes()
-    path.write_bytes(gzip.compress(data) if compress else data)
-    return path
 
 
 # ------------------------------------------------------------------------- open_image
@@ -71,29 +62,29 @@ def test_open_image_names_the_unreadable_file(tmp_path, make, reason):
 @pytest.mark.parametrize("compress", [True, False])
 def test_read_idx_round_trip(tmp_path, compress):
     array = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
-    assert np.array_equal(read_idx(_write_idx(tmp_path / "x-idx3-ubyte", array, compress)), array)
+    assert np.array_equal(read_idx(write_idx(tmp_path / "x-idx3-ubyte", array, compress)), array)
 
 
 def test_read_idx_rejects_bad_magic_and_truncation(tmp_path):
     (tmp_path / "bad").write_bytes(b"\x01\x02\x03\x04")
     with pytest.raises(ValueError, match="not an IDX file"):
         read_idx(tmp_path / "bad")
-    path = _write_idx(tmp_path / "short", np.zeros((4, 5), np.uint8), compress=False)
+    path = write_idx(tmp_path / "short", np.zeros((4, 5), np.uint8), compress=False)
     path.write_bytes(path.read_bytes()[:-3])
     with pytest.raises(ValueError, match=r"truncated or padded: header says \(4, 5\)"):
         read_idx(path)
 
 
 def test_idx_pair_with_different_counts_is_an_error(tmp_path):
-    images = _write_idx(tmp_path / "i", np.zeros((3, 2, 2), np.uint8), compress=True)
-    labels = _write_idx(tmp_path / "l", np.zeros(2, np.uint8), compress=True)
+    images = write_idx(tmp_path / "i", np.zeros((3, 2, 2), np.uint8), compress=True)
+    labels = write_idx(tmp_path / "l", np.zeros(2, np.uint8), compress=True)
     with pytest.raises(ValueError, match="does not match"):
         IdxDataset(images, labels)
 
 
 def test_idx_data_has_no_label_names_and_reindexes_by_name(tmp_path):
-    _write_idx(tmp_path / "t10k-images-idx3-ubyte", np.zeros((4, 2, 2), np.uint8), compress=False)
-    _write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.array([0, 2, 1, 2], np.uint8), compress=False)
+    write_idx(tmp_path / "t10k-images-idx3-ubyte", np.zeros((4, 2, 2), np.uint8), compress=False)
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.array([0, 2, 1, 2], np.uint8), compress=False)
     val = build_dataset(tmp_path, "val")
     assert val.label_names is None and val.classes == ["0", "1", "2"] and val.targets.tolist() == [0, 2, 1, 2]
     reordered = build_dataset(tmp_path, "val", classes=["2", "1", "0", "3"])

@@ -6,6 +6,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -14,7 +15,7 @@ from selecsls.cli import main
 from selecsls.compress.sparsity import bn_scales
 from selecsls.train.distributed import Workers
 from selecsls.train.loop import Run, TrainConfig, train
-from training_fixtures import SUBPROCESS_ENV, corrupt_image, make_image_folder, narrow_spec
+from training_fixtures import SUBPROCESS_ENV, corrupt_image, make_image_folder, narrow_spec, write_idx
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
@@ -188,8 +189,10 @@ def test_training_takes_a_test_split_and_class_balanced_limits(init_checkpoint, 
     assert record["val_images"] == 3 and record["step"] == 3
 
 
-def test_kill_and_resume_ends_with_the_same_weights(folder, init_checkpoint, tmp_path):
-    args = _tiny_args(folder, init_checkpoint, "{out}", "--epochs", 2, "--save-every", 1)
+@pytest.mark.parametrize("data_path", ["files", "tensor cache"])
+def test_kill_and_resume_ends_with_the_same_weights(folder, init_checkpoint, tmp_path, data_path):
+    cache = ["--data-cache", "{out}.cache"] if data_path == "tensor cache" else []
+    args = _tiny_args(folder, init_checkpoint, "{out}", "--epochs", 2, "--save-every", 1, *cache)
     command = [sys.executable, "-m", "selecsls", *args]
 
     def run(output, *extra):
@@ -423,3 +426,46 @@ def test_a_trained_baseline_carries_its_class_names_to_eval_and_predict(folder, 
         "dog",
         "fox",
     }
+
+
+def test_a_cached_run_validates_exactly_as_eval_on_the_image_files(folder, init_checkpoint, tmp_path, capsys):
+    # Cached training (batched augmentation) scores its epochs on the cached val split; eval decodes
+    # the files: the same pixels, so the same top-1 and loss.
+    output, cache = tmp_path / "run", tmp_path / "cache"
+    assert main(_tiny_args(folder, init_checkpoint, output, "--epochs", 1, "--data-cache", cache)) == 0
+    assert "building the train tensor cache" in capsys.readouterr().out
+    assert sorted(p.name for p in cache.iterdir()) == [
+        "train-32px-bilinear-rgb.json",
+        "train-32px-bilinear-rgb.npy",
+        "val-32px-crop0.875-bilinear-rgb.json",
+        "val-32px-crop0.875-bilinear-rgb.npy",
+    ]
+    [record] = _history(output)
+    assert record["train_skipped"] == 1  # the corrupt training image, reported as on the file path
+    argv = ["eval", "--data", str(folder), "--checkpoint", str(output / "best.pt"), "--workers", "0", "--json"]
+    assert main(argv) == 0
+    scored = json.loads(capsys.readouterr().out)
+    assert scored["top1"] == record["val_top1"] and scored["loss"] == pytest.approx(record["val_loss"], rel=1e-5)
+
+
+def test_a_stale_cache_stops_training_before_it_starts(tmp_path, init_checkpoint, capsys):
+    data, cache = make_image_folder(tmp_path / "data", per_class=2), tmp_path / "cache"
+    assert main(_tiny_args(data, init_checkpoint, tmp_path / "a", "--data-cache", cache, "--batch-size", 2)) == 0
+    (data / "train" / "cat" / "0.jpg").unlink()
+    err = _error(capsys, _tiny_args(data, init_checkpoint, tmp_path / "b", "--data-cache", cache, "--batch-size", 2))
+    assert "--data-cache: tensor cache" in err and "holds another number of images" in err and "to rebuild it" in err
+    assert not (tmp_path / "b" / "last.pt").exists()
+
+
+def test_a_cache_in_the_image_tree_or_of_idx_files_is_one_clear_error(folder, init_checkpoint, tmp_path, capsys):
+    inside = folder / "train" / "cache"
+    err = _error(capsys, _tiny_args(folder, init_checkpoint, tmp_path / "a", "--data-cache", inside))
+    assert "is inside the image folder" in err and "put the cache elsewhere" in err
+    assert not inside.exists()
+    idx = tmp_path / "idx"
+    idx.mkdir()
+    for prefix, count in (("train", 8), ("t10k", 4)):
+        write_idx(idx / f"{prefix}-images-idx3-ubyte", np.zeros((count, 16, 16), np.uint8))
+        write_idx(idx / f"{prefix}-labels-idx1-ubyte", np.arange(count, dtype=np.uint8) % 2)
+    err = _error(capsys, _tiny_args(idx, init_checkpoint, tmp_path / "b", "--data-cache", tmp_path / "c"))
+    assert "--data-cache caches class folders of images; IDX files are already decoded" in err

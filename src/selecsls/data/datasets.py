@@ -25,6 +25,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from selecsls._io import PathLike
+from selecsls.data.transforms import seeded_generator
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -385,9 +386,7 @@ class TransformedDataset(Dataset):
             return SkippedImage(exc.path, str(exc))
         if self.seed is None:
             return self.transform(image), target
-        state = np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(2, np.uint32)
-        generator = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
-        return self.transform(image, generator=generator), target
+        return self.transform(image, generator=seeded_generator(self.seed, self.epoch, index)), target
 
 
 class Batch(NamedTuple):

@@ -27,35 +27,57 @@ __all__ = [
     "TrainTransform",
     "build_eval_transform",
     "build_train_transform",
+    "centre_box",
     "eval_transform_from_cfg",
+    "seeded_generator",
 ]
 
 #: Resampling filters accepted by the pipelines, by the names timm's ``pretrained_cfg`` uses.
 INTERPOLATIONS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 
 
-class _ToNormalizedTensor:
-    """PIL image -> (in_chans, H, W) float tensor, normalised by per-channel mean/std.
+class ToUint8Tensor:
+    """PIL image -> (in_chans, H, W) uint8 tensor: the pixels as decoded (what a tensor cache stores).
 
     Grayscale sources are expanded to three channels (and colour reduced to luminance for
     ``in_chans=1``), so one dataset feeds models built for either.
     """
 
-    def __init__(self, in_chans: int, mean: Sequence[float], std: Sequence[float]) -> None:
+    def __init__(self, in_chans: int) -> None:
         if in_chans not in (1, 3):
             raise ValueError(f"image pipelines produce 1 (grayscale) or 3 (RGB) channels, got in_chans={in_chans}")
         self.mode = "L" if in_chans == 1 else "RGB"
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        pixels = np.asarray(image.convert(self.mode), dtype=np.uint8)
+        if pixels.ndim == 2:
+            pixels = pixels[:, :, None]
+        return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
+
+
+class Normalize:
+    """uint8 pixels (C, H, W) or (N, C, H, W), on any device -> float32 scaled to [0, 1], then by mean/std."""
+
+    def __init__(self, in_chans: int, mean: Sequence[float], std: Sequence[float]) -> None:
         self.mean = _per_channel("mean", mean, in_chans)
         self.std = _per_channel("std", std, in_chans)
         if (self.std <= 0).any():
             raise ValueError(f"std must be positive, got {tuple(std)}")
 
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        mean, std = self.mean.to(pixels.device), self.std.to(pixels.device)
+        return (pixels.float() / 255.0 - mean) / std
+
+
+class _ToNormalizedTensor:
+    """PIL image -> (in_chans, H, W) float tensor, normalised by per-channel mean/std."""
+
+    def __init__(self, in_chans: int, mean: Sequence[float], std: Sequence[float]) -> None:
+        self.to_uint8 = ToUint8Tensor(in_chans)
+        self.normalize = Normalize(in_chans, mean, std)
+
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        pixels = np.asarray(image.convert(self.mode), dtype=np.float32) / 255.0
-        if pixels.ndim == 2:
-            pixels = pixels[:, :, None]
-        tensor = torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
-        return (tensor - self.mean) / self.std
+        return self.normalize(self.to_uint8(image))
 
 
 def _per_channel(name: str, values: Sequence[float], in_chans: int) -> torch.Tensor:
@@ -152,9 +174,7 @@ class TrainTransform:
                 left = int(_uniform(generator) * (width - w + 1))
                 top = int(_uniform(generator) * (height - h + 1))
                 return left, top, left + w, top + h
-        aspect = min(max(width / height, self.ratio[0]), self.ratio[1])
-        w, h = (width, round(width / aspect)) if width / height <= aspect else (round(height * aspect), height)
-        left, top = (width - w) // 2, (height - h) // 2
+        left, top, w, h = centre_box(height, width, self.ratio)
         return left, top, left + w, top + h
 
     def _jitter(self, image: Image.Image, generator: torch.Generator | None) -> Image.Image:
@@ -163,6 +183,21 @@ class TrainTransform:
         for enhancer in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
             image = enhancer(image).enhance(_uniform(generator, low, high))
         return image
+
+
+def seeded_generator(*keys: int) -> torch.Generator:
+    """A CPU generator that is a pure function of ``keys`` (seed, epoch, index or step, ...): augmentation
+    that does not depend on worker count, batch order, device or resumption."""
+    state = np.random.SeedSequence([int(key) for key in keys]).generate_state(2, np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def centre_box(height: int, width: int, ratio: tuple[float, float]) -> tuple[int, int, int, int]:
+    """(left, top, w, h) of the centred crop with the aspect ratio clamped to ``ratio``: where a
+    random-resized crop falls back when no random box fits."""
+    aspect = min(max(width / height, ratio[0]), ratio[1])
+    w, h = (width, round(width / aspect)) if width / height <= aspect else (round(height * aspect), height)
+    return (width - w) // 2, (height - h) // 2, w, h
 
 
 def _uniform(generator: torch.Generator | None, low: float = 0.0, high: float = 1.0) -> float:

@@ -11,6 +11,7 @@ import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 from selecsls.train.recipes import RECIPES, get_recipe
@@ -78,6 +79,11 @@ class TrainConfig:
     clip_grad: float | None = _setting(help="clip the gradient norm to NORM", metavar="NORM")
     color_jitter: float = _setting(0.0, "brightness/contrast/saturation jitter strength")
     min_crop_area: float = _setting(0.08, "smallest random-resized-crop area fraction")
+    data_cache: str | None = _setting(
+        help="decode the image folders once into uint8 tensor caches in DIR (built on first use, refused when the "
+        "images change) and augment whole batches on the training device: for small images such as CIFAR's",
+        metavar="DIR",
+    )
     seed: int = _setting(0)
     limit: int | None = _setting(help="train on N training images, class-balanced and drawn with the seed", metavar="N")
     val_limit: int | None = _setting(
@@ -94,7 +100,7 @@ class TrainConfig:
     CARRIED_OUT = frozenset({"output", "save_every", "workers", "resume", "overwrite", "progress"})
     #: Settings naming files: compared (and saved) as resolved absolute paths, so a run resumes from
     #: another working directory or with the same data spelled another way.
-    PATHS = frozenset({"data", "init"})
+    PATHS = frozenset({"data", "init", "data_cache"})
 
     def run_settings(self) -> dict[str, Any]:
         """The settings a resumed run must share with the saved one (paths resolved)."""
@@ -103,6 +109,21 @@ class TrainConfig:
             for f in fields(self)
             if f.name not in self.CARRIED_OUT
         }
+
+    def _check_data_cache(self) -> None:
+        """A cache inside a split's folder would be read as one more class of images."""
+        from selecsls.data.datasets import VAL_FOLDERS
+
+        if self.data_cache is None:
+            return
+        cache = Path(self.data_cache).resolve()
+        for split in ("train", *VAL_FOLDERS):
+            folder = Path(self.data).resolve() / split
+            if cache == folder or folder in cache.parents:
+                raise SettingError(
+                    f"{{data_cache}} {self.data_cache} is inside the image folder {folder}, where it would be read "
+                    "as a class: put the cache elsewhere"
+                )
 
     def validate(self) -> None:
         """Raise :class:`SettingError` for the first bad setting (before any data is read)."""
@@ -130,6 +151,7 @@ class TrainConfig:
             check_output(self.output, [self.data, self.init], directory=True)
         except (ValueError, OutputError) as exc:
             raise SettingError(str(exc)) from None
+        self._check_data_cache()
         if self.resume and self.overwrite:
             raise SettingError("{resume} continues the run in {output}, {overwrite} deletes it: give one of them")
         if self.amp == "fp16" and not torch.cuda.is_available():

@@ -25,17 +25,11 @@ from torch.utils.data.distributed import DistributedSampler
 
 from selecsls._io import atomic_write
 from selecsls.compress.sparsity import bn_scales, scale_statistics
-from selecsls.data.datasets import (
-    IdxDataset,
-    ImageFolder,
-    TransformedDataset,
-    balanced_subset,
-    build_dataset,
-    build_loader,
-)
+from selecsls.data.datasets import IdxDataset, ImageFolder, balanced_subset, build_dataset
 from selecsls.data.transforms import build_eval_transform, build_train_transform
 from selecsls.models.factory import create_model
 from selecsls.models.serialization import load, model_from_checkpoint
+from selecsls.train.batches import build_batches
 from selecsls.train.config import DEFAULT_MODEL, SettingError, TrainConfig
 from selecsls.train.distributed import Workers
 from selecsls.train.evaluation import VAL_SUBSET_SEED, evaluate
@@ -143,10 +137,17 @@ class Run:
         self.optimization.train_model = workers.wrap(self.model)  # after the EMA copied the bare model
 
         in_chans = self.model.pretrained_cfg["input_size"][0] if hasattr(self.model, "pretrained_cfg") else 3
-        self.train_transform = build_train_transform(
-            config.img_size, scale=(config.min_crop_area, 1.0), color_jitter=config.color_jitter, in_chans=in_chans
+        self.batches = build_batches(
+            config,
+            self.train_data,
+            self.val_data,
+            build_train_transform(
+                config.img_size, scale=(config.min_crop_area, 1.0), color_jitter=config.color_jitter, in_chans=in_chans
+            ),
+            build_eval_transform(config.img_size, in_chans=in_chans),
+            workers,
+            self.report.log,
         )
-        self.eval_transform = build_eval_transform(config.img_size, in_chans=in_chans)
 
     def _restore(self, saved: dict[str, Any]) -> None:
         self.optimization.load_state_dict(saved)
@@ -193,8 +194,7 @@ class Run:
 
     def _train_epoch(self) -> None:
         config, position, optimization = self.config, self.position, self.optimization
-        dataset = TransformedDataset(self.train_data, self.train_transform, config.seed, position.epoch)
-        batches = iter(build_loader(dataset, self._epoch_order(), config.batch_size, config.workers, drop_last=True))
+        batches = self.batches.train_epoch(position.epoch, self._epoch_order(), position.step, self.workers.rank)
         bar = self.report.epoch_bar(position.epoch, config.epochs, self.steps_per_epoch, position.step)
         optimization.train_model.train()
         while position.step < self.steps_per_epoch:
@@ -281,10 +281,9 @@ class Run:
 
     def _validate(self, model: nn.Module) -> dict[str, Any]:
         self.workers.broadcast_from_main(model)  # every shard must score the same weights and BN statistics
-        dataset = TransformedDataset(self.val_data, self.eval_transform)
         shard = self.val_indices[self.workers.rank :: self.workers.world_size]
-        loader = build_loader(dataset, shard, self.config.batch_size, self.config.workers)
-        return evaluate(model, loader, self.workers.device, self.config.amp, self.config.channels_last)
+        batches = self.batches.validation(shard)
+        return evaluate(model, batches, self.workers.device, self.config.amp, self.config.channels_last)
 
     def _save_last(self) -> None:
         if self.workers.is_main:

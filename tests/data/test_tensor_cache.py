@@ -1,0 +1,124 @@
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from selecsls.data.datasets import ImageFolder, TransformedDataset, build_dataset
+from selecsls.data.tensor_cache import CacheError, CacheGeometry, open_or_build
+from selecsls.data.transforms import build_eval_transform
+from training_fixtures import corrupt_image, make_image_folder, write_image
+
+
+@pytest.fixture
+def folder(tmp_path):
+    return make_image_folder(tmp_path / "data", per_class=3)
+
+
+SMALL = CacheGeometry(16)
+
+
+def _cache(root, directory, split="train", geometry=SMALL):
+    messages = []
+    cache = open_or_build(build_dataset(root, split), directory, split, geometry, log=messages.append)
+    return cache, messages
+
+
+def test_cache_keeps_the_folders_class_mapping_names_and_order(folder, tmp_path):
+    cache, messages = _cache(folder, tmp_path / "cache")
+    images = build_dataset(folder, "train")
+    assert cache.classes == images.classes == images.label_names == ["cat", "dog", "fox"]
+    assert cache.targets.tolist() == images.targets
+    assert cache.pixels.shape == (9, 3, 16, 16) and cache.pixels.dtype == np.uint8
+    assert isinstance(cache.pixels, np.memmap)  # read from disk on demand, not loaded whole
+    assert len(messages) == 1 and "building the train tensor cache" in messages[0]
+    # Built once: the second open reads it and says nothing.
+    again, messages = _cache(folder, tmp_path / "cache")
+    assert messages == [] and np.array_equal(again.pixels, cache.pixels)
+
+
+def test_cached_pixels_are_the_eval_pipelines_pixels_exactly(folder, tmp_path):
+    # The validation cache stores the eval geometry: normalising a cached batch gives bit for bit the
+    # tensors of the per-image eval pipeline, so validation scores do not depend on the data path.
+    transform = build_eval_transform(16, crop_pct=0.875)
+    geometry = CacheGeometry(16, 0.875, "bilinear", 3)
+    cache, _ = _cache(folder, tmp_path / "cache", "val", geometry)
+    batch = cache.batch([4, 0, 7])
+    per_image = TransformedDataset(build_dataset(folder, "val", ["cat", "dog", "fox"]), transform)
+    expected = torch.stack([per_image[i][0] for i in (4, 0, 7)])
+    assert torch.equal(transform.to_tensor.normalize(batch.images), expected)
+    assert batch.targets.tolist() == [per_image[i][1] for i in (4, 0, 7)]
+
+
+def test_unreadable_images_keep_their_rows_and_are_reported_per_batch(folder, tmp_path):
+    corrupt_image(folder / "train" / "dog" / "1.png")
+    cache, _ = _cache(folder, tmp_path / "cache")
+    row = [path for path, _ in ImageFolder(folder / "train").samples].index(str(folder / "train" / "dog" / "1.png"))
+    assert list(cache.unreadable) == [row]
+    batch = cache.batch([row, 0])
+    assert len(batch.images) == 1 and batch.targets.tolist() == [0]
+    assert [s.path for s in batch.skipped] == [str(folder / "train" / "dog" / "1.png")]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda root: write_image(root / "train" / "cat" / "new.jpg", (1, 2, 3), 5), "holds another number of images"),
+        (lambda root: (root / "train" / "cat" / "0.jpg").unlink(), "holds another number of images"),
+        (lambda root: os.utime(root / "train" / "fox" / "2.jpg", ns=(1, 1)), "is stale"),
+        (lambda root: write_image(root / "train" / "dog" / "0.jpg", (9, 9, 9), 7), "is stale"),
+        (
+            lambda root: (root / "train" / "dog" / "2.jpg").rename(root / "train" / "cat" / "moved.jpg"),
+            "is stale",
+        ),
+    ],
+)
+def test_a_stale_cache_is_refused_with_the_fix(folder, tmp_path, change, message):
+    _cache(folder, tmp_path / "cache")
+    change(folder)
+    with pytest.raises(CacheError, match=message) as error:
+        _cache(folder, tmp_path / "cache")
+    assert "delete" in str(error.value) and "to rebuild it" in str(error.value)
+
+
+def test_a_foreign_cache_is_refused(folder, tmp_path):
+    other = make_image_folder(tmp_path / "other", per_class=3)
+    _cache(other, tmp_path / "cache")
+    with pytest.raises(CacheError, match="was built from another folder"):
+        _cache(folder, tmp_path / "cache")
+
+
+def test_a_damaged_or_alien_cache_is_refused(folder, tmp_path):
+    cache_dir = tmp_path / "cache"
+    _cache(folder, cache_dir)
+    [pixels] = cache_dir.glob("*.npy")
+    [sidecar] = cache_dir.glob("*.json")
+    np.save(pixels, np.zeros((9, 3, 8, 8), np.uint8))
+    with pytest.raises(CacheError, match="is damaged"):
+        _cache(folder, cache_dir)
+    sidecar.write_text(json.dumps({"format": "something else"}))
+    with pytest.raises(CacheError, match="is not a selecsls-tensor-cache/1"):
+        _cache(folder, cache_dir)
+    sidecar.write_text("{not json")
+    with pytest.raises(CacheError, match="cannot be read"):
+        _cache(folder, cache_dir)
+
+
+def test_a_failed_build_leaves_nothing_behind(folder, tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(np.lib.format, "open_memmap", broken)
+    with pytest.raises(
+        CacheError, match="cannot build the tensor cache .*No space left on device.*nothing was written"
+    ):
+        _cache(folder, tmp_path / "cache")
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_bad_geometry_is_one_clear_error():
+    with pytest.raises(CacheError, match="interpolation must be one of"):
+        CacheGeometry(16, interpolation="nearest")
+    with pytest.raises(CacheError, match="crop_pct must be in"):
+        CacheGeometry(16, crop_pct=0)
