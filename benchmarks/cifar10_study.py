@@ -38,27 +38,58 @@ class Preset:
     batch_size: int
     finetune_epochs: int
     save_every: int
+    runs: str = "cpu"  # which run list (RUN_LISTS)
+    pilot_epochs: int = 0  # a pilot group's runs train this many epochs of the schedule, then one goes on
+    training_options: tuple[str, ...] = ()  # e.g. the tensor cache and bf16 on a GPU
 
 
 PRESETS = {
     # What the 2-core development CPU affords (selecsls42b trains at ~130 img/s at 32 px on an idle
     # one): 5,000 balanced training images (500 per class), 10 epochs of batch 32 = 1,560 steps per run.
     "cpu": Preset(img_size=32, limit=5000, val_limit=1000, epochs=10, batch_size=32, finetune_epochs=2, save_every=100),
+    # The full budget: all 50,000 training and 10,000 validation images, 15 epochs of batch 32
+    # (23,430 steps) per run, about 3.6 hours of one core per selecsls42b run here.
+    "full": Preset(
+        img_size=32,
+        limit=None,
+        val_limit=None,
+        epochs=15,
+        batch_size=32,
+        finetune_epochs=2,
+        save_every=200,
+        runs="full",
+        pilot_epochs=2,
+    ),
+    # The full budget's runs for one GPU: the same data, epochs and batch size, decoded once into the
+    # tensor cache (augmented on the GPU; the JPEG path would starve it), bf16, channels-last.
     "gpu": Preset(
-        img_size=32, limit=None, val_limit=None, epochs=30, batch_size=128, finetune_epochs=5, save_every=200
+        img_size=32,
+        limit=None,
+        val_limit=None,
+        epochs=15,
+        batch_size=32,
+        finetune_epochs=2,
+        save_every=2000,
+        runs="full",
+        pilot_epochs=2,
+        training_options=("--data-cache", "{out}/tensor-cache", "--amp", "bf16", "--channels-last", "--workers", "0"),
     ),
 }
 
 
 @dataclass(frozen=True)
 class Run:
-    """One training run: a name, the model and the recipe settings that differ between runs."""
+    """One training run: a name, the model and the recipe settings that differ between runs.
+
+    Runs of one ``pilot`` group first train the preset's ``pilot_epochs`` epochs of their full
+    schedule; :func:`choose_pilot` then picks the one that goes on (the others stop there)."""
 
     name: str
     model: str
     recipe: str
     extra: tuple[str, ...] = field(default=())
     question: str = ""
+    pilot: str = ""
 
 
 #: In the order they run: the candidate pruning sources first (the sparsity recipe with stronger
@@ -78,6 +109,19 @@ RUNS = (
 #: The runs the pruning steps may start from: the one with most |gamma| < 1e-3 at its best epoch.
 PRUNE_CANDIDATES = ("sparsity-strong", "sparsity-fast")
 
+#: The full budget, in the order the hours go to them: the two pilot groups (the sparse selecsls42b
+#: at the recipe's lr 1e-3 with the default and a 4x stronger L2; resnet50 with adamw and sgd),
+#: then the runs the issue asks for if the hours allow.
+FULL_RUNS = (
+    Run("sparse-l2-5e-4", "selecsls42b", "sparsity", question="sparsity", pilot="sparse selecsls42b"),
+    Run("sparse-l2-2e-3", "selecsls42b", "sparsity", ("--weight-decay", "2e-3"), "sparsity", "sparse selecsls42b"),
+    Run("resnet50-adamw", "resnet50", "adamw", question="parity", pilot="resnet50"),
+    Run("resnet50-sgd", "resnet50", "sgd", question="parity", pilot="resnet50"),
+    Run("resnet50-sparsity", "resnet50", "sparsity", question="sparsity"),
+    Run("selecsls42b-adamw", "selecsls42b", "adamw", question="parity"),
+)
+RUN_LISTS = {"cpu": RUNS, "full": FULL_RUNS}
+
 
 def run(command: list[str], log: Path) -> None:
     """Run one ``selecsls`` command, appending its output to ``log``; stop the study if it fails."""
@@ -95,10 +139,18 @@ def selecsls(*args: str) -> list[str]:
     return [sys.executable, "-m", "selecsls", *args]
 
 
-def train(spec: Run, data: str, out: Path, preset: Preset, init: Path | None = None, epochs: int | None = None) -> Path:
-    """Train (or resume) one run; returns its directory."""
+def train(
+    spec: Run,
+    data: str,
+    out: Path,
+    preset: Preset,
+    init: Path | None = None,
+    epochs: int | None = None,
+    stop_after: int | None = None,
+) -> Path:
+    """Train (or resume) one run, to its end or to epoch ``stop_after``; returns its directory."""
     directory = out / spec.name
-    if (directory / "summary.json").exists():
+    if (directory / "summary.json").exists() or (stop_after and len(_metrics(directory)) >= stop_after):
         return directory
     command = selecsls(
         "train",
@@ -128,8 +180,11 @@ def train(spec: Run, data: str, out: Path, preset: Preset, init: Path | None = N
         "1",
         "--resume",
         "--no-progress",
+        *(option.replace("{out}", str(out)) for option in preset.training_options),
         *spec.extra,
     )
+    if stop_after:
+        command += ["--stop-after", str(stop_after)]
     if preset.limit:
         command += ["--limit", str(preset.limit)]
     if preset.val_limit:
@@ -168,11 +223,17 @@ def main() -> None:
     parser.add_argument("--out", default="runs/cifar10_study", type=Path)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     parser.add_argument("--steps", default="train,prune,deploy", help="comma-separated subset of steps")
+    parser.add_argument("--runs", help="comma-separated run names: train only these (e.g. one per process)")
     parser.add_argument("--report", type=Path, metavar="JSON", help="only collect the finished steps into JSON + plots")
     args = parser.parse_args()
     if not Path(args.data, "train").is_dir():
         sys.exit(f"{args.data}/train does not exist: unpack CIFAR-10 first (bash ../shared/data/cifar10.sh DIR)")
     preset = PRESETS[args.preset]
+    runs = RUN_LISTS[preset.runs]
+    names = args.runs.split(",") if args.runs else [spec.name for spec in runs]
+    unknown = sorted(set(names) - {spec.name for spec in runs})
+    if unknown:
+        sys.exit(f"unknown run(s) {unknown} in --runs; the {args.preset} preset has {[spec.name for spec in runs]}")
     out = args.out / args.preset
     _check_preset(out, preset)
     if args.report:
@@ -180,7 +241,14 @@ def main() -> None:
         return
     steps = set(args.steps.split(","))
     os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
-    candidates = [spec for spec in RUNS if spec.name in PRUNE_CANDIDATES]
+    selected = [spec for spec in runs if spec.name in names]
+    if preset.pilot_epochs:
+        if "train" in steps:
+            train_with_pilots(selected, runs, args.data, out, preset)
+        if "prune" in steps:
+            prune_exactly(args.data, out, preset)
+        return
+    candidates = [spec for spec in selected if spec.name in PRUNE_CANDIDATES]
     if "train" in steps:
         for spec in candidates:
             train(spec, args.data, out, preset)
@@ -189,16 +257,78 @@ def main() -> None:
     if "deploy" in steps:
         deploy(args.data, out, preset)
     if "train" in steps:
-        for spec in RUNS:
+        for spec in selected:
             if spec not in candidates:
                 train(spec, args.data, out, preset)
+
+
+# ------------------------------------------------------------------------------------ pilots
+def train_with_pilots(selected: list[Run], runs: tuple[Run, ...], data: str, out: Path, preset: Preset) -> None:
+    """Pilot epochs for every selected pilot run; then each group's choice (once the whole group has
+    its pilot epochs) trains to the end; then the selected runs outside the pilot groups."""
+    for spec in selected:
+        if spec.pilot:
+            train(spec, data, out, preset, stop_after=preset.pilot_epochs)
+    for group in dict.fromkeys(spec.pilot for spec in runs if spec.pilot):
+        chosen = choose_pilot(out, runs, group, preset.pilot_epochs)
+        if chosen is None:
+            print(f"pilot group {group!r}: waiting for its other runs' pilot epochs", flush=True)
+        elif chosen in selected:
+            train(chosen, data, out, preset)
+    for spec in selected:
+        if not spec.pilot:
+            train(spec, data, out, preset)
+
+
+def _pilot_record(out: Path, spec: Run, epochs: int) -> dict | None:
+    history = _metrics(out / spec.name)
+    return history[epochs - 1] if len(history) >= epochs else None
+
+
+def _sparse_pilot_rank(record: dict, group_best_top1: float) -> tuple:
+    """Sparsity without an accuracy cost: within 1 point of the group's best top-1, the most BN
+    scales below 1e-2 (those on their way to the pruning threshold), then the smaller median scale."""
+    return record["val_top1"] >= group_best_top1 - 1.0, record["gamma_below_1e-2"], -record["gamma_median"]
+
+
+def _accuracy_pilot_rank(record: dict, group_best_top1: float) -> tuple:
+    """The highest val top-1."""
+    return (record["val_top1"],)
+
+
+PILOT_RULES = {"sparse selecsls42b": _sparse_pilot_rank, "resnet50": _accuracy_pilot_rank}
+
+
+def choose_pilot(out: Path, runs: tuple[Run, ...], group: str, epochs: int) -> Run | None:
+    """The group's run that goes on (None until every run of the group has its pilot epochs);
+    the choice and its evidence go to out/pilots.json."""
+    members = [spec for spec in runs if spec.pilot == group]
+    records = {spec.name: _pilot_record(out, spec, epochs) for spec in members}
+    if any(record is None for record in records.values()):
+        return None
+    best_top1 = max(record["val_top1"] for record in records.values())
+    rank = PILOT_RULES[group]
+    chosen = max(members, key=lambda spec: rank(records[spec.name], best_top1))
+    ledger = out / "pilots.json"
+    pilots = json.loads(ledger.read_text()) if ledger.exists() else {}
+    pilots[group] = dict(
+        epochs=epochs,
+        rule=(rank.__doc__ or "the highest val top-1").split("\n\n")[0].replace("\n", " ").strip(),
+        chosen=chosen.name,
+        evidence={
+            name: {key: value for key, value in record.items() if key != "gamma_histogram"}
+            for name, record in records.items()
+        },
+    )
+    ledger.write_text(json.dumps(pilots, indent=1) + "\n")
+    return chosen
 
 
 def _check_preset(out: Path, preset: Preset) -> None:
     """Runs of other settings in ``out`` must not be resumed or reported as this preset's."""
     record = out / "preset.json"
     if record.exists():
-        if json.loads(record.read_text()) != preset.__dict__:
+        if json.loads(record.read_text()) != json.loads(json.dumps(preset.__dict__)):
             sys.exit(f"{out} holds runs made with other settings ({record.read_text().strip()}); pass another --out")
         return
     out.mkdir(parents=True, exist_ok=True)
@@ -240,6 +370,22 @@ def prune_and_finetune(data: str, out: Path, preset: Preset) -> None:
         epochs=preset.finetune_epochs,
     )
     evaluate(finetuned / "best.pt", data, preset, out)
+
+
+def prune_exactly(data: str, out: Path, preset: Preset) -> None:
+    """The full budget's pruning: the chosen sparse selecsls42b (its best epoch) pruned at |gamma| 1e-3,
+    which must not change its top-1 on the 10,000 val images; both scored, latency of dense, BN-folded
+    and pruned. Waits (returns) until that run has finished."""
+    ledger = out / "pilots.json"
+    chosen = json.loads(ledger.read_text()).get("sparse selecsls42b", {}).get("chosen") if ledger.exists() else None
+    if chosen is None or not (out / chosen / "summary.json").exists():
+        print("prune: waiting for the chosen sparse selecsls42b run to finish", flush=True)
+        return
+    source = out / chosen / "best.pt"
+    (out / "prune_source.txt").write_text(f"{chosen}\n")
+    _prune(source, "pruned-1e-3", (), out, preset)
+    evaluate(source, data, preset, out)
+    evaluate(out / "pruned-1e-3.pt", data, preset, out)
 
 
 def _macs(model_file: Path, preset: Preset) -> int:
@@ -337,9 +483,10 @@ def report(out: Path, data: str, preset: Preset, destination: Path) -> None:
     runs = {}
     figures = destination.with_suffix("")
     figures.mkdir(parents=True, exist_ok=True)
-    for spec in RUNS:
+    for spec in RUN_LISTS[preset.runs]:
         history = _metrics(out / spec.name)
-        if not history or not (out / spec.name / "summary.json").exists():
+        finished = (out / spec.name / "summary.json").exists()
+        if not history or not (finished or preset.pilot_epochs):  # the full budget reports runs in progress
             continue
         wall = out / spec.name / "wall_seconds.txt"
         runs[spec.name] = dict(
@@ -347,15 +494,17 @@ def report(out: Path, data: str, preset: Preset, destination: Path) -> None:
             recipe=spec.recipe,
             settings=list(spec.extra),
             question=spec.question,
+            finished=finished,
             epochs=[{key: value for key, value in record.items() if key != "gamma_histogram"} for record in history],
             best_top1=max(record["val_top1"] for record in history),
             images_per_s=sorted(record["train_images_per_s"] for record in history)[len(history) // 2],
             wall_seconds=sum(float(line) for line in wall.read_text().split()) if wall.exists() else None,
         )
-        if spec.model.startswith("selecsls"):
+        if spec.model.startswith("selecsls") and finished:
             runs[spec.name]["sparsity"] = sparsity_measures(out / spec.name, data, preset)
-            if spec.question == "sparsity":
-                shutil.copyfile(out / spec.name / "gamma_histograms.png", figures / f"gamma-{spec.name}.png")
+        histograms = out / spec.name / "gamma_histograms.png"
+        if spec.question == "sparsity" and histograms.exists():
+            shutil.copyfile(histograms, figures / f"gamma-{spec.name}.png")
     evaluations = {
         str(path.relative_to(out)).removesuffix(".eval.json"): json.loads(path.read_text())
         for path in sorted(out.rglob("*.eval.json"))
@@ -364,9 +513,11 @@ def report(out: Path, data: str, preset: Preset, destination: Path) -> None:
         path.stem.removeprefix("latency-"): json.loads(path.read_text()) for path in sorted(out.glob("latency-*.json"))
     }
     source = out / "prune_source.txt"
+    pilots = out / "pilots.json"
     result = dict(
         preset=preset.__dict__,
         runs=runs,
+        pilots=json.loads(pilots.read_text()) if pilots.exists() else {},
         prune_source=source.read_text().strip() if source.exists() else None,
         evaluations=evaluations,
         latency=latency,

@@ -469,3 +469,16 @@ def test_a_cache_in_the_image_tree_or_of_idx_files_is_one_clear_error(folder, in
         write_idx(idx / f"{prefix}-labels-idx1-ubyte", np.arange(count, dtype=np.uint8) % 2)
     err = _error(capsys, _tiny_args(idx, init_checkpoint, tmp_path / "b", "--data-cache", tmp_path / "c"))
     assert "--data-cache caches class folders of images; IDX files are already decoded" in err
+
+
+def test_a_run_in_parts_ends_as_the_whole_run(folder, init_checkpoint, tmp_path, capsys):
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert main(_tiny_args(folder, init_checkpoint, whole, "--epochs", 2)) == 0
+    assert main(_tiny_args(folder, init_checkpoint, parts, "--epochs", 2, "--stop-after", 1)) == 0
+    assert "stopped after epoch 1 of 2 as asked; continue with --resume" in capsys.readouterr().out
+    assert len(_history(parts)) == 1 and not (parts / "summary.json").exists()
+    assert main(_tiny_args(folder, init_checkpoint, parts, "--epochs", 2, "--resume")) == 0
+    assert (parts / "summary.json").exists()
+    assert [r["train_loss"] for r in _history(parts)] == [r["train_loss"] for r in _history(whole)]
+    for key, value in _last(whole)["state_dict"].items():
+        assert torch.equal(_last(parts)["state_dict"][key], value), key

@@ -94,10 +94,14 @@ class TrainConfig:
     resume: bool = _setting(False, "continue the run saved in output/last.pt")
     overwrite: bool = _setting(False, "start afresh in an output directory holding an earlier run's results (deleted)")
     save_every: int = _setting(0, "also save last.pt every STEPS batches (0: only at epoch ends)", metavar="STEPS")
+    stop_after: int | None = _setting(
+        help="stop after epoch N of the --epochs schedule (continue later with --resume): a long run in parts",
+        metavar="N",
+    )
     workers: int = _setting(2, "data-loading processes (0: load in the main process)")
     progress: bool = _setting(True, "progress bars (shown on a terminal only)")
 
-    CARRIED_OUT = frozenset({"output", "save_every", "workers", "resume", "overwrite", "progress"})
+    CARRIED_OUT = frozenset({"output", "save_every", "stop_after", "workers", "resume", "overwrite", "progress"})
     #: Settings naming files: compared (and saved) as resolved absolute paths, so a run resumes from
     #: another working directory or with the same data spelled another way.
     PATHS = frozenset({"data", "init", "data_cache"})
@@ -134,7 +138,7 @@ class TrainConfig:
         from selecsls.models.limits import check_img_size, check_int, check_number
 
         try:  # the range checks name settings as {name}: SettingError spells them per caller
-            for name in ("epochs", "batch_size", "limit", "val_limit"):
+            for name in ("epochs", "batch_size", "limit", "val_limit", "stop_after"):
                 if getattr(self, name) is not None:
                     check_int(f"{{{name}}}", getattr(self, name))
             check_img_size(self.img_size, "{img_size}", self.batch_size, training=True)

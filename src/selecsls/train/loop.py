@@ -162,9 +162,16 @@ class Run:
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict[str, Any]:
-        while self.position.epoch < self.config.epochs:
+        last_epoch = min(self.config.epochs, self.config.stop_after or self.config.epochs)
+        while self.position.epoch < last_epoch:
             self._train_epoch()
             self._end_epoch()
+        if self.position.epoch < self.config.epochs:
+            self.report.log(
+                f"stopped after epoch {self.position.epoch} of {self.config.epochs} as asked; "
+                f"continue with --resume ({self.output / 'last.pt'})"
+            )
+            return {"best_top1": self.best_top1, "stopped_after": self.position.epoch, "output": str(self.output)}
         summary = {
             "model": self.model.spec.name if hasattr(self.model, "spec") else self.config.model,
             "recipe": self.config.recipe,
