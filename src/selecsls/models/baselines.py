@@ -14,32 +14,38 @@ weights load with ``model.load_state_dict`` unchanged:
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["BASELINES", "ResNet50", "VoVNet", "create_baseline", "list_baselines", "resnet50", "vovnet39"]
+__all__ = [
+    "BASELINES",
+    "ResNet50",
+    "VoVNet",
+    "conv_widths",
+    "create_baseline",
+    "list_baselines",
+    "resnet50",
+    "vovnet39",
+]
 
 
 # ---------------------------------------------------------------------------------- ResNet-50
 class Bottleneck(nn.Module):
-    """1x1 reduce, 3x3 (carries the stride), 1x1 expand by 4, plus the (projected) input."""
+    """1x1 reduce, 3x3 (carries the stride), 1x1 expand, plus the (projected) input."""
 
-    expansion = 4
-
-    def __init__(self, in_chs: int, mid_chs: int, stride: int = 1) -> None:
+    def __init__(self, in_chs: int, reduce_chs: int, mid_chs: int, out_chs: int, stride: int, project: bool) -> None:
         super().__init__()
-        out_chs = mid_chs * self.expansion
-        self.conv1 = nn.Conv2d(in_chs, mid_chs, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(mid_chs)
-        self.conv2 = nn.Conv2d(mid_chs, mid_chs, 3, stride, 1, bias=False)
+        self.conv1 = nn.Conv2d(in_chs, reduce_chs, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(reduce_chs)
+        self.conv2 = nn.Conv2d(reduce_chs, mid_chs, 3, stride, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(mid_chs)
         self.conv3 = nn.Conv2d(mid_chs, out_chs, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(out_chs)
         self.relu = nn.ReLU(inplace=True)
         self.downsample: nn.Module | None = None
-        if stride != 1 or in_chs != out_chs:
+        if project:
             self.downsample = nn.Sequential(nn.Conv2d(in_chs, out_chs, 1, stride, bias=False), nn.BatchNorm2d(out_chs))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -51,25 +57,42 @@ class Bottleneck(nn.Module):
 
 
 class ResNet50(nn.Module):
-    """ResNet-50 with torchvision's module names: conv1, bn1, layer1..layer4, fc."""
+    """ResNet-50 with torchvision's module names: conv1, bn1, layer1..layer4, fc.
+
+    ``widths`` (conv name -> output channels, as :func:`conv_widths` reads them off a model) narrows
+    any conv: a channel-pruned ResNet-50 is this class with other widths. The residual additions tie
+    the outputs of every block of a stage (``conv3`` and the projection), so those must agree.
+    """
 
     STAGE_BLOCKS = (3, 4, 6, 3)
     STAGE_WIDTHS = (64, 128, 256, 512)
+    EXPANSION = 4
 
-    def __init__(self, num_classes: int = 1000) -> None:
+    def __init__(self, num_classes: int = 1000, widths: Mapping[str, int] | None = None) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
+        width = _width_lookup(self.dense_widths(), widths)
+        self.conv1 = nn.Conv2d(3, width("conv1"), 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(width("conv1"))
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, 2, 1)
-        in_chs = 64
-        for index, (blocks, width) in enumerate(zip(self.STAGE_BLOCKS, self.STAGE_WIDTHS)):
+        in_chs = width("conv1")
+        for index, blocks in enumerate(self.STAGE_BLOCKS):
             stride = 1 if index == 0 else 2
+            stage = f"layer{index + 1}"
+            out_chs = width(f"{stage}.0.conv3")
             layer = []
             for block in range(blocks):
-                layer.append(Bottleneck(in_chs, width, stride if block == 0 else 1))
-                in_chs = width * Bottleneck.expansion
-            self.add_module(f"layer{index + 1}", nn.Sequential(*layer))
+                name = f"{stage}.{block}"
+                for tied in (f"{name}.conv3", f"{name}.downsample.0") if block == 0 else (f"{name}.conv3",):
+                    if width(tied) != out_chs:
+                        raise ValueError(
+                            f"ResNet-50 widths: {tied} has {width(tied)} channels but {stage}.0.conv3 has {out_chs}; "
+                            f"the residual additions of {stage} need one width for all of them"
+                        )
+                reduce_chs, mid_chs = width(f"{name}.conv1"), width(f"{name}.conv2")
+                layer.append(Bottleneck(in_chs, reduce_chs, mid_chs, out_chs, stride if block == 0 else 1, block == 0))
+                in_chs = out_chs
+            self.add_module(stage, nn.Sequential(*layer))
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(in_chs, num_classes)
         for m in self.modules():
@@ -79,14 +102,53 @@ class ResNet50(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
+    @classmethod
+    def dense_widths(cls) -> dict[str, int]:
+        """The published network's width of every conv, by module name."""
+        widths = {"conv1": 64}
+        for index, (blocks, mid) in enumerate(zip(cls.STAGE_BLOCKS, cls.STAGE_WIDTHS)):
+            for block in range(blocks):
+                name = f"layer{index + 1}.{block}"
+                widths |= {f"{name}.conv1": mid, f"{name}.conv2": mid, f"{name}.conv3": mid * cls.EXPANSION}
+                if block == 0:
+                    widths[f"{name}.downsample.0"] = mid * cls.EXPANSION
+        return widths
+
     def forward(self, x: Tensor) -> Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
-def resnet50(num_classes: int = 1000) -> nn.Module:
-    """torchvision's ResNet-50 when torchvision imports (any failure falls back), else :class:`ResNet50`."""
+def conv_widths(model: nn.Module) -> dict[str, int]:
+    """Output channels of every conv of ``model``, by module name: a network's widths as data."""
+    return {name: module.out_channels for name, module in model.named_modules() if isinstance(module, nn.Conv2d)}
+
+
+def _width_lookup(dense: Mapping[str, int], widths: Mapping[str, int] | None) -> Callable[[str], int]:
+    """``name -> width``: ``widths`` where given, else the dense network's; unknown names and
+    non-positive widths are refused (a typo must not silently build the dense network)."""
+    widths = dict(widths or {})
+    unknown = sorted(set(widths) - set(dense))
+    if unknown:
+        raise ValueError(
+            f"widths name convs the network does not have: {unknown[:5]}; known: conv1, layer1.0.conv1, ..."
+        )
+    bad = {
+        name: value
+        for name, value in widths.items()
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1
+    }
+    if bad:
+        raise ValueError(f"widths must be positive integers, got {bad}")
+    return lambda name: widths.get(name, dense[name])
+
+
+def resnet50(num_classes: int = 1000, widths: Mapping[str, int] | None = None) -> nn.Module:
+    """torchvision's ResNet-50 when torchvision imports (any failure falls back), else :class:`ResNet50`;
+    always :class:`ResNet50` for other ``widths`` (a pruned ResNet-50)."""
+    if widths:
+        return ResNet50(num_classes, widths)
     try:
         from torchvision.models import resnet50 as torchvision_resnet50
     except Exception:  # a missing or broken torchvision install must never stop a benchmark
@@ -194,8 +256,8 @@ def list_baselines() -> list[str]:
     return sorted(BASELINES)
 
 
-def create_baseline(name: str, num_classes: int = 1000) -> nn.Module:
-    """A baseline network by name, randomly initialised."""
+def create_baseline(name: str, num_classes: int = 1000, **kwargs) -> nn.Module:
+    """A baseline network by name, randomly initialised (``kwargs``: e.g. ResNet-50's ``widths``)."""
     if name not in BASELINES:
         raise ValueError(f"unknown baseline {name!r}; choose one of {', '.join(list_baselines())}")
-    return BASELINES[name](num_classes=num_classes)
+    return BASELINES[name](num_classes=num_classes, **kwargs)
