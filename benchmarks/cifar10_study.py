@@ -61,7 +61,8 @@ PRESETS = {
         pilot_epochs=2,
     ),
     # The full budget's runs for one GPU: the same data, epochs and batch size, decoded once into the
-    # tensor cache (augmented on the GPU; the JPEG path would starve it), bf16, channels-last.
+    # tensor cache (augmented on the GPU; the JPEG path would starve it), bf16, channels-last; every
+    # run to the end, side by side (benchmarks/gpu_study.sh), the pilot rules choosing at the end.
     "gpu": Preset(
         img_size=32,
         limit=None,
@@ -71,7 +72,6 @@ PRESETS = {
         finetune_epochs=2,
         save_every=2000,
         runs="full",
-        pilot_epochs=2,
         training_options=("--data-cache", "{out}/tensor-cache", "--amp", "bf16", "--channels-last", "--workers", "0"),
     ),
 }
@@ -242,7 +242,7 @@ def main() -> None:
     steps = set(args.steps.split(","))
     os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
     selected = [spec for spec in runs if spec.name in names]
-    if preset.pilot_epochs:
+    if preset.runs == "full":
         if "train" in steps:
             train_with_pilots(selected, runs, args.data, out, preset)
         if "prune" in steps:
@@ -265,12 +265,13 @@ def main() -> None:
 # ------------------------------------------------------------------------------------ pilots
 def train_with_pilots(selected: list[Run], runs: tuple[Run, ...], data: str, out: Path, preset: Preset) -> None:
     """Pilot epochs for every selected pilot run; then each group's choice (once the whole group has
-    its pilot epochs) trains to the end; then the selected runs outside the pilot groups."""
+    its pilot epochs) trains to the end; then the selected runs outside the pilot groups. With no
+    pilot epochs (where the hours are cheap) every run trains to the end and the rules choose there."""
     for spec in selected:
         if spec.pilot:
-            train(spec, data, out, preset, stop_after=preset.pilot_epochs)
+            train(spec, data, out, preset, stop_after=preset.pilot_epochs or None)
     for group in dict.fromkeys(spec.pilot for spec in runs if spec.pilot):
-        chosen = choose_pilot(out, runs, group, preset.pilot_epochs)
+        chosen = choose_pilot(out, runs, group, preset.pilot_epochs or preset.epochs)
         if chosen is None:
             print(f"pilot group {group!r}: waiting for its other runs' pilot epochs", flush=True)
         elif chosen in selected:

@@ -1,5 +1,7 @@
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -8,7 +10,7 @@ import torch
 from selecsls.data.datasets import ImageFolder, TransformedDataset, build_dataset
 from selecsls.data.tensor_cache import CacheError, CacheGeometry, open_or_build
 from selecsls.data.transforms import build_eval_transform
-from training_fixtures import corrupt_image, make_image_folder, write_image
+from training_fixtures import SUBPROCESS_ENV, corrupt_image, make_image_folder, write_image
 
 
 @pytest.fixture
@@ -114,7 +116,7 @@ def test_a_failed_build_leaves_nothing_behind(folder, tmp_path, monkeypatch):
         CacheError, match="cannot build the tensor cache .*No space left on device.*nothing was written"
     ):
         _cache(folder, tmp_path / "cache")
-    assert list((tmp_path / "cache").iterdir()) == []
+    assert [path.name for path in (tmp_path / "cache").iterdir()] == [".train-16px-bilinear-rgb.lock"]
 
 
 def test_bad_geometry_is_one_clear_error():
@@ -122,3 +124,17 @@ def test_bad_geometry_is_one_clear_error():
         CacheGeometry(16, interpolation="nearest")
     with pytest.raises(CacheError, match="crop_pct must be in"):
         CacheGeometry(16, crop_pct=0)
+
+
+def test_runs_started_together_build_the_cache_once(folder, tmp_path):
+    # Two processes open the same missing cache at once: one builds it, the other waits and reads it.
+    code = (
+        "import sys; from selecsls.data.datasets import build_dataset; "
+        "from selecsls.data.tensor_cache import CacheGeometry, open_or_build; "
+        "open_or_build(build_dataset(sys.argv[1], 'train'), sys.argv[2], 'train', CacheGeometry(16))"
+    )
+    command = [sys.executable, "-c", code, str(folder), str(tmp_path / "cache")]
+    runs = [subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=SUBPROCESS_ENV) for _ in range(2)]
+    outputs = [run.communicate(timeout=120)[0] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0]
+    assert sum("building the train tensor cache" in out for out in outputs) == 1

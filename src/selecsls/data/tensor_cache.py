@@ -14,10 +14,12 @@ subsets, epoch orders and resumption index the cache as they index the folder.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -124,15 +126,29 @@ def open_or_build(
         raise CacheError("a tensor cache is built from class folders of images; IDX files are already decoded arrays")
     pixels_path, sidecar_path = _paths(Path(directory), split, geometry)
     expected = _description(folder, split, geometry)
-    if not sidecar_path.exists() and not pixels_path.exists():
-        log(f"building the {split} tensor cache {printable(pixels_path)} from {printable(folder.source)} (once)")
-        try:
-            _build(folder, geometry, expected, pixels_path, sidecar_path, workers)
-        except OSError as exc:
-            raise CacheError(
-                f"cannot build the tensor cache {printable(pixels_path)}: {exc} (nothing was written)"
-            ) from None
+    with _build_lock(pixels_path):  # runs started together share one build: the others wait, then open it
+        if not sidecar_path.exists() and not pixels_path.exists():
+            log(f"building the {split} tensor cache {printable(pixels_path)} from {printable(folder.source)} (once)")
+            try:
+                _build(folder, geometry, expected, pixels_path, sidecar_path, workers)
+            except OSError as exc:
+                message = f"cannot build the tensor cache {printable(pixels_path)}: {exc} (nothing was written)"
+                raise CacheError(message) from None
     return _open(folder, pixels_path, sidecar_path, expected)
+
+
+@contextlib.contextmanager
+def _build_lock(pixels_path: Path) -> Iterator[None]:
+    """An exclusive lock (``flock``) on a hidden file beside the cache, released when the process ends."""
+    lock = pixels_path.with_name(f".{pixels_path.stem}.lock")
+    try:
+        pixels_path.parent.mkdir(parents=True, exist_ok=True)
+        lock.touch()
+    except OSError as exc:
+        raise CacheError(f"cannot write the tensor cache in {printable(pixels_path.parent)}: {exc}") from None
+    with open(lock, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
 
 
 def _description(folder: ImageFolder, split: str, geometry: CacheGeometry) -> dict:

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The CIFAR-10 study's full budget on one lent GPU, in one device call (docs/cifar10.md):
+#
+#   mkdir -p .data && cp ../shared/data/cifar10* .data/ && echo /.data/ >> .git/info/exclude
+#   device run: command="bash benchmarks/gpu_study.sh .data", carry=[".data"], timeout_s=600
+#
+# Unpacks CIFAR-10, then trains every run of the `gpu` preset (the full budget: all 50,000 images,
+# 15 epochs of batch 32; tensor cache, bf16, channels-last) side by side on the one GPU, applies the
+# pilot rules at the end, prunes the chosen sparse selecsls42b exactly, and writes the report and
+# the runs' logs and metrics under $OUT. Uses the machine's own torch (PYTHONPATH, no install).
+# On a CPU, with DATA= a prepared folder and PRESET=gpu, it runs the same steps (tested that way).
+set -euo pipefail
+PARTS=${1:?usage: gpu_study.sh FOLDER (holding cifar10-jpeg.tar.gz.part0..3 and cifar10.sh)}
+OUT=${OUT:-/tmp/gpu-study-out}
+WORK=${WORK:-/tmp/gpu-study}
+DATA=${DATA:-$WORK/cifar10}
+PRESET=${PRESET:-gpu}
+export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+mkdir -p "$OUT" "$WORK"
+[ -d "$DATA/train" ] || bash "$PARTS/cifar10.sh" "$DATA"
+python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())" | tee "$OUT/machine.txt"
+
+study() { python3 benchmarks/cifar10_study.py --data "$DATA" --out "$WORK/runs" --preset "$PRESET" "$@"; }
+runs=$(python3 -c "import sys; sys.path.insert(0, 'benchmarks'); import cifar10_study as s; \
+print(' '.join(r.name for r in s.RUN_LISTS[s.PRESETS['$PRESET'].runs]))")
+start=$(date +%s)
+pids=()
+for run in $runs; do  # one process per run: the GPU interleaves their small kernels
+  study --runs "$run" --steps train > "$OUT/train-$run.log" 2>&1 &
+  pids+=($!)
+done
+status=0
+for pid in "${pids[@]}"; do wait "$pid" || status=1; done
+echo "training: $(( $(date +%s) - start )) s, exit $status" | tee -a "$OUT/machine.txt"
+study --steps prune > "$OUT/prune.log" 2>&1 || status=$?
+study --report "$OUT/cifar10-$PRESET.json" > "$OUT/report.md" 2>&1 || status=$?
+for run in $runs; do
+  cp "$WORK/runs/$PRESET/$run/metrics.jsonl" "$OUT/metrics-$run.jsonl" 2>/dev/null || true
+done
+exit $status
