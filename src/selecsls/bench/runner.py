@@ -34,7 +34,7 @@ from selecsls.bench.memory import (
 from selecsls.deploy.backends import BACKENDS, BackendUnavailable, predict_backends
 from selecsls.models.complexity import count_macs, count_params
 from selecsls.models.factory import create_model, list_models
-from selecsls.models.limits import check_img_size
+from selecsls.models.validation import check_img_size
 
 __all__ = [
     "BackendUnavailable",
