@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from selecsls.compress.sparsity import LayerSparsity, analyze_sparsity, calibration_batches
 from selecsls.models.build import build
 from selecsls.models.channel_flow import CLASSIFIER, Consumer, channel_flow, consumers_of
+from selecsls.models.compare import relative_difference
 from selecsls.models.fusion import fused_state_dict
 from selecsls.models.network import SelecSLS, SelecSLSFeatures
 from selecsls.models.validation import check_number
@@ -102,8 +103,7 @@ def output_change(reference: SelecSLS, candidate: SelecSLS, loader: Iterable | N
             expected, got = reference(images), candidate(images)
             pairs = zip(expected, got) if isinstance(expected, list) else [(expected, got)]
             for before, after in pairs:
-                scale = float(before.abs().max()) or 1.0
-                worst = max(worst, float((after - before).abs().max()) / scale)
+                worst = max(worst, relative_difference(before, after))
     finally:
         reference.train(modes[0])
         candidate.train(modes[1])

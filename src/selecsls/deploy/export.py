@@ -32,6 +32,7 @@ from selecsls._io import PathLike, atomic_path, check_output, one_line, printabl
 from selecsls._optional import require
 from selecsls.deploy import openvino_ir
 from selecsls.deploy.backends import BackendUnavailable, Runner
+from selecsls.models.compare import relative_difference
 from selecsls.models.files import CheckpointError
 
 __all__ = [
@@ -75,11 +76,7 @@ class ExportCheck:
 
     inputs: str
     max_abs_diff: float
-    output_scale: float
-
-    @property
-    def relative_diff(self) -> float:
-        return self.max_abs_diff / max(self.output_scale, torch.finfo(torch.float32).tiny)
+    relative_diff: float  # :func:`selecsls.models.compare.relative_difference`
 
     @property
     def passed(self) -> bool:
@@ -244,8 +241,9 @@ def compare_outputs(model: nn.Module, run: Runner, inputs: Sequence[tuple[str, T
     checks = []
     with torch.no_grad():
         for label, batch in inputs:
-            expected = model(batch)
-            checks.append(ExportCheck(label, float((run(batch) - expected).abs().max()), float(expected.abs().max())))
+            expected, exported = model(batch), run(batch)
+            max_abs_diff = float((exported - expected).abs().max())
+            checks.append(ExportCheck(label, max_abs_diff, relative_difference(expected, exported)))
     return checks
 
 
