@@ -29,39 +29,34 @@ import os
 import sys
 from pathlib import Path
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+ROOT = Path(__file__).resolve().parents[1]
+SRC = ROOT / "src"
 PACKAGE = SRC / "selecsls"
+sys.path.insert(0, str(ROOT / "tests"))
+
+from test_layering import GRAPH, _module_name, _resolve  # noqa: E402  (after the path set-up above)
+
 DESCRIPTION_ATTRIBUTES = {"pretrained_cfg", "card"}
 _UNFOLLOWED = (int, float, bool, complex, type(None), bytes)
 
 
 def module_of(filename: str) -> str:
-    parts = Path(filename).resolve().relative_to(SRC).with_suffix("").parts
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+    return _module_name(Path(filename).resolve())
 
 
 def import_closure() -> dict[str, set[str]]:
-    """Module -> every package module it imports, directly or through others (function-level imports too)."""
-    direct: dict[str, set[str]] = {}
-    for path in PACKAGE.rglob("*.py"):
-        found = set()
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                found.add(node.module)
-            elif isinstance(node, ast.Import):
-                found.update(alias.name for alias in node.names)
-        direct[module_of(str(path))] = {name for name in found if name.startswith("selecsls.")}
+    """Module -> every package module it imports, directly or through others (the graph the layering test checks)."""
     closure: dict[str, set[str]] = {}
 
     def reach(module: str) -> set[str]:
         if module not in closure:
             closure[module] = set()
-            for name in direct.get(module, ()):
-                target = name if name in direct else name.rpartition(".")[0]
+            for name in GRAPH.get(module, ()):
+                target = _resolve(name)
                 closure[module] |= {target} | reach(target)
         return closure[module]
 
-    for module in direct:
+    for module in GRAPH:
         reach(module)
     return closure
 
