@@ -453,13 +453,13 @@ def sparsity_measures(run_dir: Path, data: str, preset: Preset, images: int = 50
     if not cached.exists():
         import selecsls
         from selecsls.data.datasets import TransformedDataset, balanced_subset, build_loader
-        from selecsls.data.transforms import eval_transform_from_cfg
+        from selecsls.data.transforms import eval_transform_for
         from selecsls.train.evaluation import validation_data
 
         model = selecsls.load(run_dir / "best.pt").eval()
         dataset = validation_data(data, model)
         loader = build_loader(
-            TransformedDataset(dataset, eval_transform_from_cfg(model.pretrained_cfg)),
+            TransformedDataset(dataset, eval_transform_for(model.card.preprocessing)),
             balanced_subset(dataset.targets, images, 0),
             100,
             0,

@@ -32,6 +32,7 @@ from selecsls.bench.runner import summarize, time_interleaved
 from selecsls.deploy.backends import BACKENDS, BackendUnavailable
 from selecsls.deploy.export import RELATIVE_TOLERANCE
 from selecsls.deploy.runtimes import fused_model
+from selecsls.models.compare import relative_difference
 from selecsls.models.network import SelecSLS
 
 EXACT_PATHS = (
@@ -122,7 +123,7 @@ def main() -> None:
                     continue
                 output = call()
                 output = torch.as_tensor(output[0] if isinstance(output, list) else output)
-                exactness[(name, path)] = float((output - expected).abs().max() / expected.abs().max())
+                exactness[(name, path)] = relative_difference(expected, output)
                 calls[(name, path)] = call
         samples = time_interleaved({f"{m}/{p}": c for (m, p), c in calls.items()}, args.warmup, args.repeats)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")

@@ -32,7 +32,8 @@ import torch
 import torch._inductor.config
 
 from selecsls import create_model
-from selecsls.bench.runner import summarize, time_interleaved
+from selecsls.bench.runner import parse_size, summarize, time_interleaved
+from selecsls.models.compare import relative_difference
 
 VARIANTS = {
     "default": {},
@@ -40,12 +41,6 @@ VARIANTS = {
     "frozen": {"freezing": True},
     "frozen_no_layout": {"freezing": True, "layout_optimization": False},
 }
-
-
-def size(text: str) -> tuple[int, int]:
-    """'224' or 'WIDTHxHEIGHT' (e.g. 512x320) -> (height, width)."""
-    width, _, height = text.partition("x")
-    return int(height or width), int(width)
 
 
 def own_code(model: torch.nn.Module, tag: str):
@@ -63,7 +58,7 @@ def own_code(model: torch.nn.Module, tag: str):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="selecsls60,resnet50")
-    parser.add_argument("--size", type=size, default=(224, 224), help="224 or WIDTHxHEIGHT, e.g. 512x320")
+    parser.add_argument("--size", type=parse_size, default=(224, 224), help="224 or WIDTHxHEIGHT, e.g. 512x320")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--warmup", type=int, default=2)
@@ -85,7 +80,7 @@ def main() -> None:
                     output = compiled(example)
                 info[f"{name} {variant}"] = dict(
                     compile_s=time.perf_counter() - start,
-                    relative_diff=float((output - expected).abs().max() / expected.abs().max()),
+                    relative_diff=relative_difference(expected, output),
                 )
                 calls[f"{name} {variant}"] = lambda compiled=compiled: compiled(example)
                 print(f"compiled {name} {variant}: {info[f'{name} {variant}']}", flush=True)

@@ -22,6 +22,7 @@ from torch import nn
 import selecsls
 from selecsls._io import atomic_write, check_output
 from selecsls.bench.runner import summarize, time_interleaved
+from selecsls.models.compare import relative_difference
 
 
 def synthesise_sparse_checkpoint(model: nn.Module, zero_fraction: float, seed: int) -> nn.Module:
@@ -80,7 +81,7 @@ def main() -> None:
     with torch.inference_mode():
         reference = dense(image)
         for name in ("fused", "pruned"):
-            error = (models[name](image) - reference).abs().max() / reference.abs().max()
+            error = relative_difference(reference, models[name](image))
             print(f"{name} vs dense: max relative output difference {error:.2e}")
         times = time_interleaved(
             {name: (lambda m=model: m(image)) for name, model in models.items()}, args.warmup, args.repeats

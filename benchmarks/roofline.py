@@ -29,26 +29,14 @@ import torch
 from torch import nn
 
 from selecsls import create_model
-from selecsls.bench.runner import machine_description
+from selecsls.bench.runner import machine_description, parse_size, time_interleaved
 from selecsls.deploy.runtimes import fused_model
 from selecsls.models.complexity import count_macs
 
 
-def size(text: str) -> tuple[int, int]:
-    """'224' or 'WIDTHxHEIGHT' (e.g. 512x320) -> (height, width)."""
-    width, _, height = text.partition("x")
-    return int(height or width), int(width)
-
-
 def timed(fn, repeats: int, summary=statistics.median, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return summary(samples)
+    """``summary`` of ``repeats`` timed calls after ``warmup`` untimed ones (the package's timer)."""
+    return summary(time_interleaved({"call": fn}, warmup, repeats)["call"])
 
 
 def machine_peaks(repeats: int) -> dict[str, float]:
@@ -214,7 +202,7 @@ def main() -> None:
         model = create_model(name).eval()
         fused = fused_model(model, torch.device("cpu")).eval()
         for text in args.sizes.split(","):
-            height, width = size(text)
+            height, width = parse_size(text)
             example = torch.randn(1, 3, height, width)
             layers, forward = conv_layers(fused, example, args.repeats)
             run = dict(

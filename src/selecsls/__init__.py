@@ -21,7 +21,10 @@ _EXPORTS = {
         for name in (
             "BlockSpec",
             "HeadConvSpec",
+            "ModelCard",
             "ModelSpec",
+            "Preprocessing",
+            "Provenance",
             "SelecSLS",
             "SelecSLSFeatures",
             "SpecError",

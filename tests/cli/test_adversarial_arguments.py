@@ -7,7 +7,7 @@ import pytest
 
 import selecsls
 from selecsls.cli import main
-from selecsls.models.limits import check_img_size, check_number, estimated_activation_bytes
+from selecsls.models.validation import check_img_size, check_number, estimated_activation_bytes
 from sparse_models import sparse_tiny_model
 from training_fixtures import make_image_folder, write_image
 

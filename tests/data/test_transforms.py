@@ -9,7 +9,7 @@ from selecsls.data.transforms import (
     IMAGENET_STD,
     build_eval_transform,
     build_train_transform,
-    eval_transform_from_cfg,
+    eval_transform_for,
 )
 
 
@@ -65,9 +65,9 @@ def test_bicubic_and_bilinear_differ_on_detail():
 
 def test_eval_transform_from_model_cfg_and_overrides():
     model = create_model("selecsls42b", num_classes=3)
-    transform = eval_transform_from_cfg(model.pretrained_cfg)
+    transform = eval_transform_for(model.card.preprocessing)
     assert (transform.img_size, transform.crop_pct, transform.interpolation) == (224, 0.875, "bilinear")
-    small = eval_transform_from_cfg(model.pretrained_cfg, img_size=32, crop_pct=1.0, interpolation="bicubic")
+    small = eval_transform_for(model.card.preprocessing, img_size=32, crop_pct=1.0, interpolation="bicubic")
     assert (small.img_size, small.resize_size, small.interpolation) == (32, 32, "bicubic")
 
 

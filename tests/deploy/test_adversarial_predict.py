@@ -9,7 +9,8 @@ import torch
 import selecsls
 from selecsls.cli import main
 from selecsls.deploy.inference import Predictor
-from selecsls.models.serialization import PAYLOAD_KEY, to_payload
+from selecsls.models.card import PAYLOAD_KEY
+from selecsls.models.files import to_payload
 from sparse_models import sparse_tiny_model
 from training_fixtures import corrupt_image, write_image
 
@@ -17,7 +18,7 @@ from training_fixtures import corrupt_image, write_image
 @pytest.fixture(scope="module")
 def model_file(tmp_path_factory):
     model = sparse_tiny_model(num_classes=3)
-    model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (3, 32, 32)}
+    model.card = model.card.with_image_size(32, 32)
     payload = to_payload(model)
     description = json.loads(payload[PAYLOAD_KEY])
     description["pretrained_cfg"]["label_names"] = ["cat\x1b]0;pwned\x07", "dog", "fox"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ import torch
 import selecsls
 from selecsls.cli import main
 from selecsls.deploy.inference import Predictor, class_names, imagenet_class_names
+from selecsls.models.card import ModelCard
 from training_fixtures import corrupt_image, narrow_spec, write_image
 
 CLASSES = ["cat", "dog", "fox"]
@@ -20,8 +22,7 @@ def biased_model(num_classes: int, favourite: int, label_names=None):
     model = selecsls.create_model(narrow_spec(8), num_classes=num_classes)
     with torch.no_grad():
         model.fc.bias[favourite] = 8.0
-    cfg = {**model.pretrained_cfg, "input_size": (3, 64, 64)}
-    model.pretrained_cfg = cfg if label_names is None else {**cfg, "label_names": label_names}
+    model.card = replace(model.card.with_image_size(64, 64), label_names=label_names)
     return model.eval()
 
 
@@ -61,9 +62,9 @@ def test_imagenet_class_names_are_the_1000_ilsvrc_classes():
 
 
 def test_class_names_fall_back_to_indices_and_reject_a_foreign_list():
-    assert class_names({}, 3) == ["class 0", "class 1", "class 2"]
-    with pytest.raises(ValueError, match="records 2 class names for 3 outputs"):
-        class_names({"label_names": ["a", "b"]}, 3)
+    assert class_names(ModelCard("net", num_classes=3)) == ["class 0", "class 1", "class 2"]
+    with pytest.raises(ValueError, match="label_names must be a list of 3 class names, one per output"):
+        ModelCard("net", num_classes=3, label_names=["a", "b"])
 
 
 def test_every_backend_and_the_exported_file_give_the_same_probabilities(checkpoint, image, tmp_path):

@@ -4,6 +4,7 @@ preprocessing for ``selecsls predict``, files land both or neither, and a missin
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ import torch
 import selecsls
 from selecsls.bench.runner import BenchSettings, run_benchmark
 from selecsls.cli import main
-from selecsls.data.transforms import eval_transform_from_cfg
+from selecsls.data.transforms import eval_transform_for
 from selecsls.deploy import openvino_ir
 from selecsls.deploy.backends import BACKENDS, BackendUnavailable
 from selecsls.deploy.export import RELATIVE_TOLERANCE, ExportMismatchError, export_model, read_metadata
@@ -25,7 +26,7 @@ SIZE = (3, 64, 64)
 @pytest.fixture(scope="module")
 def model():
     model = sparse_tiny_model(fraction=0.0)
-    model.pretrained_cfg = {**model.pretrained_cfg, "input_size": SIZE, "label_names": [f"c{i}" for i in range(10)]}
+    model.card = replace(model.card.with_image_size(*SIZE[1:]), label_names=[f"c{i}" for i in range(10)])
     return model.eval()
 
 
@@ -41,7 +42,7 @@ def relative_diff(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 def test_openvino_backend_equals_pytorch_on_random_and_real_images(model, photo):
-    real = load_images([photo], eval_transform_from_cfg(model.pretrained_cfg))
+    real = load_images([photo], eval_transform_for(model.card.preprocessing))
     random = torch.randn(1, *SIZE)
     run = BACKENDS["openvino"].build(model, random)
     with torch.no_grad():
@@ -52,7 +53,7 @@ def test_openvino_backend_equals_pytorch_on_random_and_real_images(model, photo)
 @pytest.mark.parametrize("dynamic", [False, True])
 def test_ir_export_is_checked_on_real_images_and_predicts_like_pytorch(model, photo, tmp_path, dynamic):
     xml = tmp_path / "model.xml"
-    real = load_images([photo, photo], eval_transform_from_cfg(model.pretrained_cfg))
+    real = load_images([photo, photo], eval_transform_for(model.card.preprocessing))
     checks = export_model(model, xml, "openvino", dynamic=dynamic, images=real)
     assert [check.inputs for check in checks][-1] == "2 real image(s)" and all(check.passed for check in checks)
     assert len(checks) == (3 if dynamic else 2)  # a second batch and size when the IR accepts any shape

@@ -50,7 +50,7 @@ def trained():
             optimizer.step()
     finally:
         torch.set_num_threads(threads)
-    model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (1, IMG_SIZE, IMG_SIZE)}
+    model.card = model.card.with_image_size(IMG_SIZE, IMG_SIZE)
     return model.eval()
 
 

@@ -3,16 +3,18 @@ is built, pickled code is refused in torch's current wording, non-finite weights
 
 import json
 import os
+from dataclasses import replace
 
 import pytest
 import torch
 
 import selecsls
 from selecsls.cli import main
-from selecsls.models import serialization
-from selecsls.models.checkpoint import CheckpointError, read_file
-from selecsls.models.serialization import PAYLOAD_KEY, to_payload
+from selecsls.models import loading
+from selecsls.models.card import PAYLOAD_KEY, ModelCard
+from selecsls.models.files import CheckpointError, read_file, to_payload
 from selecsls.models.spec import MAX_CONV_PARAMS, SpecError
+from selecsls.models.validation import InvalidInput
 from sparse_models import tiny_spec
 from training_fixtures import write_image
 
@@ -78,7 +80,7 @@ def test_a_spec_larger_than_its_weights_is_refused_before_allocating(tmp_path, m
         block["widths"] = [w * scale for w in block["widths"]]
     path = _save_with_description(tmp_path / "wide.pt", _model(), lambda d: d.update(spec=wide))
     assert path.stat().st_size < 2_000_000
-    monkeypatch.setattr(serialization, "create_model", lambda *a, **k: pytest.fail("built before checking"))
+    monkeypatch.setattr(loading, "build", lambda *a, **k: pytest.fail("built before checking"))
     with pytest.raises(CheckpointError, match=message):
         selecsls.load(path)
 
@@ -107,11 +109,18 @@ def test_class_names_with_control_characters_are_made_printable(tmp_path, capsys
 
 
 def test_a_model_must_be_saveable_only_if_it_loads(tmp_path):
+    """Its description is a card, checked by the schema files are: it cannot hold what would not load back."""
     model = _model()
-    model.pretrained_cfg = {**model.pretrained_cfg, "loader": "x"}
-    with pytest.raises(CheckpointError, match="unknown key.*loader"):
-        selecsls.save(model, tmp_path / "m.pt")
-    assert not (tmp_path / "m.pt").exists()
+    with pytest.raises(AttributeError, match="pretrained_cfg"):
+        model.pretrained_cfg = {**model.pretrained_cfg, "loader": "x"}
+    with pytest.raises(InvalidInput, match=r"crop_pct must be in \[0.001, 1\]"):
+        replace(model.card.preprocessing, crop_pct=0)
+    with pytest.raises(InvalidInput, match="list of 3 class names"):
+        replace(model.card, label_names=("a", "b"))
+    with pytest.raises(InvalidInput, match="unknown key.*loader"):
+        ModelCard.from_pretrained_cfg({**model.pretrained_cfg, "loader": "x"}, model.spec, num_classes=3)
+    selecsls.save(model, tmp_path / "m.pt")
+    assert selecsls.load(tmp_path / "m.pt").card == model.card
 
 
 class _RunsCode:

@@ -10,12 +10,9 @@ from safetensors.torch import save_file
 import selecsls
 from published_checkpoints import functional_forward, published_state_dict
 from selecsls import create_model, get_spec
-from selecsls.models.checkpoint import (
-    CheckpointError,
-    fitting_variants,
-    load_checkpoint,
-    read_state_dict,
-)
+from selecsls.models.checkpoint import load_checkpoint
+from selecsls.models.files import CheckpointError, read_state_dict
+from selecsls.models.layouts import fitting_variants
 from sparse_models import relative_error, tiny_spec, trained_like
 
 X = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))

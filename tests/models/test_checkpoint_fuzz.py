@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import selecsls
-from selecsls.models.checkpoint import CheckpointError
-from selecsls.models.serialization import PAYLOAD_KEY, to_payload
+from selecsls.models.card import PAYLOAD_KEY
+from selecsls.models.files import CheckpointError, to_payload
 from sparse_models import tiny_spec
 
 

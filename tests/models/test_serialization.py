@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -8,8 +9,8 @@ from torch import nn
 
 import selecsls
 from selecsls import create_model, fuse
-from selecsls.models.checkpoint import CheckpointError
-from selecsls.models.serialization import PAYLOAD_KEY, from_payload, to_payload
+from selecsls.models.card import PAYLOAD_KEY
+from selecsls.models.files import CheckpointError, identify, to_payload
 from sparse_models import relative_error, tiny_spec, trained_like
 
 X = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
@@ -96,7 +97,8 @@ def test_safetensors_file_keeps_the_description_in_its_metadata(tmp_path):
 
 def test_loaded_model_keeps_preprocessing_and_scripts(tmp_path):
     model = MODELS["fused"]()
-    model.pretrained_cfg = {**model.pretrained_cfg, "interpolation": "bicubic", "input_size": (1, 96, 96)}
+    preprocessing = replace(model.card.preprocessing, interpolation="bicubic", input_size=(1, 96, 96))
+    model.card = replace(model.card, preprocessing=preprocessing)
     selecsls.save(model, tmp_path / "model.pt")
     loaded = selecsls.load(tmp_path / "model.pt").eval()
     assert loaded.pretrained_cfg == model.pretrained_cfg
@@ -110,7 +112,7 @@ def test_loaded_model_keeps_preprocessing_and_scripts(tmp_path):
 def test_class_names_survive_save_and_load_and_leave_with_a_new_classifier(tmp_path, suffix):
     model = MODELS["pruned"]()
     names = tuple(f"kind {i}" for i in range(7))
-    model.pretrained_cfg = {**model.pretrained_cfg, "label_names": names}
+    model.card = replace(model.card, label_names=names)
     selecsls.save(model, tmp_path / f"model{suffix}")
     assert selecsls.load(tmp_path / f"model{suffix}").pretrained_cfg["label_names"] == names
     with pytest.warns(UserWarning, match="backbone loaded"):
@@ -158,7 +160,7 @@ def test_bad_overrides_and_files_are_refused(tmp_path):
     payload = to_payload(MODELS["fused"]())
     future = {**payload, PAYLOAD_KEY: json.dumps({**json.loads(payload[PAYLOAD_KEY]), "version": 99})}
     with pytest.raises(CheckpointError, match="version 99 is not 'selecsls.model' version 1"):
-        from_payload(future)
+        identify(future, "future.pt")
     with pytest.raises(TypeError, match="selecsls.save stores SelecSLS models, got Linear"):
         selecsls.save(nn.Linear(2, 2), tmp_path / "linear.pt")
     assert not (tmp_path / "linear.pt").exists()

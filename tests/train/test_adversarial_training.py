@@ -12,7 +12,7 @@ import torch
 
 import selecsls
 from selecsls.cli import main
-from selecsls.models.checkpoint import non_finite
+from selecsls.models.layouts import non_finite
 from selecsls.train.ownership import LOCK_NAME, RUN_OUTPUTS
 from training_fixtures import corrupt_image, make_image_folder, narrow_spec
 

@@ -1,5 +1,6 @@
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -94,7 +95,7 @@ def named_model(tmp_path_factory):
     """A narrow model that records its class names in an order unlike the sorted folders."""
     torch.manual_seed(2)
     model = selecsls.create_model(narrow_spec(), num_classes=4).eval()
-    model.pretrained_cfg = {**model.pretrained_cfg, "label_names": ("fox", "owl", "cat", "dog")}
+    model.card = replace(model.card, label_names=("fox", "owl", "cat", "dog"))
     path = tmp_path_factory.mktemp("named") / "named.pt"
     selecsls.save(model, path)
     return model, path

@@ -34,7 +34,7 @@ from selecsls.bench.memory import (
 from selecsls.deploy.backends import BACKENDS, BackendUnavailable, predict_backends
 from selecsls.models.complexity import count_macs, count_params
 from selecsls.models.factory import create_model, list_models
-from selecsls.models.limits import check_img_size
+from selecsls.models.validation import check_img_size
 
 __all__ = [
     "BackendUnavailable",
@@ -42,6 +42,7 @@ __all__ = [
     "best_vs_best",
     "cuda_event_clock",
     "grid_shapes",
+    "parse_size",
     "run_benchmark",
     "shape_key",
     "size_label",
@@ -158,6 +159,13 @@ def grid_shapes(
     sizes = tuple(sizes) or tuple(dict.fromkeys((height, width) for _, height, width in shapes))
     batch_sizes = tuple(batch_sizes) or tuple(sorted({batch for batch, _, _ in shapes}))
     return tuple((batch, height, width) for batch in batch_sizes for height, width in sizes)
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'224' (a square side) or WIDTHxHEIGHT ('512x320', as :func:`size_label` writes it) -> (height, width);
+    ValueError for anything else."""
+    width, _, height = text.strip().partition("x")
+    return int(height or width), int(width)
 
 
 def size_label(height: int, width: int) -> str:

@@ -21,15 +21,14 @@ def _int_list(text: str) -> tuple[int, ...]:
 
 def _size_list(text: str) -> tuple[tuple[int, int], ...]:
     """'224,512x320' -> ((224, 224), (320, 512)): a side for square images, else WIDTHxHEIGHT."""
-    sizes = []
-    for part in filter(None, (part.strip() for part in text.split(","))):
-        width, _, height = part.partition("x")
-        try:
-            sizes.append((int(height or width), int(width)))
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"expected comma-separated sizes such as 224,512x320 (WIDTHxHEIGHT), got {text!r}"
-            ) from None
+    from selecsls.bench.runner import parse_size
+
+    try:
+        sizes = [parse_size(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated sizes such as 224,512x320 (WIDTHxHEIGHT), got {text!r}"
+        ) from None
     if not sizes:
         raise argparse.ArgumentTypeError("expected at least one size")
     return tuple(sizes)

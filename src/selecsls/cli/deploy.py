@@ -88,7 +88,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _check_export_args(args: argparse.Namespace) -> None:
-    from selecsls.models.limits import check_img_size, check_int, check_number
+    from selecsls.models.validation import check_img_size, check_int, check_number
 
     if args.img_size is not None:
         check_img_size(args.img_size)
@@ -121,10 +121,10 @@ def _require_files(images) -> None:
 
 
 def _prepare_model(args: argparse.Namespace):
-    """The checkpoint's model, pruned and/or fused as asked, with its input size set."""
+    """The checkpoint's model, pruned and/or fused as asked."""
     from selecsls import fuse, prune
     from selecsls.models.complexity import count_params
-    from selecsls.models.serialization import load
+    from selecsls.models.loading import load
 
     model = load(args.checkpoint, args.model).eval()
     if args.prune is not None:
@@ -133,21 +133,19 @@ def _prepare_model(args: argparse.Namespace):
         print(f"pruned at |gamma| < {args.prune:g}: {before:,} -> {count_params(model):,} parameters")
     elif args.fuse:
         model = fuse(model)
-    if args.img_size is not None:
-        channels = model.pretrained_cfg["input_size"][0]
-        model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (channels, args.img_size, args.img_size)}
     return model.eval()
 
 
 def run_export(args: argparse.Namespace) -> int:
     _check_export_args(args)
     check_output(args.out, [args.checkpoint, *args.images])
-    from selecsls.data.transforms import eval_transform_from_cfg
+    from selecsls.data.transforms import eval_transform_for
     from selecsls.deploy.export import export_model
     from selecsls.deploy.inference import load_images
 
     model = _prepare_model(args)
-    transform = eval_transform_from_cfg(model.pretrained_cfg)
+    card = model.card if args.img_size is None else model.card.with_image_size(args.img_size, args.img_size)
+    transform = eval_transform_for(card.preprocessing)
     images = load_images(args.images, transform) if args.images else None
     if images is None:
         print("no --images given: the export is checked on random inputs only")
@@ -166,7 +164,9 @@ def run_export(args: argparse.Namespace) -> int:
             max_drop=args.max_drop,
         )
     else:
-        checks = export_model(model, args.out, args.format, dynamic=args.dynamic, images=images)
+        checks = export_model(
+            model, args.out, args.format, input_size=card.preprocessing.input_size, dynamic=args.dynamic, images=images
+        )
     print("fp32 export vs PyTorch:")
     for check in checks:
         print(f"  {check}")
@@ -246,7 +246,7 @@ def _predict_images(args: argparse.Namespace) -> list[str]:
 
 def _predict_model(args: argparse.Namespace):
     from selecsls.models.factory import create_model
-    from selecsls.models.serialization import load
+    from selecsls.models.loading import load
 
     if args.checkpoint:
         return load(args.checkpoint, args.model)

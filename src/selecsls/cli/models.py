@@ -18,7 +18,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_models(args: argparse.Namespace) -> int:
     from selecsls import count_macs, count_params, create_model, list_models
-    from selecsls.models.limits import check_img_size
+    from selecsls.models.validation import check_img_size
     from selecsls.models.weights import default_weights
 
     check_img_size(args.img_size)

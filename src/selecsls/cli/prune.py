@@ -54,8 +54,8 @@ def run_prune(args: argparse.Namespace) -> int:
     from selecsls.bench.runner import summarize, time_interleaved
     from selecsls.compress.pruning import OUTPUT_TOLERANCE
     from selecsls.compress.sparsity import save_scale_histogram
-    from selecsls.models.limits import check_img_size, check_int, check_number
-    from selecsls.models.serialization import load
+    from selecsls.models.loading import load
+    from selecsls.models.validation import check_img_size, check_int, check_number
 
     check_img_size(args.img_size)
     check_number("--threshold", args.threshold, 0.0)

@@ -21,15 +21,18 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 
 import torch
 from torch import Tensor, nn
 
 from selecsls.compress.sparsity import LayerSparsity, analyze_sparsity, calibration_batches
+from selecsls.models.build import build
 from selecsls.models.channel_flow import CLASSIFIER, Consumer, channel_flow, consumers_of
+from selecsls.models.compare import relative_difference
 from selecsls.models.fusion import fused_state_dict
-from selecsls.models.limits import check_number
 from selecsls.models.network import SelecSLS, SelecSLSFeatures
+from selecsls.models.validation import check_number
 
 __all__ = ["OUTPUT_TOLERANCE", "OutputChangeError", "output_change", "prune", "prune_to_budget"]
 
@@ -87,7 +90,7 @@ def output_change(reference: SelecSLS, candidate: SelecSLS, loader: Iterable | N
     one-shot iterator that pruning already used up). Both run in eval mode."""
     batches = list(itertools.islice(calibration_batches(loader), MEASURED_BATCHES)) if loader is not None else []
     if not batches:
-        size = (2, *reference.pretrained_cfg["input_size"])
+        size = (2, *reference.card.preprocessing.input_size)
         batches = [torch.randn(size, generator=torch.Generator().manual_seed(0))]
     modes = reference.training, candidate.training
     reference.eval()
@@ -100,8 +103,7 @@ def output_change(reference: SelecSLS, candidate: SelecSLS, loader: Iterable | N
             expected, got = reference(images), candidate(images)
             pairs = zip(expected, got) if isinstance(expected, list) else [(expected, got)]
             for before, after in pairs:
-                scale = float(before.abs().max()) or 1.0
-                worst = max(worst, float((after - before).abs().max()) / scale)
+                worst = max(worst, relative_difference(before, after))
     finally:
         reference.train(modes[0])
         candidate.train(modes[1])
@@ -124,7 +126,7 @@ def prune_to_budget(
     to the layer's mean) until the target is met. A channel is one unit everywhere it flows, so concatenation
     groups stay consistent. This changes the outputs: step 2 is fine-tuning the result,
     e.g. ``selecsls train --init pruned.pt ...``. MACs are counted at ``input_size``
-    (default: the model's ``pretrained_cfg`` input size, batch 1). The measured output change
+    (default: the model card's input size, batch 1). The measured output change
     is recorded as ``pruned.output_change`` (see :func:`output_change`).
     """
     if (macs is None) == (params is None):
@@ -217,7 +219,7 @@ class _CostModel:
             return hook
 
         hooks = [modules[name].register_forward_hook(recorder(name)) for name, *_ in model.spec.conv_layers()]
-        size = tuple(input_size) if input_size is not None else (1, *model.pretrained_cfg["input_size"])
+        size = tuple(input_size) if input_size is not None else (1, *model.card.preprocessing.input_size)
         was_training = model.training
         try:
             param = next(model.parameters())
@@ -304,7 +306,6 @@ def _build_pruned(model: SelecSLS, plan: _ExactPlan) -> SelecSLS:
         sliced[f"{prefix}.weight"], sliced[f"{prefix}.bias"] = weight.contiguous(), bias
     name = model.spec.name if model.spec.name.endswith(PRUNED_SUFFIX) else model.spec.name + PRUNED_SUFFIX
     spec = model.spec.with_widths({layer: len(kept) for layer, kept in keep.items()}, name=name)
-    pruned = type(model)(spec, **model.build_args | {"fused": True})
+    pruned = build(replace(model.card, architecture=spec, fused=True))
     pruned.load_state_dict(sliced)
-    pruned.pretrained_cfg = dict(model.pretrained_cfg)
     return pruned.to(next(model.parameters()).device).train(model.training)

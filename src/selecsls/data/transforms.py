@@ -9,15 +9,14 @@ resumed run sees exactly the crops an uninterrupted one would.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, ImageEnhance
 
-from selecsls.models.network import IMAGENET_MEAN, IMAGENET_STD
+from selecsls.models.card import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -28,7 +27,7 @@ __all__ = [
     "build_eval_transform",
     "build_train_transform",
     "centre_box",
-    "eval_transform_from_cfg",
+    "eval_transform_for",
     "seeded_generator",
 ]
 
@@ -253,19 +252,19 @@ def build_train_transform(
     )
 
 
-def eval_transform_from_cfg(
-    pretrained_cfg: Mapping[str, Any],
+def eval_transform_for(
+    preprocessing: Preprocessing,
     img_size: int | None = None,
     crop_pct: float | None = None,
     interpolation: str | None = None,
 ) -> EvalTransform:
-    """The eval pipeline a model expects (``model.pretrained_cfg``); arguments given override it."""
-    in_chans, _, cfg_size = pretrained_cfg["input_size"]
+    """The eval pipeline a model expects (``model.card.preprocessing``); arguments given override it."""
+    in_chans, _, card_size = preprocessing.input_size
     return build_eval_transform(
-        img_size if img_size is not None else int(cfg_size),
-        crop_pct if crop_pct is not None else float(pretrained_cfg.get("crop_pct", 0.875)),
-        interpolation if interpolation is not None else str(pretrained_cfg.get("interpolation", "bilinear")),
-        pretrained_cfg.get("mean", IMAGENET_MEAN),
-        pretrained_cfg.get("std", IMAGENET_STD),
-        int(in_chans),
+        img_size if img_size is not None else card_size,
+        crop_pct if crop_pct is not None else preprocessing.crop_pct,
+        interpolation if interpolation is not None else preprocessing.interpolation,
+        preprocessing.mean,
+        preprocessing.std,
+        in_chans,
     )

@@ -32,7 +32,8 @@ from selecsls._io import PathLike, atomic_path, check_output, one_line, printabl
 from selecsls._optional import require
 from selecsls.deploy import openvino_ir
 from selecsls.deploy.backends import BackendUnavailable, Runner
-from selecsls.models.checkpoint import CheckpointError
+from selecsls.models.compare import relative_difference
+from selecsls.models.files import CheckpointError
 
 __all__ = [
     "EXPORT_FORMATS",
@@ -75,11 +76,7 @@ class ExportCheck:
 
     inputs: str
     max_abs_diff: float
-    output_scale: float
-
-    @property
-    def relative_diff(self) -> float:
-        return self.max_abs_diff / max(self.output_scale, torch.finfo(torch.float32).tiny)
+    relative_diff: float  # :func:`selecsls.models.compare.relative_difference`
 
     @property
     def passed(self) -> bool:
@@ -103,14 +100,15 @@ def _quiet_deprecations() -> Iterator[None]:
 
 
 def _example_input(model: nn.Module, input_size: Sequence[int] | None, batch: int = 1) -> Tensor:
-    size = tuple(input_size or model.pretrained_cfg["input_size"])
+    size = tuple(input_size or model.card.preprocessing.input_size)
     if len(size) != 3:
         raise ValueError(f"input_size must be (channels, height, width), got {size}")
     return torch.randn(batch, *size, generator=torch.Generator().manual_seed(0))
 
 
-def _metadata(model: nn.Module) -> str:
-    return json.dumps(getattr(model, "pretrained_cfg", {}), sort_keys=True)
+def _metadata(model: nn.Module, example: Tensor) -> str:
+    """The model's ``pretrained_cfg`` at the size it is exported at (the size predict then preprocesses to)."""
+    return json.dumps(model.card.with_image_size(*example.shape[2:]).pretrained_cfg(), sort_keys=True)
 
 
 def read_metadata(path: PathLike) -> dict[str, Any]:
@@ -163,13 +161,13 @@ def to_onnx(model: nn.Module, example: Tensor, dynamic: bool = False) -> bytes:
             dynamic_axes=dynamic_axes,
         )
     proto = onnx.load_from_string(buffer.getvalue())
-    onnx.helper.set_model_props(proto, {METADATA_KEY: _metadata(model)})
+    onnx.helper.set_model_props(proto, {METADATA_KEY: _metadata(model, example)})
     return proto.SerializeToString()
 
 
 def to_openvino(model: nn.Module, example: Tensor, dynamic: bool = False):
     """The ``openvino.Model`` of :func:`to_onnx`'s graph, with ``pretrained_cfg`` as runtime info."""
-    return openvino_ir.from_onnx(to_onnx(model, example, dynamic), _metadata(model))
+    return openvino_ir.from_onnx(to_onnx(model, example, dynamic), _metadata(model, example))
 
 
 def to_torchscript(model: nn.Module) -> torch.jit.ScriptModule:
@@ -243,8 +241,9 @@ def compare_outputs(model: nn.Module, run: Runner, inputs: Sequence[tuple[str, T
     checks = []
     with torch.no_grad():
         for label, batch in inputs:
-            expected = model(batch)
-            checks.append(ExportCheck(label, float((run(batch) - expected).abs().max()), float(expected.abs().max())))
+            expected, exported = model(batch), run(batch)
+            max_abs_diff = float((exported - expected).abs().max())
+            checks.append(ExportCheck(label, max_abs_diff, relative_difference(expected, exported)))
     return checks
 
 
@@ -271,7 +270,7 @@ def export_model(
 ) -> list[ExportCheck]:
     """Write ``model`` to ``path`` as ``format`` (one of :data:`EXPORT_FORMATS`) and return the checks.
 
-    ``input_size`` (C, H, W) defaults to ``model.pretrained_cfg['input_size']``; ``images``
+    ``input_size`` (C, H, W) defaults to the model card's; the file's metadata records it; ``images``
     is a preprocessed batch of real images at that size. ``dynamic`` (ONNX and OpenVINO;
     TorchScript always accepts any shape) frees batch and spatial size, and is then checked at a
     second shape. An OpenVINO IR is ``path`` (.xml) and the .bin beside it. Raises
@@ -300,7 +299,7 @@ def export_model(
             # process on a full disk, Python's raises an error that leaves the previous file in place.
             buffer = io.BytesIO()
             with _quiet_deprecations():
-                torch.jit.save(to_torchscript(model), buffer, _extra_files={METADATA_KEY: _metadata(model)})
+                torch.jit.save(to_torchscript(model), buffer, _extra_files={METADATA_KEY: _metadata(model, example)})
             tmp.write_bytes(buffer.getvalue())
             with _quiet_deprecations():
                 run = torch.jit.load(tmp)

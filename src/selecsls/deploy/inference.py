@@ -15,25 +15,24 @@ import os
 import time
 import warnings
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from selecsls._io import PathLike, one_line, printable
 from selecsls.data.datasets import UnreadableImageError, open_image
-from selecsls.data.transforms import EvalTransform, eval_transform_from_cfg
+from selecsls.data.transforms import EvalTransform, eval_transform_for
 from selecsls.deploy import openvino_ir
 from selecsls.deploy.backends import BACKENDS, BackendUnavailable, Runner, predict_backends
 from selecsls.deploy.export import one_image_at_a_time, onnx_session, read_metadata, session_runner
-from selecsls.models.checkpoint import CheckpointError
-from selecsls.models.limits import check_int
-from selecsls.models.metadata import check_pretrained_cfg
+from selecsls.models.card import ModelCard
+from selecsls.models.files import CheckpointError
+from selecsls.models.validation import InvalidInput, check_int
 
 __all__ = [
     "AUTO_ORDER",
@@ -57,20 +56,14 @@ def imagenet_class_names() -> tuple[str, ...]:
     return tuple(text.splitlines())
 
 
-def class_names(pretrained_cfg: Mapping[str, Any], num_classes: int) -> list[str]:
-    """Names for the model's outputs: the training folder names it records (``label_names``),
+def class_names(card: ModelCard) -> list[str]:
+    """Names for the model's outputs: the training folder names its card records (``label_names``),
     the ImageNet names for a 1000-class model, else ``class 0``, ``class 1``, ..."""
-    names = pretrained_cfg.get("label_names")
-    if names is not None:
-        if len(names) != num_classes:
-            raise ValueError(
-                f"the model records {len(names)} class names for {num_classes} outputs; "
-                "its pretrained_cfg['label_names'] does not belong to it"
-            )
-        return list(names)
-    if num_classes == IMAGENET_CLASSES:
+    if card.label_names is not None:
+        return list(card.label_names)
+    if card.num_classes == IMAGENET_CLASSES:
         return list(imagenet_class_names())
-    return [f"class {i}" for i in range(num_classes)]
+    return [f"class {i}" for i in range(card.num_classes)]
 
 
 def load_images(paths: Sequence[PathLike], transform: EvalTransform) -> Tensor:
@@ -121,9 +114,9 @@ class Predictor:
         if getattr(model, "num_classes", 0) < 1:
             raise ValueError("predict needs a classifier; this model has no classifier (num_classes=0)")
         model = model.eval()
-        cfg = model.pretrained_cfg
-        example = torch.randn(1, *cfg["input_size"], generator=torch.Generator().manual_seed(0))
-        transform, names = eval_transform_from_cfg(cfg), class_names(cfg, model.num_classes)
+        card = model.card
+        example = torch.randn(1, *card.preprocessing.input_size, generator=torch.Generator().manual_seed(0))
+        transform, names = eval_transform_for(card.preprocessing), class_names(card)
         candidates = AUTO_ORDER if backend == "auto" else (backend,)
         for name in candidates[:-1]:
             try:
@@ -154,9 +147,12 @@ class Predictor:
             fixed_batch = isinstance(session.get_inputs()[0].shape[0], int)
         if not isinstance(num_classes, int):
             raise CheckpointError(f"{shown}: its output has no fixed number of classes")
-        cfg = check_pretrained_cfg(metadata, num_classes, shown)
+        try:
+            card = ModelCard.from_pretrained_cfg(metadata, "exported graph", num_classes=num_classes)
+        except InvalidInput as exc:
+            raise CheckpointError(f"{shown}: {exc}") from None
         run = one_image_at_a_time(run) if fixed_batch else run
-        return cls(run, eval_transform_from_cfg(cfg), class_names(cfg, num_classes), backend)
+        return cls(run, eval_transform_for(card.preprocessing), class_names(card), backend)
 
     def predict(self, paths: Sequence[PathLike], topk: int = 5, batch_size: int = 16) -> list[Prediction]:
         """Top-``topk`` classes with softmax probabilities for each image, in input order.

@@ -3,21 +3,21 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import torch
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 
+from selecsls.models.build import build
 from selecsls.models.network import ConvNormAct, SelecSLS
 
 __all__ = ["fold_bn", "fuse"]
 
 
 def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weight, bias) of one conv equal to ``bn(conv(x))`` with ``bn`` in eval mode."""
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-    bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
-    weight = conv.weight * scale.reshape(-1, 1, 1, 1)
-    return weight, (bias - bn.running_mean) * scale + bn.bias
+    """(weight, bias) of one conv equal to ``bn(conv(x))`` with ``bn`` in eval mode (torch's folding)."""
+    return fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
 
 
 @torch.no_grad()
@@ -30,9 +30,8 @@ def fuse(model: SelecSLS) -> SelecSLS:
         raise TypeError(f"fuse expects a SelecSLS model, got {type(model).__name__}")
     if model.fused:
         return copy.deepcopy(model)
-    fused = type(model)(model.spec, **model.build_args | {"fused": True})
+    fused = build(replace(model.card, fused=True))
     fused.load_state_dict(fused_state_dict(model))
-    fused.pretrained_cfg = dict(model.pretrained_cfg)
     return fused.train(model.training)
 
 

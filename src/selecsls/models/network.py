@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from selecsls.models.spec import BlockSpec, ModelSpec
+from selecsls.models.validation import GLOBAL_POOLS, OUTPUT_STRIDES
 
 __all__ = [
     "SmallMapConv2d",
@@ -23,13 +24,7 @@ __all__ = [
     "SelecSLSBlock",
     "SelecSLS",
     "SelecSLSFeatures",
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
 ]
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-GLOBAL_POOLS = ("avg", "max", "")
 
 
 def _live_taps(size: int, kernel: int, stride: int, padding: int, dilation: int) -> Tuple[int, int, int]:
@@ -212,7 +207,10 @@ class SelecSLS(nn.Module):
     """
 
     # Python-side metadata; TorchScript must not try to compile it.
-    __jit_unused_properties__ = ["build_args"]
+    __jit_unused_properties__ = ["build_args", "pretrained_cfg"]
+    # ``card`` (a ModelCard: build, preprocessing, class names, provenance) is set by the builder,
+    # :func:`selecsls.models.build.build`, which every model of the package comes from.
+    __jit_ignored_attributes__ = ["card"]
 
     def __init__(
         self,
@@ -227,14 +225,13 @@ class SelecSLS(nn.Module):
         super().__init__()
         if not isinstance(spec, ModelSpec):
             raise TypeError(f"spec must be a selecsls ModelSpec, got {type(spec).__name__}")
-        if output_stride not in (None, 8, 16, 32):
+        if output_stride not in OUTPUT_STRIDES:
             raise ValueError(f"output_stride must be None (the published stride 64), 32, 16 or 8, got {output_stride}")
         if num_classes < 0:
             raise ValueError(f"num_classes must be >= 0, got {num_classes}")
         if not 0.0 <= drop_rate < 1.0:
             raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate}")
         spec = spec.with_in_chans(in_chans) if in_chans is not None else spec
-        spec.validate()
         self.spec = spec
         self.num_classes = num_classes
         self.in_chans = spec.in_chans
@@ -280,7 +277,6 @@ class SelecSLS(nn.Module):
         self.drop = nn.Dropout(drop_rate)
         self.fc: nn.Module = nn.Identity()
         self.reset_classifier(num_classes, global_pool)
-        self.pretrained_cfg = default_cfg(spec.name, num_classes, spec.in_chans)
         self._init_weights()
 
     # ------------------------------------------------------------------ set-up
@@ -308,6 +304,11 @@ class SelecSLS(nn.Module):
             fused=self.fused,
         )
 
+    @property
+    def pretrained_cfg(self) -> dict[str, Any]:
+        """timm's view of :attr:`card`; edit the card (``dataclasses.replace``), not this dict."""
+        return self.card.pretrained_cfg()
+
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
         return self.fc
@@ -322,9 +323,8 @@ class SelecSLS(nn.Module):
             raise ValueError("global_pool='' returns unpooled feature maps; it needs num_classes=0")
         self.num_classes = num_classes
         self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        if hasattr(self, "pretrained_cfg"):  # the new outputs have no class names yet
-            cfg = {key: value for key, value in self.pretrained_cfg.items() if key != "label_names"}
-            self.pretrained_cfg = {**cfg, "num_classes": num_classes}
+        if "card" in self.__dict__:  # a built model: the new outputs have no class names yet
+            self.card = self.card.with_classifier(num_classes, self.global_pool)
         if isinstance(self.fc, nn.Linear):
             nn.init.normal_(self.fc.weight, std=0.01)
             nn.init.zeros_(self.fc.bias)
@@ -409,19 +409,3 @@ class SelecSLSFeatures(SelecSLS):
 
     def forward(self, x: Tensor) -> List[Tensor]:  # type: ignore[override]
         return self._trunk(x, self.tap_levels)[1]
-
-
-def default_cfg(name: str, num_classes: int, in_chans: int) -> dict[str, Any]:
-    """Preprocessing metadata in timm's ``pretrained_cfg`` vocabulary."""
-    return dict(
-        architecture=name,
-        input_size=(in_chans, 224, 224),
-        pool_size=(4, 4),
-        crop_pct=0.875,
-        interpolation="bilinear",
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
-        num_classes=num_classes,
-        first_conv="stem.conv",
-        classifier="fc",
-    )

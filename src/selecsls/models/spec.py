@@ -12,6 +12,20 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+from selecsls.models.validation import (
+    MAX_BLOCKS,
+    MAX_CONV_PARAMS,
+    MAX_HEAD_CONVS,
+    MAX_NAME,
+    MAX_WIDTH,
+    InvalidInput,
+    check_bool,
+    check_fields,
+    check_int,
+    check_sequence,
+    check_text,
+)
+
 __all__ = [
     "CONCAT_CONVS",
     "BlockSpec",
@@ -25,7 +39,7 @@ __all__ = [
 ]
 
 
-class SpecError(ValueError):
+class SpecError(InvalidInput):
     """An architecture spec that cannot describe a working network."""
 
 
@@ -33,14 +47,6 @@ class SpecError(ValueError):
 #: that makes every SelecSLS skip a concatenation, read by the spec, the network and pruning.
 CONCAT_CONVS = (1, 3, 5)
 
-#: Widest conv a spec may declare (the published variants are at most 1280 wide).
-MAX_WIDTH = 16384
-#: Most conv weights a spec may declare, checked before anything is allocated (the largest
-#: published variant has about 0.04e9): a hand-made spec cannot make a loader allocate gigabytes.
-MAX_CONV_PARAMS = 2_000_000_000
-MAX_BLOCKS = 256
-MAX_HEAD_CONVS = 16
-MAX_NAME_LENGTH = 200
 _SPEC_FIELDS = {"name", "stem_chs", "blocks", "head", "in_chans"}
 _BLOCK_FIELDS = {"in_chs", "skip_chs", "widths", "first"}
 _HEAD_FIELDS = {"out_chs", "kernel_size", "stride"}
@@ -163,8 +169,8 @@ class ModelSpec:
     # -------------------------------------------------------------- validation
     def validate(self) -> None:
         """Raise :class:`SpecError` naming the first layer that cannot be built."""
-        if not isinstance(self.name, str) or len(self.name) > MAX_NAME_LENGTH:
-            raise SpecError(f"spec name must be a string of at most {MAX_NAME_LENGTH} characters")
+        if not isinstance(self.name, str) or len(self.name) > MAX_NAME:
+            raise SpecError(f"spec name must be a string of at most {MAX_NAME} characters")
         if not 1 <= self.in_chans <= MAX_WIDTH:
             raise SpecError(f"spec {self.name!r}: in_chans must be in 1..{MAX_WIDTH}, got {self.in_chans}")
         if not 1 <= self.stem_chs <= MAX_WIDTH:
@@ -230,41 +236,43 @@ class ModelSpec:
     def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
         """The spec a :meth:`to_dict` dict describes; anything else (unknown or missing fields, wrong
         types, sizes out of range) is a :class:`SpecError`, raised before anything is allocated."""
-        _fields(data, "spec", _SPEC_FIELDS, optional=frozenset({"in_chans"}))
-        blocks, head = data["blocks"], data["head"]
-        if not isinstance(blocks, list) or not isinstance(head, list):
-            raise SpecError("not a SelecSLS spec: 'blocks' and 'head' must be lists")
-        if len(blocks) > MAX_BLOCKS or len(head) > MAX_HEAD_CONVS:
-            raise SpecError(f"not a SelecSLS spec: at most {MAX_BLOCKS} blocks and {MAX_HEAD_CONVS} head convs")
+        try:
+            return cls._parse(data)
+        except SpecError:
+            raise
+        except InvalidInput as exc:
+            raise SpecError(f"not a SelecSLS spec: {exc}") from None
+
+    @classmethod
+    def _parse(cls, data: Any) -> ModelSpec:
+        check_fields("spec", data, _SPEC_FIELDS, _SPEC_FIELDS - {"in_chans"}, noun="field")
+        blocks = check_sequence("blocks", data["blocks"], range(MAX_BLOCKS + 1), "blocks")
+        head = check_sequence("head", data["head"], range(MAX_HEAD_CONVS + 1), "head convs")
         parsed_blocks = []
         for i, block in enumerate(blocks):
             where = f"blocks[{i}]"
-            _fields(block, where, _BLOCK_FIELDS)
-            widths = block["widths"]
-            if not isinstance(widths, list) or len(widths) != 6:
-                raise SpecError(f"not a SelecSLS spec: {where}.widths must be a list of 6 integers")
-            if not isinstance(block["first"], bool):
-                raise SpecError(f"not a SelecSLS spec: {where}.first must be true or false")
+            check_fields(where, block, _BLOCK_FIELDS, _BLOCK_FIELDS, noun="field")
+            widths = check_sequence(f"{where}.widths", block["widths"], (6,), "integers")
             parsed_blocks.append(
                 BlockSpec(
-                    _integer(block["in_chs"], f"{where}.in_chs", low=0),
-                    _integer(block["skip_chs"], f"{where}.skip_chs", low=0),
-                    tuple(_integer(w, f"{where}.widths") for w in widths),
-                    block["first"],
+                    check_int(f"{where}.in_chs", block["in_chs"], 0, MAX_WIDTH),
+                    check_int(f"{where}.skip_chs", block["skip_chs"], 0, MAX_WIDTH),
+                    tuple(check_int(f"{where}.widths", w, 1, MAX_WIDTH) for w in widths),
+                    check_bool(f"{where}.first", block["first"]),
                 )
             )
         parsed_head = []
         for i, conv in enumerate(head):
-            _fields(conv, f"head[{i}]", _HEAD_FIELDS)
-            parsed_head.append(HeadConvSpec(**{key: _integer(conv[key], f"head[{i}].{key}") for key in _HEAD_FIELDS}))
-        if not isinstance(data["name"], str):
-            raise SpecError("not a SelecSLS spec: 'name' must be a string")
+            check_fields(f"head[{i}]", conv, _HEAD_FIELDS, _HEAD_FIELDS, noun="field")
+            parsed_head.append(
+                HeadConvSpec(**{key: check_int(f"head[{i}].{key}", conv[key], 1, MAX_WIDTH) for key in _HEAD_FIELDS})
+            )
         return cls(
-            name=data["name"],
-            stem_chs=_integer(data["stem_chs"], "stem_chs"),
+            name=check_text("name", data["name"], MAX_NAME),
+            stem_chs=check_int("stem_chs", data["stem_chs"], 1, MAX_WIDTH),
             blocks=tuple(parsed_blocks),
             head=tuple(parsed_head),
-            in_chans=_integer(data.get("in_chans", 3), "in_chans"),
+            in_chans=check_int("in_chans", data.get("in_chans", 3), 1, MAX_WIDTH),
         )
 
     @classmethod
@@ -296,22 +304,6 @@ class ModelSpec:
             out_widths[f"features.{i}.conv6"] = new_widths[5]
         head = tuple(replace(h, out_chs=widths.get(f"head.{i}", h.out_chs)) for i, h in enumerate(self.head))
         return ModelSpec(name or self.name, out_widths["stem"], tuple(blocks), head, self.in_chans)
-
-
-def _fields(data: Any, where: str, allowed: set[str], optional: frozenset[str] = frozenset()) -> None:
-    if not isinstance(data, dict):
-        raise SpecError(f"not a SelecSLS spec: {where} must be a JSON object, got {type(data).__name__}")
-    unknown, missing = sorted(map(str, set(data) - allowed)), sorted(allowed - optional - set(data))
-    if unknown:
-        raise SpecError(f"not a SelecSLS spec: {where} has unknown field(s) {unknown}; allowed: {sorted(allowed)}")
-    if missing:
-        raise SpecError(f"not a SelecSLS spec: {where} lacks field(s) {missing}")
-
-
-def _integer(value: Any, where: str, low: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= MAX_WIDTH:
-        raise SpecError(f"not a SelecSLS spec: {where} must be an integer in {low}..{MAX_WIDTH}, got {value!r}")
-    return value
 
 
 def _head(*convs: tuple[int, int, int]) -> tuple[HeadConvSpec, ...]:

@@ -13,13 +13,14 @@ import http.client
 import os
 import re
 import urllib.error
-import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fnmatch import fnmatch
 from pathlib import Path
-from typing import Any
 
-from selecsls._io import atomic_write
+from torch.hub import download_url_to_file
+
+from selecsls._io import atomic_path
+from selecsls.models.card import ModelCard, Provenance
 from selecsls.models.spec import canonical_name
 
 __all__ = [
@@ -74,17 +75,14 @@ class PretrainedWeights:
         match = _HASH_IN_NAME.search(self.file_name)
         return match.group(1) if match else None
 
-    def pretrained_cfg(self) -> dict[str, Any]:
-        """Preprocessing and provenance keys merged into ``model.pretrained_cfg``."""
-        return dict(
-            tag=self.name,
-            url=self.url,
-            input_size=self.input_size,
-            interpolation=self.interpolation,
-            crop_pct=self.crop_pct,
-            top1=self.top1,
-            top5=self.top5,
+    def describe(self, card: ModelCard) -> ModelCard:
+        """``card`` with these weights' preprocessing (at the card's input channels) and provenance."""
+        size = (card.in_chans, *self.input_size[1:])
+        preprocessing = replace(
+            card.preprocessing, input_size=size, interpolation=self.interpolation, crop_pct=self.crop_pct
         )
+        provenance = Provenance(self.name, self.url, self.top1, self.top5)
+        return replace(card, preprocessing=preprocessing, provenance=provenance)
 
 
 _TIMM_RELEASE = "https://github.com/rwightman/pytorch-image-models/releases/download/v0.1-selecsls"
@@ -209,27 +207,18 @@ def download(
         if weights.hash_prefix:
             _check_hash(weights, _sha256_of(target), f"cached file {target}", "delete it to download it again")
         return target
-    try:
-        with urllib.request.urlopen(weights.url, timeout=60) as response, atomic_write(target) as handle:
-            digest = hashlib.sha256()
-            bar = _progress_bar(response.headers.get("Content-Length"), weights.name) if progress else None
-            try:
-                while chunk := response.read(_CHUNK):
-                    handle.write(chunk)
-                    digest.update(chunk)
-                    if bar is not None:
-                        bar.update(len(chunk))
-            finally:
-                if bar is not None:
-                    bar.close()
-            _check_hash(weights, digest.hexdigest(), f"download from {weights.url}", "nothing was saved; try again")
-    except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise DownloadError(
-            f"could not download {weights.name} weights from {weights.url} ({reason}). Without internet access, "
-            f"fetch that file elsewhere and pass it: create_model({weights.architecture!r}, "
-            f"checkpoint_path='/path/to/{weights.file_name}'), or place it at {target}"
-        ) from exc
+    with atomic_path(target) as partial:  # torch.hub downloads; the full hash check stays ours
+        try:
+            download_url_to_file(weights.url, str(partial), progress=progress)
+        except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise DownloadError(
+                f"could not download {weights.name} weights from {weights.url} ({reason}). Without internet access, "
+                f"fetch that file elsewhere and pass it: create_model({weights.architecture!r}, "
+                f"checkpoint_path='/path/to/{weights.file_name}'), or place it at {target}"
+            ) from exc
+        if weights.hash_prefix:
+            _check_hash(weights, _sha256_of(partial), f"download from {weights.url}", "nothing was saved; try again")
     return target
 
 
@@ -248,12 +237,3 @@ def _sha256_of(path: Path) -> str:
         while chunk := handle.read(_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _progress_bar(length: str | None, name: str):
-    """A tqdm bar in bytes, or None where tqdm is not installed (it is optional)."""
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=int(length) if length else None, unit="B", unit_scale=True, desc=name, leave=False, disable=None)

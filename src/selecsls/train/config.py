@@ -135,7 +135,7 @@ class TrainConfig:
 
         from selecsls._io import OutputError, check_output
         from selecsls.models.factory import list_models
-        from selecsls.models.limits import check_img_size, check_int, check_number
+        from selecsls.models.validation import check_img_size, check_int, check_number
 
         try:  # the range checks name settings as {name}: SettingError spells them per caller
             for name in ("epochs", "batch_size", "limit", "val_limit", "stop_after"):

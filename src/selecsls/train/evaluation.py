@@ -26,8 +26,8 @@ from selecsls.data.datasets import (
     build_loader,
     training_classes,
 )
-from selecsls.data.transforms import eval_transform_from_cfg
-from selecsls.models.limits import check_img_size, check_int, check_number
+from selecsls.data.transforms import eval_transform_for
+from selecsls.models.validation import check_img_size, check_int, check_number
 from selecsls.train.reporting import progress_bar
 
 __all__ = ["VAL_SUBSET_SEED", "evaluate", "evaluate_checkpoint", "listing", "topk_correct", "validation_data"]
@@ -112,12 +112,12 @@ def listing(names: Sequence[str], shown: int = 20) -> str:
 def validation_data(data: str | os.PathLike, model: nn.Module) -> ImageFolder | IdxDataset:
     """The val split of ``data``, labelled with ``model``'s output indices.
 
-    A model that records its class names (``pretrained_cfg['label_names']``, as training
+    A model that records its class names (``model.card.label_names``, as training
     does) is matched by name: a val tree with fewer classes, or in another order, still
     scores correctly, and a class the model does not know is an error. Without names,
     classes follow the sorted training folders (or the data's own order), by position.
     """
-    names = getattr(model, "pretrained_cfg", {}).get("label_names")
+    names = model.card.label_names
     if names is None:
         dataset = build_dataset(data, "val", classes=training_classes(data))
         num_classes = getattr(model, "num_classes", None)
@@ -151,12 +151,12 @@ def evaluate_checkpoint(
 ) -> dict[str, Any]:
     """Score a saved model (dense, pruned or a training checkpoint) on the val split of ``data``.
 
-    Preprocessing defaults to what the model records in ``pretrained_cfg`` (training stores
+    Preprocessing defaults to what the model's card records (training stores
     its image size there); the arguments override it. Classes are matched as
     :func:`validation_data` says; ``limit`` scores a class-balanced subset (seed
     :data:`VAL_SUBSET_SEED`, the one training validates on).
     """
-    from selecsls.models.serialization import load
+    from selecsls.models.loading import load
 
     if img_size is not None:
         check_img_size(img_size, "--img-size", batch_size)
@@ -167,7 +167,7 @@ def evaluate_checkpoint(
     if limit is not None:
         check_int("--limit", limit)
     model = load(checkpoint, model_name)
-    transform = eval_transform_from_cfg(model.pretrained_cfg, img_size, crop_pct, interpolation)
+    transform = eval_transform_for(model.card.preprocessing, img_size, crop_pct, interpolation)
     dataset = validation_data(data, model)
     indices = balanced_subset(dataset.targets, limit, VAL_SUBSET_SEED)
     loader = build_loader(TransformedDataset(dataset, transform), indices, batch_size, workers)
@@ -176,7 +176,7 @@ def evaluate_checkpoint(
         checkpoint=os.fspath(checkpoint),
         val_data=dataset.source,
         classes=[dataset.classes[target] for target in sorted({int(dataset.targets[i]) for i in indices})],
-        classes_matched_by="name" if "label_names" in getattr(model, "pretrained_cfg", {}) else "position",
+        classes_matched_by="name" if model.card.label_names is not None else "position",
         img_size=transform.img_size,
         crop_pct=transform.crop_pct,
         interpolation=transform.interpolation,

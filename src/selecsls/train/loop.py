@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +28,9 @@ from selecsls._io import atomic_write
 from selecsls.compress.sparsity import bn_scales, scale_statistics
 from selecsls.data.datasets import IdxDataset, ImageFolder, balanced_subset, build_dataset
 from selecsls.data.transforms import build_eval_transform, build_train_transform
-from selecsls.models.factory import create_model
-from selecsls.models.serialization import load, model_from_checkpoint
+from selecsls.models.build import build, describe
+from selecsls.models.files import identify, read_model_file
+from selecsls.models.loading import card_for, materialize
 from selecsls.train.batches import build_batches
 from selecsls.train.config import DEFAULT_MODEL, SettingError, TrainConfig
 from selecsls.train.distributed import Workers
@@ -67,24 +69,22 @@ def train(config: TrainConfig) -> dict[str, Any]:
 def build_model(config: TrainConfig, data: ImageFolder | IdxDataset, saved: dict[str, Any] | None) -> nn.Module:
     """The saved model, the ``init`` file's, or a new one for the classes of the training ``data``.
 
-    The model records the training resolution and the class names (``label_names``, when the
-    data has them) in its ``pretrained_cfg``: eval and predict then preprocess the way
-    training did and name the classes, from every checkpoint and export.
+    The model's card records the training resolution and the class names (``label_names``, when the
+    data has them): eval and predict then preprocess the way training did and name the classes,
+    from every checkpoint and export.
     """
     if saved is not None:
-        return model_from_checkpoint(saved)
+        file = identify(saved, str(Path(config.output) / "last.pt"))
+        return materialize(card_for(file), file)
     num_classes = len(data.classes)
     if config.init:
-        model = load(config.init, config.model, num_classes=num_classes)
+        file = read_model_file(config.init)
+        card = card_for(file, config.model, num_classes=num_classes)
     else:
-        model = create_model(config.model or DEFAULT_MODEL, num_classes=num_classes, in_chans=config.in_chans)
-    cfg = {key: value for key, value in model.pretrained_cfg.items() if key != "label_names"}
-    in_chans = cfg["input_size"][0]
-    cfg["input_size"] = (in_chans, config.img_size, config.img_size)
-    if data.label_names is not None:
-        cfg["label_names"] = tuple(data.label_names)
-    model.pretrained_cfg = cfg
-    return model
+        file, card = None, describe(config.model or DEFAULT_MODEL, num_classes=num_classes, in_chans=config.in_chans)
+    labels = None if data.label_names is None else tuple(data.label_names)
+    card = replace(card.with_image_size(config.img_size, config.img_size), label_names=labels)
+    return build(card) if file is None else materialize(card, file)
 
 
 class Run:
@@ -94,9 +94,35 @@ class Run:
         self.config, self.workers = config, workers
         self.output = Path(config.output)
         self.report = Reporter(self.output, workers.is_main, config.progress)
+        self._prepare_data()
+        saved = read_saved_run(config)
+        if saved is None and config.resume:
+            self.report.log(f"no {self.output / 'last.pt'} yet: starting the run from scratch")
+        self.model = self._prepare_model(saved)
+        self.optimization = Optimization(self.model, config, self.steps_per_epoch, workers.wrap)
+        self.position = Position()
+        self.history: list[dict[str, Any]] = []
+        self.best_top1 = -1.0
+        self.skipped_examples: list[str] = []
+        if saved is not None:
+            self._restore(saved)
+        in_chans = self.model.card.in_chans
+        self.batches = build_batches(
+            config,
+            self.train_data,
+            self.val_data,
+            build_train_transform(
+                config.img_size, scale=(config.min_crop_area, 1.0), color_jitter=config.color_jitter, in_chans=in_chans
+            ),
+            build_eval_transform(config.img_size, in_chans=in_chans),
+            workers,
+            self.report.log,
+        )
 
-        # Data: index lists into the datasets (class-balanced subsets with a limit); transforms
-        # are applied per (seed, epoch, index).
+    def _prepare_data(self) -> None:
+        """Index lists into the datasets (class-balanced subsets with a limit); transforms are applied per
+        (seed, epoch, index)."""
+        config, workers = self.config, self.workers
         self.train_data = build_dataset(config.data, "train")
         self.val_data = build_dataset(config.data, "val", classes=self.train_data.classes)
         self.train_indices = balanced_subset(self.train_data.targets, config.limit, config.seed)
@@ -113,41 +139,17 @@ class Run:
                 f"({workers.world_size} processes); lower {{batch_size}} or raise {{limit}}"
             )
 
-        # Model and optimisation, restored from last.pt when resuming.
-        saved = read_saved_run(config)
-        if saved is None and config.resume:
-            self.report.log(f"no {self.output / 'last.pt'} yet: starting the run from scratch")
-        torch.manual_seed(config.seed)
-        self.model = build_model(config, self.train_data, saved).to(workers.device)
-        outputs = getattr(getattr(self.model, "fc", None), "out_features", None)
+    def _prepare_model(self, saved: dict[str, Any] | None) -> nn.Module:
+        """The model (restored from ``last.pt`` when resuming) on the run's device, for the data's classes."""
+        torch.manual_seed(self.config.seed)
+        model = build_model(self.config, self.train_data, saved).to(self.workers.device)
+        outputs = getattr(getattr(model, "fc", None), "out_features", None)
         if outputs is not None and outputs != len(self.train_data.classes):  # a class added since the saved run
             raise SettingError(
                 f"the saved run predicts {outputs} classes but {{data}} now has {len(self.train_data.classes)}; "
                 "resume with the data it was trained on, or fine-tune with {init} into a new {output}"
             )
-        self.skipped_examples: list[str] = []
-        if config.channels_last:
-            self.model.to(memory_format=torch.channels_last)
-        self.optimization = Optimization(self.model, config, self.steps_per_epoch)
-        self.position = Position()
-        self.history: list[dict[str, Any]] = []
-        self.best_top1 = -1.0
-        if saved is not None:
-            self._restore(saved)
-        self.optimization.train_model = workers.wrap(self.model)  # after the EMA copied the bare model
-
-        in_chans = self.model.pretrained_cfg["input_size"][0] if hasattr(self.model, "pretrained_cfg") else 3
-        self.batches = build_batches(
-            config,
-            self.train_data,
-            self.val_data,
-            build_train_transform(
-                config.img_size, scale=(config.min_crop_area, 1.0), color_jitter=config.color_jitter, in_chans=in_chans
-            ),
-            build_eval_transform(config.img_size, in_chans=in_chans),
-            workers,
-            self.report.log,
-        )
+        return model.to(memory_format=torch.channels_last) if self.config.channels_last else model
 
     def _restore(self, saved: dict[str, Any]) -> None:
         self.optimization.load_state_dict(saved)
@@ -165,26 +167,16 @@ class Run:
         last_epoch = min(self.config.epochs, self.config.stop_after or self.config.epochs)
         while self.position.epoch < last_epoch:
             self._train_epoch()
-            self._end_epoch()
+            record = self._training_record()
+            top1, best_model = self._validate_epoch(record)
+            self._end_epoch(record, top1, best_model)
         if self.position.epoch < self.config.epochs:
             self.report.log(
                 f"stopped after epoch {self.position.epoch} of {self.config.epochs} as asked; "
                 f"continue with --resume ({self.output / 'last.pt'})"
             )
             return {"best_top1": self.best_top1, "stopped_after": self.position.epoch, "output": str(self.output)}
-        summary = {
-            "model": self.model.spec.name if hasattr(self.model, "spec") else self.config.model,
-            "recipe": self.config.recipe,
-            "best_top1": self.best_top1,
-            "final": self.history[-1],
-            "low_gamma_fraction": self.report.sparsity(self.model),
-            "output": str(self.output),
-        }
-        if self.workers.is_main:
-            with atomic_write(self.output / "summary.json", "w") as handle:
-                json.dump(summary, handle, indent=2)
-        self.report.log(f"best val top-1 {self.best_top1:.2f}% -> {self.output / 'best.pt'}")
-        return summary
+        return self._summary()
 
     def _epoch_order(self) -> list[int]:
         """This process's training indices for the current epoch, minus the batches already done."""
@@ -240,8 +232,9 @@ class Run:
         if bar is not None:
             bar.close()
 
-    def _end_epoch(self) -> None:
-        position, ema = self.position, self.optimization.ema
+    def _training_record(self) -> dict[str, Any]:
+        """The epoch's training figures summed over processes; an epoch that could not read its data stops."""
+        position = self.position
         loss_sum, samples, skipped, seconds = self.workers.sum(
             [position.loss_sum, position.samples, position.skipped, position.seconds]
         )
@@ -253,38 +246,58 @@ class Run:
                 f"(e.g. {', '.join(self.skipped_examples) or 'on another process'}); nothing was saved. Fix or remove "
                 "the unreadable files in {data}"
             )
-        record: dict[str, Any] = {
+        return {
             "epoch": position.epoch + 1,
             "step": position.global_step,
             "lr": self.optimization.lr,
             "train_loss": loss_sum / max(samples, 1),
             "train_images_per_s": samples / max(seconds / self.workers.world_size, 1e-9),
             "train_skipped": int(skipped),
+            **scale_statistics(bn_scales(self.model)),  # how sparse the BN scales have become
         }
-        record.update(scale_statistics(bn_scales(self.model)))  # how sparse the BN scales have become
-        scored = self._validate(self.model)
+
+    def _validate_epoch(self, record: dict[str, Any]) -> tuple[float, nn.Module]:
+        """Score the model (and its EMA, which then counts) into ``record``: (top-1, the model it belongs to)."""
+        scored, best_model, ema = self._validate(self.model), self.model, self.optimization.ema
         record.update({f"val_{k}": v for k, v in scored.items() if k != "skipped_examples"})
-        best_model = self.model
         if ema is not None:
-            ema_scored = self._validate(ema.module)
-            record.update({f"ema_val_{k}": v for k, v in ema_scored.items() if k != "skipped_examples"})
-            scored, best_model = ema_scored, ema.module
+            scored, best_model = self._validate(ema.module), ema.module
+            record.update({f"ema_val_{k}": v for k, v in scored.items() if k != "skipped_examples"})
         if scored["skipped"]:
             self.report.log(
-                f"epoch {position.epoch + 1}: skipped {scored['skipped']} unreadable validation image(s), "
+                f"epoch {self.position.epoch + 1}: skipped {scored['skipped']} unreadable validation image(s), "
                 f"e.g. {scored['skipped_examples']}"
             )
+        return scored["top1"], best_model
+
+    def _end_epoch(self, record: dict[str, Any], top1: float, best_model: nn.Module) -> None:
+        """Record the epoch, move to the next one and save: ``best.pt`` if it is the best yet, ``last.pt``."""
         self.history.append(record)
         self.report.log(json.dumps({key: value for key, value in record.items() if key != "gamma_histogram"}))
-        position.next_epoch()
-        is_best = scored["top1"] > self.best_top1
+        self.position.next_epoch()
+        is_best = top1 > self.best_top1
         if is_best:
-            self.best_top1 = scored["top1"]
+            self.best_top1 = top1
         if self.workers.is_main:
             if is_best:
                 save_best(self.config, best_model, record)
             self._save_last()
             self.report.write_metrics(self.history)
+
+    def _summary(self) -> dict[str, Any]:
+        summary = {
+            "model": self.model.card.name,
+            "recipe": self.config.recipe,
+            "best_top1": self.best_top1,
+            "final": self.history[-1],
+            "low_gamma_fraction": self.report.sparsity(self.model),
+            "output": str(self.output),
+        }
+        if self.workers.is_main:
+            with atomic_write(self.output / "summary.json", "w") as handle:
+                json.dump(summary, handle, indent=2)
+        self.report.log(f"best val top-1 {self.best_top1:.2f}% -> {self.output / 'best.pt'}")
+        return summary
 
     def _validate(self, model: nn.Module) -> dict[str, Any]:
         self.workers.broadcast_from_main(model)  # every shard must score the same weights and BN statistics

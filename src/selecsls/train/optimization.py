@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -18,13 +19,15 @@ __all__ = ["Optimization"]
 class Optimization:
     """The optimisation state of ``model`` for ``config``'s recipe over ``steps_per_epoch`` x epochs.
 
-    ``train_model`` is what the forward pass runs: ``model``, or its DDP wrapper once the caller sets
-    it; the optimiser, gradient clipping and EMA act on ``model`` itself.
+    ``train_model`` is what the forward pass runs: ``wrap(model)`` (e.g. its DDP wrapper, made after the
+    EMA copied the bare model); the optimiser, gradient clipping and EMA act on ``model`` itself.
     """
 
-    def __init__(self, model: nn.Module, config: TrainConfig, steps_per_epoch: int) -> None:
+    def __init__(
+        self, model: nn.Module, config: TrainConfig, steps_per_epoch: int, wrap: Callable[[nn.Module], nn.Module]
+    ) -> None:
         recipe = get_recipe(config.recipe)
-        self.model, self.train_model, self.config = model, model, config
+        self.model, self.config = model, config
         self.device = next(model.parameters()).device
         self.optimizer = build_optimizer(
             model,
@@ -43,6 +46,7 @@ class Optimization:
             else None
         )
         self.criterion = nn.CrossEntropyLoss(label_smoothing=config.smoothing)
+        self.train_model = wrap(model)
 
     @property
     def lr(self) -> float:

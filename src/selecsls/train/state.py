@@ -14,9 +14,8 @@ import torch
 from torch import nn
 
 from selecsls._io import atomic_write
-from selecsls.models.checkpoint import non_finite, read_file
-from selecsls.models.network import SelecSLS
-from selecsls.models.serialization import baseline_payload, to_payload
+from selecsls.models.files import read_file, to_payload
+from selecsls.models.layouts import non_finite
 from selecsls.train.config import SettingError, TrainConfig, resolved_path
 
 __all__ = [
@@ -99,11 +98,6 @@ def restore_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _model_part(model: nn.Module, name: str | None) -> dict[str, Any]:
-    """The model entries of a checkpoint: ``selecsls.save``'s payload, or name + weights for a baseline."""
-    return to_payload(model) if isinstance(model, SelecSLS) else baseline_payload(model, name)
-
-
 def save_last(
     config: TrainConfig,
     model: nn.Module,
@@ -115,7 +109,7 @@ def save_last(
     """Everything needed to continue: the model, ``optimization`` (optimiser, scheduler, EMA and grad
     scaler states), RNG states, position, history and the settings a resumption must match."""
     state = {
-        **_model_part(model, config.model),
+        **to_payload(model),
         **optimization,
         "rng": _rng_state(),
         "position": asdict(position),
@@ -134,4 +128,4 @@ def save_best(config: TrainConfig, model: nn.Module, record: dict[str, Any]) -> 
     """The best model so far with its epoch's metrics."""
     check_finite_weights(model)
     with atomic_write(Path(config.output) / "best.pt") as handle:
-        torch.save({**_model_part(model, config.model), "epoch": record["epoch"], "metrics": record}, handle)
+        torch.save({**to_payload(model), "epoch": record["epoch"], "metrics": record}, handle)

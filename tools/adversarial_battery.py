@@ -6,8 +6,8 @@ classified as: a clear one-line ``error``, ``correct`` behaviour, a ``traceback`
 possible) or data ``loss``. Fixtures are made with the checkout this script runs from (the file
 format is shared). Run it on the old and the new tree to compare::
 
-    python benchmarks/adversarial_battery.py --src /work/main/src
-    python benchmarks/adversarial_battery.py            # this checkout
+    python tools/adversarial_battery.py --src /work/main/src
+    python tools/adversarial_battery.py            # this checkout
 
 Disk-full cases mount a 64 KiB tmpfs and need root; they are reported as skipped otherwise.
 """
@@ -131,7 +131,7 @@ def _write_idx(path: Path, array: np.ndarray) -> None:
 
 
 def _payload_with(model, edit) -> dict:
-    payload = selecsls.models.serialization.to_payload(model)
+    payload = selecsls.models.files.to_payload(model)
     description = json.loads(payload["selecsls"])
     edit(description)
     return {**payload, "selecsls": json.dumps(description)}
@@ -139,7 +139,7 @@ def _payload_with(model, edit) -> dict:
 
 def make_fixtures(work: Path) -> None:
     model = sparse_tiny_model(num_classes=3)
-    model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (3, 32, 32)}
+    model.card = model.card.with_image_size(32, 32)
     selecsls.save(model, work / "x.pt")
     selecsls.save(selecsls.create_model(narrow_spec(), num_classes=3), work / "init.pt")
     make_image_folder(work / "data", per_class=4)
@@ -175,7 +175,7 @@ def make_fixtures(work: Path) -> None:
     diverged = sparse_tiny_model(num_classes=3)
     with torch.no_grad():
         diverged.fc.weight.fill_(float("nan"))
-    torch.save(selecsls.models.serialization.to_payload(diverged), work / "nan.pt")
+    torch.save(selecsls.models.files.to_payload(diverged), work / "nan.pt")
     # High bit-depth images and float IDX.
     ramp = np.linspace(0, 1, 64 * 64).reshape(64, 64)
     Image.fromarray((ramp * 65535).astype(np.uint16)).save(work / "deep.png")
@@ -334,7 +334,7 @@ def corrupt_onnx(b, w):
 @case("checkpoints")
 def forty_random_files(b, w):
     r = b.python(
-        "import sys, pathlib, selecsls\nfrom selecsls.models.checkpoint import CheckpointError\nbad = 0\n"
+        "import sys, pathlib, selecsls\nfrom selecsls.models.files import CheckpointError\nbad = 0\n"
         "for p in sorted(pathlib.Path(sys.argv[1]).iterdir()):\n    try:\n        selecsls.load(p)\n"
         "    except CheckpointError:\n        pass\n    except Exception as exc:\n        bad += 1\n"
         "        print(type(exc).__name__, p.name)\nprint('OTHER', bad)",

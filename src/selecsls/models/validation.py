@@ -1,0 +1,184 @@
+"""The one check of untrusted input, with every limit stated once.
+
+Values from outside (a model file's description, a command-line option, an API argument) are checked
+here before any work: a bad value is one :class:`InvalidInput` naming the value and the range, never a
+silent fallback (``--crop-pct 0``), a crash after minutes of work, or an attempt to allocate terabytes
+(``--img-size 100000``, a hand-made file declaring 16384-wide layers). The file formats' parsers
+(:mod:`~selecsls.models.spec`, :mod:`~selecsls.models.card`) and the CLI use the same helpers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Collection, Mapping
+from typing import Any
+
+from selecsls._io import printable
+
+__all__ = [
+    "CheckpointError",
+    "InvalidInput",
+    "check_bool",
+    "check_choice",
+    "check_fields",
+    "check_img_size",
+    "check_int",
+    "check_number",
+    "check_sequence",
+    "check_text",
+    "estimated_activation_bytes",
+    "json_object",
+]
+
+# ----------------------------------------------------------------------------------- limits
+#: Widest conv a spec may declare (the published variants are at most 1280 wide).
+MAX_WIDTH = 16384
+#: Most conv weights a spec may declare, checked before anything is allocated (the largest
+#: published variant has about 0.04e9): a hand-made spec cannot make a loader allocate gigabytes.
+MAX_CONV_PARAMS = 2_000_000_000
+MAX_BLOCKS = 256
+MAX_HEAD_CONVS = 16
+#: Most classifier outputs a model may have (ImageNet-21k has 21,843).
+MAX_CLASSES = 100_000
+MAX_TEXT = 1000
+#: Longest name (of a spec, of a class).
+MAX_NAME = 200
+#: Feature levels ``out_indices`` may name (negative: from the end).
+MAX_FEATURE_LEVELS = 16
+#: Smallest input side accepted for a network (it downsamples 64 times; 16 px already ends at 1x1).
+MIN_IMG_SIZE = 16
+OUTPUT_STRIDES = (None, 8, 16, 32)
+GLOBAL_POOLS = ("avg", "max", "")
+#: Activation bytes per input pixel (batch 1) of an inference forward pass, an upper estimate
+#: from the published widths: the stem's 32 float32 maps at half resolution (32 bytes per input
+#: pixel) and the first stage's ~600 channels at a quarter (~150 if all were alive at once).
+INFERENCE_BYTES_PER_PIXEL = 200
+#: Training keeps every activation for backward: roughly this many times the inference peak.
+TRAINING_FACTOR = 8
+
+
+class InvalidInput(ValueError):
+    """A value from outside (a file, an option, an argument) that is not of its type or range."""
+
+
+class CheckpointError(InvalidInput):
+    """A model file that cannot be read, or whose contents do not fit the model they describe."""
+
+
+# ---------------------------------------------------------------------------------- helpers
+def check_int(name: str, value: Any, low: int | None = 1, high: int | None = None) -> int:
+    """``value`` as an int in [low, high]."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidInput(f"{name} must be an integer, got {value!r:.40}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise InvalidInput(f"{name} must be {_range(low, high)}, got {value}")
+    return value
+
+
+def check_number(
+    name: str,
+    value: Any,
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> float:
+    """``value`` as a finite float in the given range (open at an end when asked)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InvalidInput(f"{name} must be a finite number, got {value!r:.40}")
+    too_low = low is not None and (value <= low if low_open else value < low)
+    too_high = high is not None and (value >= high if high_open else value > high)
+    if too_low or too_high:
+        raise InvalidInput(f"{name} must be {_range(low, high, low_open, high_open)}, got {value:g}")
+    return float(value)
+
+
+def _range(low: float | None, high: float | None, low_open: bool = False, high_open: bool = False) -> str:
+    if high is None:
+        return f"{'>' if low_open else '>='} {low:g}"
+    if low is None:
+        return f"{'<' if high_open else '<='} {high:g}"
+    return f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+
+
+def check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise InvalidInput(f"{name} must be true or false")
+    return value
+
+
+def check_choice(name: str, value: Any, choices: Collection[Any]) -> Any:
+    if isinstance(value, bool) or value not in choices:
+        raise InvalidInput(f"{name} must be one of {tuple(choices)}, got {value!r:.40}")
+    return value
+
+
+def check_text(name: str, value: Any, limit: int = MAX_TEXT) -> str:
+    """Text of at most ``limit`` characters, made printable (it may reach a terminal)."""
+    if not isinstance(value, str) or len(value) > limit:
+        raise InvalidInput(f"{name} must be text of at most {limit} characters")
+    return value if value.isprintable() else printable(value)
+
+
+def check_sequence(name: str, value: Any, lengths: Collection[int], what: str) -> tuple[Any, ...]:
+    """A list (or tuple) of one of ``lengths`` items, as a tuple; ``what`` names the items in the message."""
+    if not isinstance(value, (list, tuple)) or len(value) not in lengths:
+        counts = " or ".join(map(str, sorted(lengths))) if len(lengths) < 4 else f"at most {max(lengths)}"
+        raise InvalidInput(f"{name} must be a list of {counts} {what}")
+    return tuple(value)
+
+
+def check_fields(
+    name: str, data: Any, allowed: Collection[str], required: Collection[str] = (), noun: str = "key"
+) -> Mapping[str, Any]:
+    """A JSON object holding only ``allowed`` keys and all ``required`` ones."""
+    if not isinstance(data, dict):
+        raise InvalidInput(f"{name} must be a JSON object, got {type(data).__name__}")
+    unknown = sorted(printable(str(key))[:40] for key in set(data) - set(allowed))
+    missing = sorted(set(required) - set(data))
+    if unknown:
+        raise InvalidInput(f"{name} has unknown {noun}(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
+    if missing:
+        raise InvalidInput(f"{name} lacks {noun}(s) {', '.join(missing)}")
+    return data
+
+
+def json_object(name: str, text: Any) -> dict[str, Any]:
+    """``text`` parsed as a JSON object."""
+    if not isinstance(text, str):
+        raise InvalidInput(f"{name} is not text")
+    try:
+        parsed = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise InvalidInput(f"{name} is not valid JSON ({exc})") from None
+    if not isinstance(parsed, dict):
+        raise InvalidInput(f"{name} is not a JSON object")
+    return parsed
+
+
+# ------------------------------------------------------------------------------ image sizes
+def estimated_activation_bytes(img_size: int, batch: int = 1, training: bool = False) -> int:
+    """A rough upper estimate of the activation memory one forward (and backward) pass needs."""
+    return img_size * img_size * batch * INFERENCE_BYTES_PER_PIXEL * (TRAINING_FACTOR if training else 1)
+
+
+def _physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not a POSIX system: no estimate to compare with
+        return None
+
+
+def check_img_size(value: Any, name: str = "--img-size", batch: int = 1, training: bool = False) -> int:
+    """An input side of at least :data:`MIN_IMG_SIZE` whose activations fit this machine's memory."""
+    check_int(name, value, MIN_IMG_SIZE)
+    needed, available = estimated_activation_bytes(value, batch, training), _physical_memory()
+    if available is not None and needed > available:
+        raise InvalidInput(
+            f"{name} {value} at batch {batch} needs about {needed / 2**30:,.0f} GiB of activation memory, more than "
+            f"this machine's {available / 2**30:,.0f} GiB; use a smaller {name} (the published models use 224)"
+        )
+    return value
