@@ -17,7 +17,6 @@ import copy
 import datetime
 import os
 import platform
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from selecsls._timing import Clock, time_interleaved, wall_clock
 from selecsls.bench.memory import (
     MemoryUnavailable,
     cuda_training_peak_bytes,
@@ -65,61 +65,6 @@ PRESETS = {
 }
 # Saved activations are counted on the meta device (free), at a small and a large training load.
 MEMORY_SHAPES = ((1, 224, 224), (8, 512, 512))
-
-Clock = Callable[[Callable[[], object]], float]
-
-
-def wall_clock(sync: Callable[[], None] | None = None) -> Clock:
-    """A clock timing one call with ``time.perf_counter``; ``sync`` (if given) runs before and after
-    so asynchronous work queued by the call is inside the measurement."""
-
-    def measure(fn: Callable[[], object]) -> float:
-        if sync is not None:
-            sync()
-        start = time.perf_counter()
-        fn()
-        if sync is not None:
-            sync()
-        return time.perf_counter() - start
-
-    return measure
-
-
-def time_interleaved(
-    fns: Mapping[str, Callable[[], object]],
-    warmup: int,
-    repeats: int,
-    sync: Callable[[], None] | None = None,
-    *,
-    clock: Clock | None = None,
-) -> dict[str, list[float]]:
-    """Seconds per call of each function, ``repeats`` samples each, measured round-robin.
-
-    Each round calls every function once; the starting function rotates from round to round
-    so no function always runs right after the same neighbour. ``warmup`` untimed rounds
-    come first (allocator, caches, cudnn autotuning, lazy compilation). ``sync`` waits for
-    queued device work (e.g. ``torch.cuda.synchronize``); ``clock`` replaces the default
-    wall clock, e.g. with CUDA events (:func:`selecsls.bench.runner.cuda_event_clock`).
-    """
-    if warmup < 0:
-        raise ValueError(f"warmup must be >= 0, got {warmup}")
-    if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}")
-    if not fns:
-        raise ValueError("time_interleaved needs at least one function to time")
-    measure = clock or wall_clock(sync)
-    names = list(fns)
-    for _ in range(warmup):
-        for name in names:
-            fns[name]()
-    if sync is not None:
-        sync()
-    samples: dict[str, list[float]] = {name: [] for name in names}
-    for round_index in range(repeats):
-        shift = round_index % len(names)
-        for name in names[shift:] + names[:shift]:
-            samples[name].append(measure(fns[name]))
-    return samples
 
 
 def summarize(samples: Sequence[float]) -> dict[str, float]:
