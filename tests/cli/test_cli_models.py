@@ -38,13 +38,13 @@ def test_info_names_the_convs_whose_eval_algorithm_is_chosen_and_the_switch(caps
     assert "whichever their first call per input shape times faster" in last and "SELECSLS_CONV_ALGORITHM=auto" in last
     monkeypatch.setattr("selecsls.models.network.SmallMapConv2d.eval_algorithm", "conv")
     assert main(["info", "selecsls60"]) == 0
-    assert "run as oneDNN's conv (SELECSLS_CONV_ALGORITHM=conv" in capsys.readouterr().out
+    assert "run as oneDNN's conv; SELECSLS_CONV_ALGORITHM=conv" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
     "value, status, expected",
     [
-        ("conv", 0, "run as oneDNN's conv (SELECSLS_CONV_ALGORITHM=conv"),
+        ("conv", 0, "run as oneDNN's conv; SELECSLS_CONV_ALGORITHM=conv"),
         ("gemm", 2, "selecsls info: error: SELECSLS_CONV_ALGORITHM='gemm': expected one of auto, conv, matmul"),
     ],
 )

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from selecsls._io import atomic_path, atomic_write
 from selecsls._optional import require
 from selecsls.bench.runner import size_label
+from selecsls.models.network import EVAL_CONV_MARGIN
 
 __all__ = ["format_report", "write_json", "write_plot"]
 
@@ -129,7 +130,8 @@ def _conv_choice_lines(result: dict) -> str:
     ]
     return (
         "Eager SelecSLS large convs (SELECSLS_CONV_ALGORITHM=auto; conv turns it off): oneDNN's conv or the "
-        "exact im2col matmul, whichever the first call timed faster:\n" + "\n".join(lines or ["  none timed"])
+        "exact im2col matmul, whichever the first call timed faster (a 3x3 conv, which copies its weight on "
+        f"every call, only when {EVAL_CONV_MARGIN:g}x faster):\n" + "\n".join(lines or ["  none timed"])
     )
 
 
@@ -164,8 +166,8 @@ def format_report(result: dict) -> str:
         _models_table(result),
         "Latency, median of interleaved rounds in ms (inter-quartile range); speed-up vs "
         f"{result['reference']} at the same batch and size:\n" + _latency_table(result),
+        _conv_choice_lines(result),
     ]
-    parts.append(_conv_choice_lines(result))
     if len(result["settings"]["backends"]) > 1 and result.get("best_vs_best"):
         parts.append(
             f"Best vs best: each model's fastest backend against {result['reference']}'s fastest of the same "
