@@ -8,7 +8,7 @@ import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 #: Lowest first. The top-level package only re-exports (lazily) and is not a layer.
-LAYERS = ("_io", "_optional", "models", "compress", "data", "train", "deploy", "bench", "cli")
+LAYERS = ("_io", "_optional", "_timing", "models", "compress", "data", "train", "deploy", "bench", "cli")
 
 
 def _module_name(path: Path) -> str:

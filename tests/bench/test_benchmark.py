@@ -6,7 +6,7 @@ from PIL import Image
 from torch import nn
 
 from selecsls import count_flops, count_macs, create_model
-from selecsls.bench.memory import saved_tensor_bytes
+from selecsls.bench.memory import _allocated_peak_bytes, saved_tensor_bytes
 from selecsls.bench.runner import (
     FULL_BATCH_SIZES,
     FULL_SIZES,
@@ -75,6 +75,17 @@ def test_selecsls60_keeps_about_half_the_activations_of_resnet50_for_backward():
         create_baseline("resnet50"), shape
     )
     assert 0.50 < ratio < 0.55
+
+
+def test_live_peak_counts_the_tensors_held_at_once():
+    def call():
+        a = torch.empty(1000, 1000)  # 4 MB
+        b = torch.empty(500, 1000)  # 2 MB: 6 MB held
+        del a
+        c = torch.empty(250, 1000)  # 1 MB: 3 MB held
+        return b, c
+
+    assert _allocated_peak_bytes(call) == 6_000_000
 
 
 def test_flop_count_of_a_single_conv_matches_the_formula():
@@ -153,7 +164,10 @@ def test_run_benchmark_records_a_skipped_backend_with_its_reason(monkeypatch):
         repeats=2,
         memory_shapes=((2, 64, 64),),
     )
-    monkeypatch.setattr("selecsls.bench.runner.inference_rss_growth_bytes", lambda *args: {"selecsls42b": [1]})
+    monkeypatch.setattr(
+        "selecsls.bench.runner.inference_memory_bytes",
+        lambda *args: {"inference_rss_growth_bytes": {"selecsls42b": [1]}},
+    )
     result = run_benchmark(settings)
     eager, skipped = result["latency"]
     assert eager["status"] == "ok" and len(eager["samples_s"]) == 2
@@ -185,17 +199,20 @@ def test_bench_command_writes_json_and_png(tmp_path, capsys):
         "--threads",
         "1",
         "--backends",
-        "eager,fused",
+        "fused",
+        "--memory-sizes",
+        "64,48x32",
         "--output",
         str(prefix),
     ]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "selecsls42b fused" in out and "speed-up" in out and "x resnet50" in out
+    assert "Eager SelecSLS large convs (SELECSLS_CONV_ALGORITHM=auto" in out
 
     result = json.loads(prefix.with_suffix(".json").read_text())
     assert result["machine"]["torch_threads"] == 1 and result["machine"]["torch"] == torch.__version__
-    assert [(r["model"], r["backend"], r["status"]) for r in result["latency"]] == [
+    assert [(r["model"], r["backend"], r["status"]) for r in result["latency"]] == [  # eager first, always
         ("selecsls42b", "eager", "ok"),
         ("selecsls42b", "fused", "ok"),
         ("resnet50", "eager", "ok"),
@@ -207,7 +224,12 @@ def test_bench_command_writes_json_and_png(tmp_path, capsys):
     )
     saved = result["memory"]["saved_tensor_bytes"]
     assert saved["resnet50"]["8x512"] > saved["selecsls42b"]["8x512"] > 0
-    assert set(result["memory"]["inference_rss_growth_bytes"]["resnet50"]) == {"1x64"}
+    for measure in ("inference_rss_growth_bytes", "inference_live_peak_bytes"):
+        assert set(result["memory"][measure]["resnet50"]) == {"1x64", "1x48x32"}
+    live = result["memory"]["inference_live_peak_bytes"]
+    assert live["resnet50"]["1x64"] > live["resnet50"]["1x48x32"] > 0  # more pixels, more activations
+    assert result["eval_conv_algorithm"] == "auto"
+    assert set(result["eval_conv_choices"]["selecsls42b"]) == {f"head.{i}.conv" for i in range(4)}
     with Image.open(prefix.with_suffix(".png")) as plot:
         assert plot.format == "PNG" and plot.size[0] > 0
 
@@ -257,7 +279,7 @@ def test_realtime_backends_are_every_backend_of_the_same_network_that_can_run_on
 
 
 def test_realtime_bench_writes_one_best_vs_best_row_per_model_and_size(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("selecsls.bench.runner.inference_rss_growth_bytes", lambda models, shapes, threads: {})
+    monkeypatch.setattr("selecsls.bench.runner.inference_memory_bytes", lambda models, shapes, threads: {})
     prefix = tmp_path / "realtime"
     argv = ["bench", "--realtime", "--models", "selecsls42b,resnet50", "--backends", "eager,fused"]
     argv += ["--sizes", "32,48x32", "--warmup", "0", "--repeats", "2", "--threads", "1", "--output", str(prefix)]

@@ -1,3 +1,7 @@
+import os
+import subprocess
+import sys
+
 import pytest
 
 import selecsls
@@ -25,3 +29,28 @@ def test_models_table_counts_params_and_macs_and_reads_top1_from_the_registry(tw
     weights = get_weights("selecsls42b")
     assert table["selecsls42b"][2:] == [f"{weights.top1:.2f}", f"{weights.top5:.2f}", "selecsls42b.in1k"]
     assert table["selecsls42"][2:] == ["-", "-", "-"]
+
+
+def test_info_names_the_convs_whose_eval_algorithm_is_chosen_and_the_switch(capsys, monkeypatch):
+    assert main(["info", "selecsls60"]) == 0
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last.startswith("eval mode on the CPU: head.0.conv, head.1.conv, head.2.conv, head.3.conv run as ")
+    assert "whichever their first call per input shape times faster" in last and "SELECSLS_CONV_ALGORITHM=auto" in last
+    monkeypatch.setattr("selecsls.models.network.SmallMapConv2d.eval_algorithm", "conv")
+    assert main(["info", "selecsls60"]) == 0
+    assert "run as oneDNN's conv; SELECSLS_CONV_ALGORITHM=conv" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "value, status, expected",
+    [
+        ("conv", 0, "run as oneDNN's conv; SELECSLS_CONV_ALGORITHM=conv"),
+        ("gemm", 2, "selecsls info: error: SELECSLS_CONV_ALGORITHM='gemm': expected one of auto, conv, matmul"),
+    ],
+)
+def test_the_environment_variable_sets_the_eval_algorithm(value, status, expected):
+    env = os.environ | {"SELECSLS_CONV_ALGORITHM": value}
+    done = subprocess.run(
+        [sys.executable, "-m", "selecsls", "info", "selecsls42b"], capture_output=True, text=True, env=env
+    )
+    assert done.returncode == status and expected in (done.stdout + done.stderr)

@@ -112,7 +112,7 @@ def test_a_missing_openvino_is_a_skip_reason_not_an_import_error(model, tmp_path
     for name in ("openvino", "openvino_int8"):
         with pytest.raises(BackendUnavailable, match=r"openvino is needed .*pip install 'selecsls\[openvino\]'"):
             BACKENDS[name].build(model, torch.randn(1, *SIZE))
-    monkeypatch.setattr("selecsls.bench.runner.inference_rss_growth_bytes", lambda models, shapes, threads: {})
+    monkeypatch.setattr("selecsls.bench.runner.inference_memory_bytes", lambda models, shapes, threads: {})
     settings = BenchSettings(
         models=("selecsls42b",), shapes=((1, 32, 32),), backends=("openvino",), warmup=0, repeats=1
     )

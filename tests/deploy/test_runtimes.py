@@ -43,7 +43,7 @@ def test_gemm_conv_refuses_grouped_convs():
 def test_tuned_swaps_a_conv_only_where_the_product_was_faster_and_stays_exact(monkeypatch, gemm_faster):
     model = trained_like(selecsls.create_model(tiny_spec(), num_classes=10)).eval()
     gemm_seconds = 1.0 if gemm_faster else 3.0  # the conv takes 2.0
-    monkeypatch.setattr(runtimes, "_fastest_seconds", lambda fn, x: gemm_seconds if isinstance(fn, GemmConv2d) else 2.0)
+    monkeypatch.setattr(runtimes, "fastest_seconds", lambda fns, repeats: {"conv": 2.0, "gemm": gemm_seconds})
     example = torch.randn(1, 3, 64, 48)
     run = BACKENDS["tuned"].build(model, example)
     spatial = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.kernel_size != (1, 1)]

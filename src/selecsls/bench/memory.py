@@ -6,7 +6,8 @@ Three measures, from most to least portable:
   forward pass. It runs on the ``meta`` device (no data, no compute), so it is exact, instant
   and identical on every machine: the architecture's activation memory, free of allocator noise.
 - :func:`cuda_training_peak_bytes` is what a GPU really allocates for a training step.
-- :func:`inference_rss_growth_bytes` is what a CPU process really grows by for one inference.
+- :func:`inference_memory_bytes` is what a CPU process really grows by for one inference, and the
+  tensor memory live at once during it.
 """
 
 from __future__ import annotations
@@ -18,12 +19,13 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 
 import torch
 from torch import nn
 
-__all__ = ["MemoryUnavailable", "cuda_training_peak_bytes", "inference_rss_growth_bytes", "saved_tensor_bytes"]
+__all__ = ["MemoryUnavailable", "cuda_training_peak_bytes", "inference_memory_bytes", "saved_tensor_bytes"]
 
 
 class MemoryUnavailable(RuntimeError):
@@ -98,38 +100,63 @@ def _proc_status_kib(field: str) -> int:
     raise MemoryUnavailable(f"/proc/self/status has no {field}")
 
 
-def _inference_rss_growth(
+#: Untimed calls before measuring: the first makes one-time workspaces and the model's eval-mode
+#: conv choices (:class:`selecsls.models.network.SmallMapConv2d`), which a steady call does not.
+STEADY_WARMUP_CALLS = 2
+
+
+def _allocated_peak_bytes(call: Callable[[], object]) -> int:
+    """Peak bytes held through torch's CPU allocator during ``call()`` above those held before it:
+    activations, op workspaces and oneDNN's per-call weight copies (ideep allocates through torch),
+    from the allocation events of ``torch.profiler``."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as profile:
+        call()
+    events = [event for event in profile.profiler.kineto_results.events() if event.name() == "[memory]"]
+    held = peak = 0
+    for event in sorted(events, key=lambda event: event.start_ns()):
+        held += event.nbytes()
+        peak = max(peak, held)
+    return peak
+
+
+def _inference_memory(
     models: Mapping[str, nn.Module], input_shapes: Sequence[Sequence[int]], threads: int
-) -> dict[str, list[int]]:
-    """Per model and input shape: peak RSS of a second inference call above the RSS just before it."""
+) -> dict[str, dict[str, list[int]]]:
+    """Per measure, model and input shape: one steady inference call's peak RSS above the RSS just
+    before it, and its live tensor peak (:func:`_allocated_peak_bytes`)."""
     torch.set_num_threads(threads)
     growth: dict[str, list[int]] = {}
+    live: dict[str, list[int]] = {}
     with torch.inference_mode():
         for name, model in models.items():
             model.eval()
-            growth[name] = []
+            growth[name], live[name] = [], []
             for shape in input_shapes:
                 images = torch.randn(*shape)
-                model(images)  # warm-up: one-time kernel workspaces and caches stay out of the measure
+                for _ in range(STEADY_WARMUP_CALLS):
+                    model(images)
                 before = _proc_status_kib("VmRSS")
                 with open("/proc/self/clear_refs", "w") as clear_refs:
                     clear_refs.write("5")  # reset the peak (VmHWM) to the current RSS
                 model(images)
                 growth[name].append((_proc_status_kib("VmHWM") - before) * 1024)
+                live[name].append(_allocated_peak_bytes(partial(model, images)))
                 del images
-    return growth
+    return {"inference_rss_growth_bytes": growth, "inference_live_peak_bytes": live}
 
 
 def _measure_in_child() -> None:
     """Entry point of the measuring process: job pickled on stdin, result as JSON on stdout."""
     job = torch.load(io.BytesIO(sys.stdin.buffer.read()), weights_only=False)
-    print(json.dumps(_inference_rss_growth(**job)))
+    print(json.dumps(_inference_memory(**job)))
 
 
-def inference_rss_growth_bytes(
+def inference_memory_bytes(
     models: Mapping[str, nn.Module], input_shapes: Sequence[Sequence[int]], threads: int | None = None
-) -> dict[str, list[int]]:
-    """Peak resident-memory growth of one steady-state CPU inference call, per model and input shape.
+) -> dict[str, dict[str, list[int]]]:
+    """Memory of one steady-state CPU inference call, per model and input shape, under two measures:
+    ``inference_rss_growth_bytes``, the peak resident-memory growth of the process, and
+    ``inference_live_peak_bytes``, the peak of live tensor memory (activations, workspaces, weight copies).
 
     Measured in a fresh process (one for all models: starting Python with torch is the slow
     part) whose allocator returns every large block to the system on free (glibc's mmap

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from selecsls._io import atomic_path, atomic_write
 from selecsls._optional import require
 from selecsls.bench.runner import size_label
+from selecsls.models.network import EVAL_CONV_MARGIN
 
 __all__ = ["format_report", "write_json", "write_plot"]
 
@@ -24,6 +25,8 @@ MEMORY_MEASURES = {
     "saved_tensor_bytes": "Activations saved for backward, one training forward pass (exact, machine-independent)",
     "cuda_training_peak_bytes": "Peak CUDA memory of one training step above weights and optimizer state",
     "inference_rss_growth_bytes": "Peak process RSS growth of one steady-state CPU inference call",
+    "inference_live_peak_bytes": "Peak live tensor memory of one steady-state CPU inference call "
+    "(activations, workspaces, per-call weight copies)",
 }
 
 
@@ -115,6 +118,23 @@ def _best_table(result: dict) -> str:
     return _table(header, table)
 
 
+def _conv_choice_lines(result: dict) -> str:
+    """What eager ``model(x)`` ran for each large SelecSLS conv (``SmallMapConv2d.eval_algorithm``)."""
+    algorithm = result["eval_conv_algorithm"]
+    if algorithm != "auto":
+        return f"Eager SelecSLS large convs: SELECSLS_CONV_ALGORITHM={algorithm}, every one ran as the {algorithm}."
+    lines = [
+        f"  {model} {conv}: " + "; ".join(f"{key} {choice}" for key, choice in per_input.items())
+        for model, per_conv in result["eval_conv_choices"].items()
+        for conv, per_input in per_conv.items()
+    ]
+    return (
+        "Eager SelecSLS large convs (SELECSLS_CONV_ALGORITHM=auto; conv turns it off): oneDNN's conv or the "
+        "exact im2col matmul, whichever the first call timed faster (a 3x3 conv, which copies its weight on "
+        f"every call, only when {EVAL_CONV_MARGIN:g}x faster):\n" + "\n".join(lines or ["  none timed"])
+    )
+
+
 def _models_table(result: dict) -> str:
     sizes = list(dict.fromkeys(size for info in result["models"].values() for size in info["macs_per_image"]))
     header = ["model", "params (M)", *(f"GMACs {size}px" for size in sizes)]
@@ -146,6 +166,7 @@ def format_report(result: dict) -> str:
         _models_table(result),
         "Latency, median of interleaved rounds in ms (inter-quartile range); speed-up vs "
         f"{result['reference']} at the same batch and size:\n" + _latency_table(result),
+        _conv_choice_lines(result),
     ]
     if len(result["settings"]["backends"]) > 1 and result.get("best_vs_best"):
         parts.append(

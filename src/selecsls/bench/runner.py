@@ -17,7 +17,6 @@ import copy
 import datetime
 import os
 import platform
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -25,15 +24,17 @@ import numpy as np
 import torch
 from torch import nn
 
+from selecsls._timing import Clock, time_interleaved, wall_clock
 from selecsls.bench.memory import (
     MemoryUnavailable,
     cuda_training_peak_bytes,
-    inference_rss_growth_bytes,
+    inference_memory_bytes,
     saved_tensor_bytes,
 )
 from selecsls.deploy.backends import BACKENDS, BackendUnavailable, predict_backends
 from selecsls.models.complexity import count_macs, count_params
 from selecsls.models.factory import create_model, list_models
+from selecsls.models.network import SmallMapConv2d, eval_conv_choices
 from selecsls.models.validation import check_img_size
 
 __all__ = [
@@ -66,61 +67,8 @@ PRESETS = {
 }
 # Saved activations are counted on the meta device (free), at a small and a large training load.
 MEMORY_SHAPES = ((1, 224, 224), (8, 512, 512))
-
-Clock = Callable[[Callable[[], object]], float]
-
-
-def wall_clock(sync: Callable[[], None] | None = None) -> Clock:
-    """A clock timing one call with ``time.perf_counter``; ``sync`` (if given) runs before and after
-    so asynchronous work queued by the call is inside the measurement."""
-
-    def measure(fn: Callable[[], object]) -> float:
-        if sync is not None:
-            sync()
-        start = time.perf_counter()
-        fn()
-        if sync is not None:
-            sync()
-        return time.perf_counter() - start
-
-    return measure
-
-
-def time_interleaved(
-    fns: Mapping[str, Callable[[], object]],
-    warmup: int,
-    repeats: int,
-    sync: Callable[[], None] | None = None,
-    *,
-    clock: Clock | None = None,
-) -> dict[str, list[float]]:
-    """Seconds per call of each function, ``repeats`` samples each, measured round-robin.
-
-    Each round calls every function once; the starting function rotates from round to round
-    so no function always runs right after the same neighbour. ``warmup`` untimed rounds
-    come first (allocator, caches, cudnn autotuning, lazy compilation). ``sync`` waits for
-    queued device work (e.g. ``torch.cuda.synchronize``); ``clock`` replaces the default
-    wall clock, e.g. with CUDA events (:func:`selecsls.bench.runner.cuda_event_clock`).
-    """
-    if warmup < 0:
-        raise ValueError(f"warmup must be >= 0, got {warmup}")
-    if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}")
-    if not fns:
-        raise ValueError("time_interleaved needs at least one function to time")
-    measure = clock or wall_clock(sync)
-    names = list(fns)
-    for _ in range(warmup):
-        for name in names:
-            fns[name]()
-    if sync is not None:
-        sync()
-    samples: dict[str, list[float]] = {name: [] for name in names}
-    for round_index in range(repeats):
-        shift = round_index % len(names)
-        for name in names[shift:] + names[:shift]:
-            samples[name].append(measure(fns[name]))
-    return samples
+# Inference memory (RSS growth, live tensor peak) where the published batch-1 claim applies.
+INFERENCE_MEMORY_SHAPES = ((1, 224, 224), (1, 320, 512))
 
 
 def summarize(samples: Sequence[float]) -> dict[str, float]:
@@ -191,6 +139,7 @@ class BenchSettings:
     warmup: int = 1
     repeats: int = 7
     memory_shapes: tuple[tuple[int, int, int], ...] = field(default=MEMORY_SHAPES)
+    inference_memory_shapes: tuple[tuple[int, int, int], ...] = field(default=INFERENCE_MEMORY_SHAPES)
 
     def __post_init__(self) -> None:
         known = list_models(baselines=True)
@@ -204,7 +153,8 @@ class BenchSettings:
             raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("--device cuda: CUDA is not available in this PyTorch build or machine; use --device cpu")
-        bad = [cell for cell in self.shapes + self.memory_shapes if len(cell) != 3 or min(cell) < 1]
+        cells = self.shapes + self.memory_shapes + self.inference_memory_shapes
+        bad = [cell for cell in cells if len(cell) != 3 or min(cell) < 1]
         if bad or not self.shapes:
             raise ValueError(f"shapes must be positive (batch, height, width), got {bad or 'none'}")
         for batch, height, width in self.shapes:
@@ -293,7 +243,8 @@ def _model_info(model: nn.Module, settings: BenchSettings) -> dict[str, object]:
 
 
 def _memory(models: Mapping[str, nn.Module], settings: BenchSettings) -> dict[str, object]:
-    """Saved activations (exact) at the memory shapes; CUDA training peak or CPU inference RSS growth."""
+    """Saved activations (exact) at the memory shapes; CUDA training peak, or CPU inference RSS growth
+    and live tensor peak at the inference memory shapes."""
     memory: dict[str, object] = {
         "saved_tensor_bytes": {
             name: {shape_key(b, h, w): saved_tensor_bytes(model, (b, 3, h, w)) for b, h, w in settings.memory_shapes}
@@ -310,11 +261,13 @@ def _memory(models: Mapping[str, nn.Module], settings: BenchSettings) -> dict[st
                 for name, model in models.items()
             }
         else:
-            growth = inference_rss_growth_bytes(models, [(b, 3, h, w) for b, h, w in settings.shapes], settings.threads)
-            memory["inference_rss_growth_bytes"] = {
-                name: {shape_key(*shape): value for shape, value in zip(settings.shapes, values)}
-                for name, values in growth.items()
-            }
+            cells = settings.inference_memory_shapes
+            measured = inference_memory_bytes(models, [(b, 3, h, w) for b, h, w in cells], settings.threads)
+            for measure, per_model in measured.items():
+                memory[measure] = {
+                    name: {shape_key(*cell): value for cell, value in zip(cells, values)}
+                    for name, values in per_model.items()
+                }
     except MemoryUnavailable as exc:
         memory["skipped"] = str(exc)
     return memory
@@ -354,6 +307,9 @@ def run_benchmark(settings: BenchSettings, log: Callable[[str], None] = lambda m
             )
             result["latency"] += _time_cell(models, (batch, height, width), settings)
         result["best_vs_best"] = best_vs_best(result)
+        # The eager runner is the model itself: what its large convs chose is what model(x) runs.
+        result["eval_conv_algorithm"] = SmallMapConv2d.eval_algorithm
+        result["eval_conv_choices"] = {name: eval_conv_choices(model) for name, model in models.items()}
         log("measuring memory")
         result["memory"] = _memory(models, settings)
         result["machine"]["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None

@@ -68,9 +68,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--batch-sizes", type=_int_list, default=(), help="batch sizes, e.g. 1,16")
     p.add_argument(
+        "--memory-sizes",
+        type=_size_list,
+        help="image sizes of the batch-1 inference memory measures (CPU: peak RSS growth and live tensor peak "
+        "of one steady call; default 224,512x320)",
+    )
+    p.add_argument(
         "--backends",
         type=_name_list,
-        help="comma-separated: " + ", ".join(BACKENDS) + " (default eager; with --realtime every one that can run)",
+        help="comma-separated: " + ", ".join(BACKENDS) + " (default eager; with --realtime every one that can run). "
+        "eager, plain model.eval()(x), is always timed and reported first",
     )
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice, printed)")
@@ -88,12 +95,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_bench(args: argparse.Namespace) -> int:
     from selecsls.bench.report import format_report, write_json, write_plot
-    from selecsls.bench.runner import QUICK_MODELS, BenchSettings, grid_shapes, run_benchmark
+    from selecsls.bench.runner import INFERENCE_MEMORY_SHAPES, QUICK_MODELS, BenchSettings, grid_shapes, run_benchmark
 
     for suffix in (".json", ".png"):
         check_output(f"{args.output}{suffix}")
     preset = "full" if args.full else "realtime" if args.realtime else "quick"
     backends = args.backends or (tuple(device_backends(args.device)) if args.realtime else ("eager",))
+    # What a newcomer's model(x) gives comes first, and every speed-up is against resnet50's eager run.
+    backends = ("eager", *(name for name in backends if name != "eager"))
+    memory_shapes = tuple((1, *size) for size in args.memory_sizes) if args.memory_sizes else INFERENCE_MEMORY_SHAPES
     settings = BenchSettings(
         models=QUICK_MODELS if args.models is None else args.models,
         shapes=grid_shapes(preset, args.sizes, args.batch_sizes),
@@ -103,6 +113,7 @@ def run_bench(args: argparse.Namespace) -> int:
         amp=args.amp,
         warmup=args.warmup,
         repeats=args.repeats,
+        inference_memory_shapes=memory_shapes,
     )
     result = run_benchmark(settings, log=lambda message: print(message, file=sys.stderr, flush=True))
     print(format_report(result))

@@ -34,6 +34,7 @@ def run_models(args: argparse.Namespace) -> int:
 
 def run_info(args: argparse.Namespace) -> int:
     from selecsls import create_model, get_spec
+    from selecsls.models.network import EVAL_ALGORITHM_ENV, EVAL_CONV_MARGIN, SmallMapConv2d
 
     spec = get_spec(args.name)
     if args.json:
@@ -50,4 +51,16 @@ def run_info(args: argparse.Namespace) -> int:
     print("feature levels (features_only=True):")
     for level, info in enumerate(model.feature_info):
         print(f"  {level}: {info['module']:<12} {info['num_chs']:>5} channels, stride {info['reduction']}")
+    large = [name for name, m in model.named_modules() if isinstance(m, SmallMapConv2d) and m.large()]
+    algorithm = SmallMapConv2d.eval_algorithm
+    how = {
+        "auto": "oneDNN's conv or an exact im2col matmul, whichever their first call per input shape times faster "
+        f"(a 3x3 conv, which copies its weight on every call, only when {EVAL_CONV_MARGIN:g}x faster)",
+        "conv": "oneDNN's conv",
+        "matmul": "an exact im2col matmul",
+    }[algorithm]
+    print(
+        f"eval mode on the CPU: {', '.join(large) or 'no conv'} run as {how}; "
+        f"{EVAL_ALGORITHM_ENV}={algorithm} (auto, conv or matmul)"
+    )
     return 0

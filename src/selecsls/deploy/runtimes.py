@@ -4,13 +4,14 @@ inductor, BN-fused, GEMM-tuned, CUDA graphs, pruned): each turns a model and an 
 from __future__ import annotations
 
 import copy
-import time
+from functools import partial
 
 import torch
 import torch._inductor.config
 from torch import Tensor, nn
 from torch.fx.experimental.optimization import fuse as fx_fuse
 
+from selecsls._timing import fastest_seconds
 from selecsls.compress.pruning import prune_to_budget
 from selecsls.deploy.backends import BACKENDS, BackendUnavailable, Runner, first_line
 from selecsls.models.fusion import fuse
@@ -125,10 +126,12 @@ def cuda_graphs_fp16(model: nn.Module, example: Tensor) -> Runner:
 class GemmConv2d(nn.Module):
     """An ``nn.Conv2d`` (groups 1, zero padding) computed by :func:`~selecsls.models.network.conv2d_as_matmul`.
 
-    oneDNN picks a slow algorithm for some of SelecSLS's head convs at batch 1: measured on the
-    development EPYC, 1024 input channels on a 7x7 map, stride 2, took 36 ms as a conv and 7 ms
-    as this product (selecsls42b's 960-channel stride-1 head conv: 41 vs 19 ms), while most
-    other convs are as fast or faster as convs. :func:`tuned` times both per layer.
+    PyTorch's eager conv copies its weight into oneDNN's blocked layout on every call; for large
+    weights at batch 1 that copy outweighs the arithmetic, and this product reads the weight in
+    place (selecsls60's head.2 on the development EPYC: 36 ms as a conv, 7 ms as this product).
+    SelecSLS's own convs already make this choice in eval mode
+    (:class:`~selecsls.models.network.SmallMapConv2d`); :func:`tuned` times both for every spatial
+    conv of any model.
     """
 
     def __init__(self, conv: nn.Conv2d) -> None:
@@ -144,18 +147,8 @@ class GemmConv2d(nn.Module):
 
 
 #: :func:`tuned` swaps a conv for :class:`GemmConv2d` only when the product is at least this much
-#: faster (fastest of :data:`TUNING_REPEATS` calls each): small differences are timing noise.
+#: faster (fastest of :data:`TUNING_REPEATS` interleaved calls each): small differences are timing noise.
 TUNING_MARGIN, TUNING_REPEATS = 1.2, 5
-
-
-def _fastest_seconds(fn, x: Tensor) -> float:
-    fn(x)  # warm-up: allocations, oneDNN primitive creation
-    best = float("inf")
-    for _ in range(TUNING_REPEATS):
-        start = time.perf_counter()
-        fn(x)
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def tuned(model: nn.Module, example: Tensor) -> Runner:
@@ -185,8 +178,11 @@ def tuned(model: nn.Module, example: Tensor) -> Runner:
         for hook in hooks:
             hook.remove()
         for name, conv in convs.items():
-            gemm = GemmConv2d(conv)
-            if _fastest_seconds(conv, inputs[name]) > TUNING_MARGIN * _fastest_seconds(gemm, inputs[name]):
+            gemm, x = GemmConv2d(conv), inputs[name]
+            # nn.Conv2d.forward: oneDNN's conv, whatever a SmallMapConv2d would choose in eval mode.
+            candidates = {"conv": partial(nn.Conv2d.forward, conv, x), "gemm": partial(gemm, x)}
+            seconds = fastest_seconds(candidates, TUNING_REPEATS)
+            if seconds["conv"] > TUNING_MARGIN * seconds["gemm"]:
                 parent, _, attribute = name.rpartition(".")
                 setattr(network.get_submodule(parent), attribute, gemm)
     return network
