@@ -31,7 +31,7 @@ from torch import nn
 from selecsls import create_model
 from selecsls._io import atomic_write, check_output
 from selecsls.bench.runner import summarize, time_interleaved
-from selecsls.models.network import SmallMapConv2d
+from selecsls.models.conv import SmallMapConv2d
 from selecsls.train.recipes import build_optimizer, get_recipe
 
 

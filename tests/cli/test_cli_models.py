@@ -36,7 +36,7 @@ def test_info_names_the_convs_whose_eval_algorithm_is_chosen_and_the_switch(caps
     last = capsys.readouterr().out.splitlines()[-1]
     assert last.startswith("eval mode on the CPU: head.0.conv, head.1.conv, head.2.conv, head.3.conv run as ")
     assert "whichever their first call per input shape times faster" in last and "SELECSLS_CONV_ALGORITHM=auto" in last
-    monkeypatch.setattr("selecsls.models.network.SmallMapConv2d.eval_algorithm", "conv")
+    monkeypatch.setattr("selecsls.models.conv.SmallMapConv2d.eval_algorithm", "conv")
     assert main(["info", "selecsls60"]) == 0
     assert "run as oneDNN's conv; SELECSLS_CONV_ALGORITHM=conv" in capsys.readouterr().out
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import selecsls.models.network as network
+import selecsls.models.conv as conv_module
 from selecsls import count_macs, create_model, list_models
-from selecsls.models.network import SmallMapConv2d, eval_conv_choices
+from selecsls.models.conv import SmallMapConv2d, eval_conv_choices
 from sparse_models import tiny_spec, trained_like
 
 
@@ -42,7 +42,7 @@ def test_every_variant_in_eval_equals_the_plain_conv_network(monkeypatch, name, 
     assert len(large) == 4  # the head: the convs of a million weights or more
     x = torch.randn(batch, 3, height, width)
     products = []
-    monkeypatch.setattr(network, "conv2d_as_matmul", _counting(products, network.conv2d_as_matmul))
+    monkeypatch.setattr(conv_module, "conv2d_as_matmul", _counting(products, conv_module.conv2d_as_matmul))
     outputs = {}
     with torch.no_grad():
         for algorithm in ("conv", "matmul", "auto"):
@@ -73,7 +73,7 @@ def test_auto_times_once_per_input_and_keeps_the_faster_with_near_ties_to_the_pr
         timings.append(sorted(fns))
         return {"conv": conv_seconds, "matmul": 2.0}
 
-    monkeypatch.setattr(network, "fastest_seconds", fake_timer)
+    monkeypatch.setattr(conv_module, "fastest_seconds", fake_timer)
     small, other = torch.randn(1, 6, 9, 9), torch.randn(2, 6, 9, 9)
     with torch.no_grad():
         for x in (small, small, other, small):

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from selecsls import create_model, list_models
-from selecsls.models.network import SmallMapConv2d
+from selecsls.models.conv import SmallMapConv2d
 
 
 def _geometries():

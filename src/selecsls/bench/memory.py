@@ -101,7 +101,7 @@ def _proc_status_kib(field: str) -> int:
 
 
 #: Untimed calls before measuring: the first makes one-time workspaces and the model's eval-mode
-#: conv choices (:class:`selecsls.models.network.SmallMapConv2d`), which a steady call does not.
+#: conv choices (:class:`selecsls.models.conv.SmallMapConv2d`), which a steady call does not.
 STEADY_WARMUP_CALLS = 2
 
 

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from selecsls._io import atomic_path, atomic_write
 from selecsls._optional import require
 from selecsls.bench.runner import size_label
-from selecsls.models.network import EVAL_CONV_MARGIN
+from selecsls.models.conv import EVAL_CONV_MARGIN
 
 __all__ = ["format_report", "write_json", "write_plot"]
 

@@ -33,8 +33,8 @@ from selecsls.bench.memory import (
 )
 from selecsls.deploy.backends import BACKENDS, BackendUnavailable, predict_backends
 from selecsls.models.complexity import count_macs, count_params
+from selecsls.models.conv import SmallMapConv2d, eval_conv_choices
 from selecsls.models.factory import create_model, list_models
-from selecsls.models.network import SmallMapConv2d, eval_conv_choices
 from selecsls.models.validation import check_img_size
 
 __all__ = [

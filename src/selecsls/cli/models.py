@@ -34,7 +34,7 @@ def run_models(args: argparse.Namespace) -> int:
 
 def run_info(args: argparse.Namespace) -> int:
     from selecsls import create_model, get_spec
-    from selecsls.models.network import EVAL_ALGORITHM_ENV, EVAL_CONV_MARGIN, SmallMapConv2d
+    from selecsls.models.conv import EVAL_ALGORITHM_ENV, EVAL_CONV_MARGIN, SmallMapConv2d
 
     spec = get_spec(args.name)
     if args.json:

@@ -14,8 +14,9 @@ from torch.fx.experimental.optimization import fuse as fx_fuse
 from selecsls._timing import fastest_seconds
 from selecsls.compress.pruning import prune_to_budget
 from selecsls.deploy.backends import BACKENDS, BackendUnavailable, Runner, first_line
+from selecsls.models.conv import conv2d_as_matmul
 from selecsls.models.fusion import fuse
-from selecsls.models.network import SelecSLS, conv2d_as_matmul
+from selecsls.models.network import SelecSLS
 
 #: Budget of the ``pruned`` backends, as a fraction of the fused model's MACs. With random
 #: weights no channel is free to remove, so this budget alone decides the pruned width.
@@ -124,13 +125,13 @@ def cuda_graphs_fp16(model: nn.Module, example: Tensor) -> Runner:
 
 
 class GemmConv2d(nn.Module):
-    """An ``nn.Conv2d`` (groups 1, zero padding) computed by :func:`~selecsls.models.network.conv2d_as_matmul`.
+    """An ``nn.Conv2d`` (groups 1, zero padding) computed by :func:`~selecsls.models.conv.conv2d_as_matmul`.
 
     PyTorch's eager conv copies its weight into oneDNN's blocked layout on every call; for large
     weights at batch 1 that copy outweighs the arithmetic, and this product reads the weight in
     place (selecsls60's head.2 on the development EPYC: 36 ms as a conv, 7 ms as this product).
     SelecSLS's own convs already make this choice in eval mode
-    (:class:`~selecsls.models.network.SmallMapConv2d`); :func:`tuned` times both for every spatial
+    (:class:`~selecsls.models.conv.SmallMapConv2d`); :func:`tuned` times both for every spatial
     conv of any model.
     """
 
