@@ -23,7 +23,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 
@@ -43,35 +43,31 @@ class Preset:
     training_options: tuple[str, ...] = ()  # e.g. the tensor cache and bf16 on a GPU
 
 
+#: The full budget: all 50,000 training and 10,000 validation images, 15 epochs of batch 32
+#: (23,430 steps) per run, about 3.6 hours of one core per selecsls42b run here; pilot groups first.
+FULL_BUDGET = Preset(
+    img_size=32,
+    limit=None,
+    val_limit=None,
+    epochs=15,
+    batch_size=32,
+    finetune_epochs=2,
+    save_every=200,
+    runs="full",
+    pilot_epochs=2,
+)
 PRESETS = {
     # What the 2-core development CPU affords (selecsls42b trains at ~130 img/s at 32 px on an idle
     # one): 5,000 balanced training images (500 per class), 10 epochs of batch 32 = 1,560 steps per run.
     "cpu": Preset(img_size=32, limit=5000, val_limit=1000, epochs=10, batch_size=32, finetune_epochs=2, save_every=100),
-    # The full budget: all 50,000 training and 10,000 validation images, 15 epochs of batch 32
-    # (23,430 steps) per run, about 3.6 hours of one core per selecsls42b run here.
-    "full": Preset(
-        img_size=32,
-        limit=None,
-        val_limit=None,
-        epochs=15,
-        batch_size=32,
-        finetune_epochs=2,
-        save_every=200,
-        runs="full",
-        pilot_epochs=2,
-    ),
-    # The full budget's runs for one GPU: the same data, epochs and batch size, decoded once into the
-    # tensor cache (augmented on the GPU; the JPEG path would starve it), bf16, channels-last; every
-    # run to the end, side by side (benchmarks/gpu_study.sh), the pilot rules choosing at the end.
-    "gpu": Preset(
-        img_size=32,
-        limit=None,
-        val_limit=None,
-        epochs=15,
-        batch_size=32,
-        finetune_epochs=2,
+    "full": FULL_BUDGET,
+    # The full budget on one GPU: decoded once into the tensor cache (augmented on the GPU; the JPEG
+    # path would starve it), bf16, channels-last; every run to the end, side by side
+    # (benchmarks/gpu_study.sh), the pilot rules choosing at the end.
+    "gpu": replace(
+        FULL_BUDGET,
         save_every=2000,
-        runs="full",
+        pilot_epochs=0,
         training_options=("--data-cache", "{out}/tensor-cache", "--amp", "bf16", "--channels-last", "--workers", "0"),
     ),
 }
