@@ -3,10 +3,13 @@ import sys
 import pytest
 import torch
 
+import selecsls
 from selecsls._optional import MissingDependency
+from selecsls.cli import main
 from selecsls.compress.baseline_pruning import prune_to_macs
 from selecsls.models.baselines import ResNet50, conv_widths
 from selecsls.models.complexity import count_macs
+from training_fixtures import make_image_folder
 
 SIZE = (1, 3, 32, 32)
 
@@ -50,7 +53,7 @@ def test_bad_requests_are_one_clear_error(trained_looking_resnet50):
         prune_to_macs(trained_looking_resnet50, 10**6, SIZE, importance="taylor")
     with pytest.raises(ValueError, match="target_macs must be between 0 and the dense model's"):
         prune_to_macs(trained_looking_resnet50, 10**12, SIZE)
-    with pytest.raises(TypeError, match="prunes selecsls's ResNet50"):
+    with pytest.raises(TypeError, match="prunes a ResNet-50"):
         prune_to_macs(torch.nn.Linear(2, 2), 1, SIZE)
 
 
@@ -71,3 +74,23 @@ def test_resnet50_widths_are_checked():
     with pytest.raises(ValueError, match="widths must be positive integers"):
         ResNet50(10, {"conv1": 0})
     assert conv_widths(ResNet50(10)) == ResNet50.dense_widths()
+
+
+def test_a_pruned_resnet50_saves_loads_and_fine_tunes_as_a_baseline(tmp_path):
+    pytest.importorskip("torch_pruning")
+    torch.manual_seed(0)
+    resnet = selecsls.create_model("resnet50", num_classes=3).eval()  # the classes of the fine-tuning data
+    pruned = prune_to_macs(resnet, count_macs(resnet, SIZE) // 3, SIZE, tolerance=0.1).eval()
+    assert dict(pruned.card.widths) == {
+        name: width for name, width in conv_widths(pruned).items() if width != ResNet50.dense_widths()[name]
+    }
+    image = torch.randn(2, 3, 32, 32)
+    for suffix in (".pt", ".safetensors"):
+        selecsls.save(pruned, tmp_path / f"pruned{suffix}")
+        loaded = selecsls.load(tmp_path / f"pruned{suffix}").eval()  # widths read off the weights
+        assert loaded.card == pruned.card and torch.equal(loaded(image), pruned(image))
+    data = make_image_folder(tmp_path / "data", per_class=4)
+    argv = ["train", "--data", str(data), "--init", str(tmp_path / "pruned.pt"), "--output", str(tmp_path / "ft")]
+    argv += ["--img-size", "32", "--batch-size", "4", "--epochs", "1", "--workers", "0", "--no-progress"]
+    assert main(argv) == 0
+    assert conv_widths(selecsls.load(tmp_path / "ft" / "best.pt")) == conv_widths(pruned)

@@ -5,7 +5,9 @@ import pytest
 import torch
 
 from selecsls import count_params
-from selecsls.models.baselines import ResNet50, create_baseline, list_baselines, resnet50, vovnet39
+from selecsls.models.baselines import ResNet50, create_baseline, list_baselines, narrowed_widths, resnet50, vovnet39
+from selecsls.models.card import ModelCard
+from selecsls.models.validation import InvalidInput
 
 
 def test_resnet50_has_torchvisions_parameter_count_and_keys():
@@ -68,3 +70,19 @@ def test_the_one_registry_builds_baselines_and_refuses_selecsls_only_options():
         assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 7)
     with pytest.raises(ValueError, match="baseline resnet50 .*drop features_only, output_stride"):
         selecsls.create_model("resnet50", features_only=True, output_stride=16)
+
+
+def test_a_baseline_card_takes_only_widths_the_network_has():
+    assert ModelCard("resnet50", widths=[["layer1.0.conv1", 8], ["conv1", 16]]).widths == (
+        ("conv1", 16),
+        ("layer1.0.conv1", 8),
+    )
+    with pytest.raises(InvalidInput, match="vovnet39 has no other widths; only \\['resnet50'\\] take them"):
+        ModelCard("vovnet39", widths=(("conv1", 8),))
+    with pytest.raises(InvalidInput, match="widths name a conv resnet50 does not have: 'layer9.0.conv1'"):
+        ModelCard("resnet50", widths=(("layer9.0.conv1", 8),))
+    with pytest.raises(InvalidInput, match="the width of conv1 must be"):
+        ModelCard("resnet50", widths=(("conv1", 0),))
+    with pytest.raises(InvalidInput, match="widths must be a list of 2 items"):
+        ModelCard("resnet50", widths=(("conv1",),))
+    assert narrowed_widths("resnet50", ResNet50.dense_widths()) is None

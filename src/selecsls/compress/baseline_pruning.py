@@ -5,8 +5,8 @@ projection): a channel can only go from all of them at once, and finding such gr
 Torch-Pruning's ``DependencyGraph`` does. :func:`prune_to_macs` prunes a ResNet-50 to a MAC budget
 with its BN-scale or group-magnitude importance, the baseline SelecSLS's own spec-level pruning
 (:mod:`selecsls.compress.pruning`, where every skip is a concatenation) is compared with. The
-result is rebuilt as :class:`~selecsls.models.baselines.ResNet50` with the pruned widths, so it is
-described by data and trains, saves and loads like any baseline.
+result is rebuilt as :class:`~selecsls.models.baselines.ResNet50` with the pruned widths (its model
+card's ``widths``), so it is described by data and trains, saves and loads like any baseline.
 
 Torch-Pruning is optional (the ``baseline`` extra); without it :func:`prune_to_macs` raises
 :class:`~selecsls._optional.MissingDependency` naming the extra.
@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
+from torch import nn
 
 from selecsls._optional import require
-from selecsls.models.baselines import ResNet50, conv_widths
+from selecsls.models.baselines import ResNet50, conv_widths, narrowed_widths
+from selecsls.models.build import build, describe
 from selecsls.models.complexity import count_macs
 
 __all__ = ["IMPORTANCES", "prune_to_macs"]
@@ -31,7 +34,7 @@ IMPORTANCES = {"bn_scale": "BNScaleImportance", "magnitude": "GroupMagnitudeImpo
 SEARCH_STEPS = 12
 
 
-def _pruned_copy(model: ResNet50, ratio: float, importance: str, example: torch.Tensor) -> ResNet50:
+def _pruned_copy(model: nn.Module, ratio: float, importance: str, example: torch.Tensor) -> ResNet50:
     """``model`` with every dependency group pruned by ``ratio`` (the classifier's outputs kept),
     rebuilt as a ResNet50 of the pruned widths holding the surviving weights."""
     tp = require("torch_pruning", "for the Torch-Pruning baseline", extra="baseline")
@@ -45,13 +48,14 @@ def _pruned_copy(model: ResNet50, ratio: float, importance: str, example: torch.
     )
     with torch.no_grad():
         pruner.step()
-    rebuilt = ResNet50(pruned.fc.out_features, conv_widths(pruned))
+    card = model.__dict__.get("card") or describe("resnet50", num_classes=model.fc.out_features)
+    rebuilt = build(replace(card, widths=narrowed_widths("resnet50", conv_widths(pruned))))
     rebuilt.load_state_dict(pruned.state_dict())
     return rebuilt.train(model.training)
 
 
 def prune_to_macs(
-    model: ResNet50,
+    model: nn.Module,
     target_macs: int,
     input_size: Sequence[int] = (1, 3, 224, 224),
     importance: str = "bn_scale",
@@ -60,8 +64,10 @@ def prune_to_macs(
     """A uniformly pruned copy of ``model`` (every dependency group by one ratio, found by bisection)
     whose MACs at ``input_size`` are at most ``target_macs`` and, where the bisection reaches it,
     within ``tolerance`` of it. ``model`` is not changed."""
-    if not isinstance(model, ResNet50):
-        raise TypeError(f"the Torch-Pruning baseline prunes selecsls's ResNet50, got {type(model).__name__}")
+    if set(conv_widths(model)) != set(ResNet50.dense_widths()) or not isinstance(getattr(model, "fc", None), nn.Linear):
+        raise TypeError(
+            f"the Torch-Pruning baseline prunes a ResNet-50 (torchvision's module layout), got {type(model).__name__}"
+        )
     if importance not in IMPORTANCES:
         raise ValueError(f"importance must be one of {sorted(IMPORTANCES)}, got {importance!r}")
     dense = count_macs(model, input_size)

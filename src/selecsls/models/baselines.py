@@ -21,11 +21,13 @@ from torch import Tensor, nn
 
 __all__ = [
     "BASELINES",
+    "DENSE_WIDTHS",
     "ResNet50",
     "VoVNet",
     "conv_widths",
     "create_baseline",
     "list_baselines",
+    "narrowed_widths",
     "resnet50",
     "vovnet39",
 ]
@@ -118,6 +120,15 @@ class ResNet50(nn.Module):
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def narrowed_widths(baseline: str, widths: Mapping[str, int]) -> tuple[tuple[str, int], ...] | None:
+    """The ``widths`` (conv name -> channels) that differ from the published ``baseline``'s, as sorted
+    pairs (a model card's ``widths``); None for the published widths or a baseline that has no others."""
+    if baseline not in DENSE_WIDTHS:
+        return None
+    dense = DENSE_WIDTHS[baseline]()
+    return tuple(sorted((name, width) for name, width in widths.items() if dense.get(name, width) != width)) or None
 
 
 def conv_widths(model: nn.Module) -> dict[str, int]:
@@ -250,6 +261,8 @@ def vovnet39(num_classes: int = 1000) -> VoVNet:
 
 # -------------------------------------------------------------------------------- registry
 BASELINES: dict[str, Callable[..., nn.Module]] = {"resnet50": resnet50, "vovnet39": vovnet39}
+#: The baselines that take ``widths`` (a channel-pruned network), with their published widths.
+DENSE_WIDTHS: dict[str, Callable[[], dict[str, int]]] = {"resnet50": ResNet50.dense_widths}
 
 
 def list_baselines() -> list[str]:

@@ -101,7 +101,7 @@ def build(card: ModelCard) -> nn.Module:
         network = SelecSLSFeatures if card.features_only else SelecSLS
         model = network(card.architecture, **card.build_args)
     else:
-        model = create_baseline(card.name, num_classes=card.num_classes)
+        model = create_baseline(card.name, **card.build_args)
         # The attributes SelecSLS has (timm's convention), so train/eval/predict treat every model alike.
         model.num_classes = card.num_classes
         model.pretrained_cfg = card.pretrained_cfg()

@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
-from selecsls.models.baselines import list_baselines
+from selecsls.models.baselines import DENSE_WIDTHS, list_baselines, narrowed_widths
 from selecsls.models.spec import ModelSpec
 from selecsls.models.validation import (
     GLOBAL_POOLS,
@@ -127,6 +127,9 @@ class ModelCard:
     preprocessing: Preprocessing | None = None
     label_names: tuple[str, ...] | None = None
     provenance: Provenance = field(default_factory=Provenance)
+    #: A baseline's conv widths where they differ from the published network's (channel-pruned),
+    #: as sorted (conv name, output channels) pairs; its files need not store them: the weights do.
+    widths: tuple[tuple[str, int], ...] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.architecture, ModelSpec):
@@ -152,6 +155,16 @@ class ModelCard:
                 f"input_size {self.preprocessing.input_size} has {self.preprocessing.input_size[0]} channels but the "
                 f"network reads {self.in_chans}"
             )
+        if self.widths is not None:
+            if self.name not in DENSE_WIDTHS:
+                raise InvalidInput(f"{self.name} has no other widths; only {sorted(DENSE_WIDTHS)} take them")
+            known, widths = DENSE_WIDTHS[self.name](), {}
+            for pair in check_sequence("widths", self.widths, range(len(known) + 1), "(conv, channels) pairs"):
+                conv, channels = check_sequence("widths", pair, (2,), "items: a conv name and its channels")
+                if conv not in known:
+                    raise InvalidInput(f"widths name a conv {self.name} does not have: {conv!r:.60}")
+                widths[conv] = check_int(f"the width of {conv}", channels, 1, MAX_WIDTH)
+            object.__setattr__(self, "widths", tuple(sorted(widths.items())) or None)
         if self.label_names is not None:
             names = check_sequence("label_names", self.label_names, (self.num_classes,), "class names, one per output")
             object.__setattr__(self, "label_names", tuple(check_text("label_names", name, MAX_NAME) for name in names))
@@ -171,7 +184,7 @@ class ModelCard:
     def build_args(self) -> dict[str, Any]:
         """The builder's keyword arguments besides the architecture (``model.build_args`` of the network)."""
         if not isinstance(self.architecture, ModelSpec):
-            return {"num_classes": self.num_classes}
+            return {"num_classes": self.num_classes} | ({"widths": dict(self.widths)} if self.widths else {})
         args: dict[str, Any] = dict(drop_rate=self.drop_rate, output_stride=self.output_stride, fused=self.fused)
         if self.features_only:
             return args | {"out_indices": self.out_indices}
@@ -224,11 +237,11 @@ class ModelCard:
         check_choice("baseline", name, list_baselines())
         state = entries.get("state_dict")
         matrices = [t for t in state.values() if getattr(t, "ndim", 0) == 2] if isinstance(state, Mapping) else []
-        num_classes = matrices[-1].shape[0] if matrices else 1000
+        build = dict(num_classes=matrices[-1].shape[0] if matrices else 1000, widths=_narrowed(name, state))
         if "pretrained_cfg" not in entries:
-            return cls(name, num_classes=num_classes)
+            return cls(name, **build)
         cfg = json_object("pretrained_cfg", entries["pretrained_cfg"])
-        return cls.from_pretrained_cfg(cfg, name, num_classes=num_classes)
+        return cls.from_pretrained_cfg(cfg, name, **build)
 
     def to_json(self) -> str:
         """The description a file stores: SelecSLS's full description, a baseline's ``pretrained_cfg``."""
@@ -291,3 +304,11 @@ class ModelCard:
             label_names=cfg.get("label_names"),
             provenance=Provenance(**provenance),
         )
+
+
+def _narrowed(baseline: str, state: Any) -> tuple[tuple[str, int], ...] | None:
+    """The conv widths of a baseline's weights where they differ from the published network's."""
+    if not isinstance(state, Mapping):
+        return None
+    convs = {key.removesuffix(".weight"): t.shape[0] for key, t in state.items() if getattr(t, "ndim", 0) == 4}
+    return narrowed_widths(baseline, convs)
