@@ -89,11 +89,6 @@ class TensorCache:
     classes: list[str]
     unreadable: dict[int, str]  # row -> why the image could not be decoded (its row holds zeros)
     paths: Sequence[str]  # the folder's file per row, for reports
-    source: str
-
-    @property
-    def label_names(self) -> list[str]:
-        return self.classes
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -216,4 +211,4 @@ def _open(folder: ImageFolder, pixels_path: Path, sidecar_path: Path, expected: 
         raise CacheError(f"tensor cache {where} has other class targets than the folder; {fix}")
     unreadable = {int(row): str(reason) for row, reason in record.get("unreadable", {}).items()}
     paths = [path for path, _ in folder.samples]
-    return TensorCache(pixels, targets, list(folder.classes), unreadable, paths, folder.source)
+    return TensorCache(pixels, targets, list(folder.classes), unreadable, paths)
