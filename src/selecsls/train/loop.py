@@ -3,12 +3,14 @@
 Everything a run needs to continue is saved in ``last.pt`` (atomically) at every epoch end
 and every ``save_every`` steps: model, optimiser, scheduler, EMA, grad scaler, RNG states
 and the position (epoch, batches done). Data order and augmentation are pure functions of
-(seed, epoch, index), so a resumed run replays exactly the batches an uninterrupted run
-would have seen. Started under ``torchrun``, the same loop runs DistributedDataParallel.
+(seed, epoch, index), or with the tensor cache of (seed, epoch, step, process), so a resumed run
+replays exactly the batches an uninterrupted run would have seen. Started under ``torchrun``, the
+same loop runs DistributedDataParallel.
 
-The parts: :mod:`~selecsls.train.config` (settings), :mod:`~selecsls.train.distributed`
-(processes), :mod:`~selecsls.train.optimization` (the step), :mod:`~selecsls.train.state`
-(save and resume), :mod:`~selecsls.train.reporting` (logs, metrics, plots).
+The parts: :mod:`~selecsls.train.config` (settings), :mod:`~selecsls.train.batches` (image files
+or the tensor cache), :mod:`~selecsls.train.distributed` (processes),
+:mod:`~selecsls.train.optimization` (the step), :mod:`~selecsls.train.state` (save and resume),
+:mod:`~selecsls.train.reporting` (logs, metrics, plots).
 """
 
 from __future__ import annotations
