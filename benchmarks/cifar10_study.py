@@ -261,16 +261,19 @@ def main() -> None:
 # ------------------------------------------------------------------------------------ pilots
 def train_with_pilots(selected: list[Run], runs: tuple[Run, ...], data: str, out: Path, preset: Preset) -> None:
     """Pilot epochs for every selected pilot run; then each group's choice (once the whole group has
-    its pilot epochs) trains to the end; then the selected runs outside the pilot groups. With no
-    pilot epochs (where the hours are cheap) every run trains to the end and the rules choose there."""
+    its pilot epochs: a process that ran one of them waits for the others, run by other processes)
+    trains to the end; then the selected runs outside the pilot groups. With no pilot epochs (where
+    the hours are cheap) every run trains to the end and the rules choose there."""
     for spec in selected:
         if spec.pilot:
             train(spec, data, out, preset, stop_after=preset.pilot_epochs or None)
     for group in dict.fromkeys(spec.pilot for spec in runs if spec.pilot):
         chosen = choose_pilot(out, runs, group, preset.pilot_epochs or preset.epochs)
-        if chosen is None:
+        while chosen is None and any(spec.pilot == group for spec in selected):  # a member ran here: wait
             print(f"pilot group {group!r}: waiting for its other runs' pilot epochs", flush=True)
-        elif chosen in selected:
+            time.sleep(60)
+            chosen = choose_pilot(out, runs, group, preset.pilot_epochs or preset.epochs)
+        if chosen in selected:
             train(chosen, data, out, preset)
     for spec in selected:
         if not spec.pilot:
