@@ -5,6 +5,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+import selecsls
 from selecsls import count_flops, count_macs, create_model
 from selecsls.bench.memory import _allocated_peak_bytes, saved_tensor_bytes
 from selecsls.bench.runner import (
@@ -307,3 +308,23 @@ def test_bench_rejects_a_malformed_size(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "--sizes", "512by320"])
     assert "expected comma-separated sizes such as 224,512x320" in capsys.readouterr().err
+
+
+def test_bench_times_a_model_file_beside_the_named_networks(tmp_path, capsys):
+    # A pruned network is benchmarked as saved, next to resnet50 (the ratios' reference).
+    pruned = tmp_path / "pruned.pt"
+    selecsls.save(selecsls.prune_to_budget(create_model("selecsls42b", num_classes=10).eval(), macs=0.3), pruned)
+    argv = ["bench", "--models", f"{pruned},resnet50", "--sizes", "32", "--batch-sizes", "1", "--warmup", "0"]
+    argv += ["--repeats", "2", "--threads", "1", "--memory-sizes", "32", "--output", str(tmp_path / "bench")]
+    assert main(argv) == 0
+    result = json.loads((tmp_path / "bench.json").read_text())
+    assert [(r["model"], r["status"]) for r in result["latency"]] == [(str(pruned), "ok"), ("resnet50", "ok")]
+    macs = result["models"][str(pruned)]["macs_per_image"]["32"]
+    assert (
+        macs
+        == count_macs(selecsls.load(pruned), (1, 3, 32, 32))
+        < 0.31 * count_macs(create_model("selecsls42b"), (1, 3, 32, 32))
+    )
+    capsys.readouterr()
+    assert main(["bench", "--models", str(tmp_path / "missing.pt")]) == 2
+    assert "model file(s) ['" in capsys.readouterr().err

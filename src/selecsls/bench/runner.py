@@ -35,6 +35,7 @@ from selecsls.deploy.backends import BACKENDS, BackendUnavailable, predict_backe
 from selecsls.models.complexity import count_macs, count_params
 from selecsls.models.conv import SmallMapConv2d, eval_conv_choices
 from selecsls.models.factory import create_model, list_models
+from selecsls.models.loading import load
 from selecsls.models.validation import check_img_size
 
 __all__ = [
@@ -65,6 +66,8 @@ PRESETS = {
     "full": tuple((batch, *size) for batch in FULL_BATCH_SIZES for size in FULL_SIZES),
     "realtime": REALTIME_SHAPES,
 }
+#: ``--models`` entries with these endings are model files, benchmarked beside the named networks.
+MODEL_FILE_SUFFIXES = (".pt", ".pth", ".safetensors")
 # Saved activations are counted on the meta device (free), at a small and a large training load.
 MEMORY_SHAPES = ((1, 224, 224), (8, 512, 512))
 # Inference memory (RSS growth, live tensor peak) where the published batch-1 claim applies.
@@ -143,9 +146,15 @@ class BenchSettings:
 
     def __post_init__(self) -> None:
         known = list_models(baselines=True)
-        unknown = [m for m in self.models if m not in known]
+        unknown = [m for m in self.models if m not in known and not is_model_file(m)]
         if unknown or not self.models:
-            raise ValueError(f"unknown or no models {unknown}; choose from {', '.join(known)}")
+            raise ValueError(
+                f"unknown or no models {unknown}; choose from {', '.join(known)}, or name model files "
+                f"({', '.join(MODEL_FILE_SUFFIXES)})"
+            )
+        missing = [m for m in self.models if is_model_file(m) and not os.path.isfile(m)]
+        if missing:
+            raise ValueError(f"model file(s) {missing} do not exist")
         unknown = [b for b in self.backends if b not in BACKENDS]
         if unknown or not self.backends:
             raise ValueError(f"unknown or no backends {unknown}; choose from {', '.join(BACKENDS)}")
@@ -286,11 +295,26 @@ def _benchmark_mode(settings: BenchSettings) -> Iterator[None]:
         torch.backends.cudnn.benchmark = cudnn_benchmark
 
 
+def is_model_file(entry: str) -> bool:
+    """Whether a ``--models`` entry names a model file (a trained or pruned network) rather than a name."""
+    return entry.endswith(MODEL_FILE_SUFFIXES)
+
+
+def _bench_model(entry: str) -> nn.Module:
+    """A network by name, or the one a model file holds (which must take RGB images, as the bench feeds)."""
+    if not is_model_file(entry):
+        return create_model(entry)
+    model = load(entry)
+    if model.card.in_chans != 3:
+        raise ValueError(f"{entry} takes {model.card.in_chans} input channel(s); the bench feeds RGB images")
+    return model
+
+
 def run_benchmark(settings: BenchSettings, log: Callable[[str], None] = lambda message: None) -> dict[str, object]:
     """Measure ``settings`` and return every raw sample, summary and the machine, JSON-ready."""
     with _benchmark_mode(settings):
         torch.manual_seed(0)
-        models = {name: create_model(name).to(settings.device).eval() for name in settings.models}
+        models = {name: _bench_model(name).to(settings.device).eval() for name in settings.models}
         result: dict[str, object] = dict(
             machine=machine_description(settings.device),
             settings=asdict(settings),

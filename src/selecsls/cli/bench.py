@@ -57,7 +57,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--device, with a best-vs-best table (each model's fastest backend vs resnet50's fastest)",
     )
     p.add_argument(
-        "--models", type=_name_list, help="comma-separated SelecSLS variants and baselines (resnet50, vovnet39)"
+        "--models",
+        type=_name_list,
+        help="comma-separated SelecSLS variants, baselines (resnet50, vovnet39) or model files (.pt, .pth, "
+        ".safetensors: a trained or pruned network, timed as saved)",
     )
     p.add_argument(
         "--sizes",
