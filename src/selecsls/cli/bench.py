@@ -43,7 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "bench",
         help="latency, memory and MACs of SelecSLS vs ResNet-50 and VoVNet-39, as ratios to ResNet-50",
         description=(
-            "Quick default (about 1.5 minutes on 2 CPU cores): selecsls42b, selecsls60, resnet50, vovnet39 at "
+            "Quick default (a few minutes on 2 CPU cores): selecsls42b, selecsls60, resnet50, vovnet39 at "
             "224px and 512px batch 1 and 224px batch 16, eager fp32. Models are timed round-robin so "
             "machine drift hits all alike; medians and inter-quartile ranges are reported."
         ),
