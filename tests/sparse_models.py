@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from selecsls import create_model, get_spec
+from selecsls import ModelSpec, create_model, get_spec
+from selecsls.models.card import ModelCard
+from selecsls.models.network import SelecSLS
 
 IMAGE = (2, 3, 64, 64)
 
@@ -14,6 +16,15 @@ def tiny_spec():
     """selecsls42b's shape with every width divided by 16 (at least 4): milliseconds per forward."""
     spec = get_spec("selecsls42b")
     return spec.with_widths({name: max(4, cout // 16) for name, _, cout, _ in spec.conv_layers()}, name="tiny42b")
+
+
+def hollow_entries(spec: ModelSpec, num_classes: int) -> dict:
+    """A hand-made file's entries for ``spec``: its card, and weights of its shapes that are all zero-stride views
+    of one stored number, so the file stays small however wide ``spec`` is (shapes found on the meta device)."""
+    with torch.device("meta"):
+        shapes = SelecSLS(spec, num_classes=num_classes).state_dict()
+    state = {key: torch.zeros((), dtype=t.dtype).expand(t.shape) for key, t in shapes.items()}
+    return {**ModelCard(spec, num_classes=num_classes).entries(), "state_dict": state}
 
 
 def batchnorms(model: nn.Module) -> dict[str, nn.BatchNorm2d]:

@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests")]
 
 import selecsls  # noqa: E402  (after the path set-up above)
-from sparse_models import sparse_tiny_model  # noqa: E402
+from sparse_models import hollow_entries, sparse_tiny_model  # noqa: E402
 from training_fixtures import corrupt_image, make_image_folder, narrow_spec, write_image  # noqa: E402
 
 # Runs the CLI and reports the peak memory, so a case can tell an early refusal from a late one.
@@ -132,6 +132,7 @@ def _write_idx(path: Path, array: np.ndarray) -> None:
 
 def _payload_with(model, edit) -> dict:
     payload = selecsls.models.files.to_payload(model)
+    del payload[selecsls.models.files.HASH_KEY]  # hand-made files carry no content hash
     description = json.loads(payload["selecsls"])
     edit(description)
     return {**payload, "selecsls": json.dumps(description)}
@@ -542,6 +543,135 @@ def disk_full_torchscript_export(b, w):
 @case("disk full")
 def disk_full_prune_save(b, w):
     return _disk_case(b, w, "disk_prune", "prune", w / "x.pt", "--out", "@target", "--img-size", 32, "--repeats", 1)
+
+
+# ------------------------------------------------------------------------------ issue 19, part B
+def _saved_as(w: Path, name: str, edit=None, description=None) -> Path:
+    """``x.pt``'s model saved as ``name``, its tensors changed in place by ``edit(state)`` (hashed, as selecsls.save
+    writes such weights) or its description by ``description`` (hand-made: no content hash)."""
+    model = selecsls.load(w / "x.pt")
+    if description is not None:
+        payload = _payload_with(model, description)
+    else:
+        with torch.no_grad():
+            edit(model.state_dict())
+        payload = selecsls.models.files.to_payload(model)
+    torch.save(payload, w / name)
+    return w / name
+
+
+def _damaged(b, w, suffix: str) -> str:
+    """One flipped bit inside the classifier's weights of a file selecsls.save wrote."""
+    model = selecsls.load(w / "x.pt")
+    path = w / f"damaged{suffix}"
+    selecsls.save(model, path)
+    data = bytearray(path.read_bytes())
+    start = data.find(model.fc.weight.detach().numpy().tobytes())
+    assert start >= 0, "the classifier's bytes are stored as they are"
+    data[start + 5] ^= 0x10
+    path.write_bytes(bytes(data))
+    r = b.cli("eval", "--data", w / "data", "--checkpoint", path, "--workers", 0)
+    return verdict(r, "error", wrong="file is damaged: " not in r.err)
+
+
+@case("content hash")
+def damaged_torch_file(b, w):
+    return _damaged(b, w, ".pt")
+
+
+@case("content hash")
+def damaged_safetensors_file(b, w):
+    return _damaged(b, w, ".safetensors")
+
+
+@case("content hash")
+def info_of_a_saved_file(b, w):
+    r = b.cli("info", w / "x.pt")
+    return verdict(r, "success", wrong="content: verified (sha256 " not in r.out)
+
+
+@case("content hash")
+def info_of_a_foreign_state_dict(b, w):
+    torch.save(selecsls.load(w / "x.pt").state_dict(), w / "foreign.pth")
+    r = b.cli("info", w / "foreign.pth")
+    return verdict(r, "success", wrong="content: unverified" not in r.out)
+
+
+@case("bounded loading")
+def zero_stride_wide_head(b, w):
+    # 5,000 wide rather than the report's 14,000: the unfixed loader allocates about 2 GB, not 14.
+    spec = selecsls.load(w / "x.pt").spec.with_widths({"head.1": 5000, "head.2": 5000}, name="wide")
+    torch.save(hollow_entries(spec, 3), w / "hollow.pt")
+    r = b.cli("eval", "--data", w / "data", "--checkpoint", w / "hollow.pt", "--workers", 0, timeout=120)
+    return verdict(r, "error", wrong=r.maxrss_mb > 1000)
+
+
+@case("bounded loading")
+def sparse_tensor_in_a_checkpoint(b, w):
+    path = _saved_as(w, "sparse.pt", description=lambda d: None)
+    payload = torch.load(path, weights_only=True)
+    payload["state_dict"]["fc.weight"] = payload["state_dict"]["fc.weight"].to_sparse()
+    torch.save(payload, path)
+    r = b.cli("eval", "--data", w / "data", "--checkpoint", path, "--workers", 0)
+    return verdict(r, "error", wrong=len(r.err) > 2000)
+
+
+def _input_size(b, w, side: int) -> str:
+    path = _saved_as(w, f"side{side}.pt", description=lambda d: d["pretrained_cfg"].update(input_size=[3, side, side]))
+    r = b.cli("eval", "--data", w / "data", "--checkpoint", path, "--workers", 0)
+    return verdict(r, "error", wrong=r.code == 0)
+
+
+@case("limits")
+def input_size_of_1_px(b, w):
+    return _input_size(b, w, 1)
+
+
+@case("limits")
+def input_size_of_16384_px(b, w):
+    return _input_size(b, w, 16384)
+
+
+@case("limits")
+def eval_crop_pct_0_001(b, w):
+    r = b.cli("eval", "--data", w / "data", "--checkpoint", w / "x.pt", "--crop-pct", 0.001, timeout=60)
+    return verdict(r, "error")
+
+
+@case("non-finite")
+def negative_running_variance(b, w):
+    path = _saved_as(w, "negvar.pt", edit=lambda state: state["features.2.conv3.bn.running_var"].fill_(-0.5))
+    r = b.cli("eval", "--data", w / "data", "--checkpoint", path, "--workers", 0)
+    return verdict(r, "error", wrong="nan" in r.out)
+
+
+def _overflowing(w: Path) -> Path:
+    """Finite conv weights of 3e38: every forward overflows to NaN."""
+
+    def fill(state):
+        for key, tensor in state.items():
+            if key.endswith("conv.weight"):
+                tensor.fill_(3e38)
+
+    return _saved_as(w, "overflow.pt", edit=fill)
+
+
+@case("non-finite")
+def eval_of_overflowing_weights(b, w):
+    r = b.cli("eval", "--data", w / "data", "--checkpoint", _overflowing(w), "--workers", 0)
+    return verdict(r, "error", wrong="nan" in r.out)
+
+
+@case("non-finite")
+def predict_with_overflowing_weights(b, w):
+    r = b.cli("predict", w / "a.png", "--checkpoint", _overflowing(w))
+    return verdict(r, "error", wrong="nan" in r.out)
+
+
+@case("non-finite")
+def export_of_overflowing_weights(b, w):
+    r = b.cli("export", _overflowing(w), "--format", "onnx", "--out", w / "overflow.onnx")
+    return verdict(r, "error", wrong="max abs diff" in r.err or (w / "overflow.onnx").exists())
 
 
 def main() -> None:

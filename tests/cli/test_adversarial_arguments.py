@@ -34,8 +34,8 @@ COMMANDS = {
 @pytest.mark.parametrize(
     "command, extra, message",
     [
-        ("eval", ["--crop-pct", "0"], r"--crop-pct must be in \(0, 1\], got 0"),
-        ("eval", ["--crop-pct", "1.5"], r"--crop-pct must be in \(0, 1\], got 1.5"),
+        ("eval", ["--crop-pct", "0"], r"--crop-pct must be in \[0.25, 1\], got 0"),
+        ("eval", ["--crop-pct", "1.5"], r"--crop-pct must be in \[0.25, 1\], got 1.5"),
         ("eval", ["--img-size", "0"], "--img-size must be >= 16, got 0"),
         ("eval", ["--img-size", "100000"], "--img-size 100000 at batch 64 needs about .* GiB"),
         ("eval", ["--limit", "0"], "--limit must be >= 1, got 0"),

@@ -105,7 +105,7 @@ def test_horizontal_flip_always_and_never():
     [
         (lambda: build_eval_transform(32, interpolation="nearest"), "interpolation must be one of"),
         (lambda: build_eval_transform(32, crop_pct=1.5), "crop_pct must be in"),
-        (lambda: build_eval_transform(0), "img_size must be a positive integer"),
+        (lambda: build_eval_transform(0), r"img_size must be in \[16, 4096\], got 0"),
         (lambda: build_eval_transform(32, in_chans=4), "1 (grayscale) or 3 (RGB) channels"),
         (lambda: build_eval_transform(32, mean=(0.5, 0.5)), "mean has 2 values but the model takes 3"),
         (lambda: build_eval_transform(32, std=(0.0,)), "std must be positive"),

@@ -10,7 +10,7 @@ import selecsls
 from selecsls.cli import main
 from selecsls.deploy.inference import Predictor
 from selecsls.models.card import PAYLOAD_KEY
-from selecsls.models.files import to_payload
+from selecsls.models.files import HASH_KEY, to_payload
 from sparse_models import sparse_tiny_model
 from training_fixtures import corrupt_image, write_image
 
@@ -20,6 +20,7 @@ def model_file(tmp_path_factory):
     model = sparse_tiny_model(num_classes=3)
     model.card = model.card.with_image_size(32, 32)
     payload = to_payload(model)
+    del payload[HASH_KEY]  # a hand-made file
     description = json.loads(payload[PAYLOAD_KEY])
     description["pretrained_cfg"]["label_names"] = ["cat\x1b]0;pwned\x07", "dog", "fox"]
     path = tmp_path_factory.mktemp("predict") / "m.pt"
@@ -53,3 +54,20 @@ def test_the_api_returns_every_image_in_order(model_file, tmp_path):
 def test_no_readable_image_fails_before_loading_the_model(tmp_path, capsys):
     assert main(["predict", str(tmp_path / "none.jpg"), "--checkpoint", str(tmp_path / "no-model.pt")]) == 2
     assert "image " + str(tmp_path / "none.jpg") + " does not exist" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- issue 19, part B
+@pytest.mark.parametrize("backend", ["auto", "fused_channels_last"])
+def test_weights_that_overflow_give_an_error_naming_the_cause_not_nan_percent(tmp_path, capsys, backend):
+    model = sparse_tiny_model(num_classes=3)
+    model.card = model.card.with_image_size(32, 32)
+    with torch.no_grad():
+        model.fc.weight.fill_(3e38)  # finite, but the logits overflow
+    path = tmp_path / "m.pt"
+    torch.save(to_payload(model), path)
+    image = write_image(tmp_path / "a.png", (200, 30, 30), seed=0)
+    assert main(["predict", str(image), "--checkpoint", str(path), "--backend", backend]) == 2
+    captured = capsys.readouterr()
+    assert "nan" not in captured.out and len(captured.err.strip().splitlines()) == 1
+    assert "the model produces NaN or infinite outputs on " in captured.err
+    assert "its weights overflow float32 arithmetic" in captured.err

@@ -3,6 +3,7 @@ is built, pickled code is refused in torch's current wording, non-finite weights
 
 import json
 import os
+import re
 from dataclasses import replace
 
 import pytest
@@ -12,20 +13,34 @@ import selecsls
 from selecsls.cli import main
 from selecsls.models import loading
 from selecsls.models.card import PAYLOAD_KEY, ModelCard
-from selecsls.models.files import CheckpointError, read_file, to_payload
+from selecsls.models.files import HASH_KEY, CheckpointError, read_file, to_payload
 from selecsls.models.spec import MAX_CONV_PARAMS, SpecError
-from selecsls.models.validation import InvalidInput
-from sparse_models import tiny_spec
-from training_fixtures import write_image
+from selecsls.models.validation import InvalidInput, check_img_size
+from sparse_models import hollow_entries, tiny_spec
+from training_fixtures import make_image_folder, write_image
 
 
 def _model(**kwargs):
     return selecsls.create_model(tiny_spec(), **{"num_classes": 3} | kwargs)
 
 
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("data"), per_class=1)
+
+
+def _one_line_error(capsys, argv) -> str:
+    assert main(list(map(str, argv))) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
 def _save_with_description(path, model, edit):
-    """Save ``model`` with its JSON description changed by ``edit(description)`` (in place)."""
+    """Save ``model`` with its JSON description changed by ``edit(description)`` (in place), as a hand-made file
+    (without the content hash selecsls.save adds, which the change would no longer match)."""
     payload = to_payload(model)
+    del payload[HASH_KEY]
     description = json.loads(payload[PAYLOAD_KEY])
     edit(description)
     torch.save({**payload, PAYLOAD_KEY: json.dumps(description)}, path)
@@ -54,7 +69,8 @@ def test_build_args_cannot_smuggle_create_model_arguments(tmp_path):
         (lambda d: d["spec"].update(stem_chs=16.0), "stem_chs must be an integer"),
         (lambda d: d["spec"]["blocks"][0].update(first=1), "first must be true or false"),
         (lambda d: d["spec"]["blocks"][0].update(colour="red"), "unknown field.*colour"),
-        (lambda d: d["pretrained_cfg"].update(crop_pct=0), r"crop_pct must be in \[0.001, 1\]"),
+        (lambda d: d["pretrained_cfg"].update(crop_pct=0), r"crop_pct must be in \[0.25, 1\]"),
+        (lambda d: d["pretrained_cfg"].update(crop_pct=0.001), r"crop_pct must be in \[0.25, 1\], got 0.001"),
         (lambda d: d["pretrained_cfg"].update(std=[1, 0, 1]), "std must be positive"),
         (lambda d: d["pretrained_cfg"].update(input_size=[3, 224]), "input_size must be a list of 3 integers"),
         (lambda d: d["pretrained_cfg"].update(label_names=["a", "b"]), "list of 3 class names"),
@@ -113,7 +129,7 @@ def test_a_model_must_be_saveable_only_if_it_loads(tmp_path):
     model = _model()
     with pytest.raises(AttributeError, match="pretrained_cfg"):
         model.pretrained_cfg = {**model.pretrained_cfg, "loader": "x"}
-    with pytest.raises(InvalidInput, match=r"crop_pct must be in \[0.001, 1\]"):
+    with pytest.raises(InvalidInput, match=r"crop_pct must be in \[0.25, 1\]"):
         replace(model.card.preprocessing, crop_pct=0)
     with pytest.raises(InvalidInput, match="list of 3 class names"):
         replace(model.card, label_names=("a", "b"))
@@ -182,3 +198,92 @@ def test_a_corrupt_onnx_file_gives_one_line(tmp_path, capsys):
     assert main(["predict", str(image), "--checkpoint", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "is not a readable ONNX file" in err and len(err.strip().splitlines()) == 1
+
+
+# --------------------------------------------------------------------------- issue 19, part B
+@pytest.mark.parametrize("stored", ["zero-stride", "shared"])
+def test_a_small_file_cannot_make_the_loader_allocate_what_it_does_not_store(
+    tmp_path, monkeypatch, capsys, data, stored
+):
+    """A 90 KB file declaring a 14,000-wide head in zero-stride tensors passed the width and parameter limits
+    and made eval allocate 14 GB. Every tensor must be backed by bytes the file holds, checked before building."""
+    path = tmp_path / "m.pt"
+    if stored == "zero-stride":
+        torch.save(hollow_entries(tiny_spec().with_widths({"head.1": 14000, "head.2": 14000}, name="wide"), 3), path)
+        assert path.stat().st_size < 200_000
+        message = (
+            r"stem.conv.weight has shape \(4, 3, 3, 3\) \(432 bytes\) but the file stores 4 bytes of it "
+            r"\(a zero-stride or expanded tensor\); .* save them with tensor.contiguous\(\)"
+        )
+    else:  # every tensor a view of one stored block: together they need far more than it holds
+        payload = to_payload(_model())
+        del payload[HASH_KEY]
+        state = payload["state_dict"]
+        block = torch.zeros(max(tensor.numel() for tensor in state.values()))
+        views = {k: block[: t.numel()].view(t.shape) if t.is_floating_point() else t for k, t in state.items()}
+        torch.save({**payload, "state_dict": views}, path)
+        message = r"its tensors need [\d,]+ bytes but the file stores [\d,]+ \(tensors share their data\)"
+    monkeypatch.setattr(loading, "build", lambda *a, **k: pytest.fail("built before checking"))
+    with pytest.raises(CheckpointError, match=message):
+        selecsls.load(path)
+    err = _one_line_error(capsys, ["eval", "--data", data, "--checkpoint", path, "--workers", 0])
+    assert re.search(message, err), err
+
+
+@pytest.mark.parametrize("side", [1, 15, 4097, 16384])
+def test_the_input_size_a_file_records_meets_the_limits_of_img_size(tmp_path, capsys, data, side):
+    """input_size [3, 1, 1] was evaluated at 1 px, [3, 16384, 16384] ended in PIL's DecompressionBombError."""
+    path = _save_with_description(
+        tmp_path / "m.pt", _model(), lambda d: d["pretrained_cfg"].update(input_size=[3, side, side])
+    )
+    err = _one_line_error(capsys, ["eval", "--data", data, "--checkpoint", path, "--workers", 0])
+    assert err.endswith(f"m.pt: input_size must be in [16, 4096], got {side}"), err
+    with pytest.raises(InvalidInput):
+        check_img_size(side)  # --img-size refuses it too
+
+
+def test_a_sparse_tensor_is_one_line_saying_what_to_do(tmp_path, capsys, data):
+    """It gave a 14 KB dump of torch's dispatcher."""
+    payload = to_payload(_model())
+    del payload[HASH_KEY]
+    payload["state_dict"]["fc.weight"] = payload["state_dict"]["fc.weight"].to_sparse()
+    torch.save(payload, tmp_path / "m.pt")
+    err = _one_line_error(capsys, ["eval", "--data", data, "--checkpoint", tmp_path / "m.pt", "--workers", 0])
+    assert err.endswith(
+        "m.pt: fc.weight is a sparse_coo tensor, which selecsls does not load (only dense tensors); "
+        "convert it with tensor.to_dense() and save the file again"
+    ), err
+
+
+def test_negative_running_variances_are_refused_naming_the_layer(tmp_path, capsys, data):
+    """They made eval report "top-1 33.33% loss nan" with exit status 0."""
+    model = _model()
+    with torch.no_grad():
+        model.features[2].conv3.bn.running_var[1] = -0.5
+    torch.save(to_payload(model), tmp_path / "m.pt")
+    err = _one_line_error(capsys, ["eval", "--data", data, "--checkpoint", tmp_path / "m.pt", "--workers", 0])
+    assert err.endswith(
+        "m.pt: BatchNorm features.2.conv3.bn has negative running variances (down to -0.5), which no training "
+        "produces: the file is damaged or was edited; re-download it or save it again"
+    ), err
+
+
+@pytest.mark.parametrize("command", ["eval", "export", "prune"])
+def test_weights_that_overflow_are_named_as_the_cause_by_every_command(tmp_path, capsys, data, command):
+    """Finite weights of 3e38 overflow to NaN outputs: eval said "loss nan" (exit 0), export blamed the exporter
+    ("max abs diff nan"), prune called the result exact."""
+    model = _model()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() == 4:
+                parameter.fill_(3e38)
+    path, out = tmp_path / "m.pt", tmp_path / "out"
+    torch.save(to_payload(model), path)
+    argv = {
+        "eval": ["eval", "--data", data, "--checkpoint", path, "--workers", 0],
+        "export": ["export", path, "--format", "onnx", "--out", out],
+        "prune": ["prune", path, "--out", out, "--img-size", 32, "--repeats", 1],
+    }[command]
+    err = _one_line_error(capsys, argv)
+    assert "the model produces NaN or infinite outputs on " in err and "its weights overflow float32" in err, err
+    assert not out.exists()

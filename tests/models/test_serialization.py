@@ -10,7 +10,7 @@ from torch import nn
 import selecsls
 from selecsls import create_model, fuse
 from selecsls.models.card import PAYLOAD_KEY
-from selecsls.models.files import CheckpointError, identify, to_payload
+from selecsls.models.files import HASH_KEY, CheckpointError, identify, to_payload
 from sparse_models import relative_error, tiny_spec, trained_like
 
 X = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
@@ -78,7 +78,7 @@ def test_torch_file_holds_only_tensors_strings_and_dicts(tmp_path):
     model = MODELS["pruned"]()
     selecsls.save(model, tmp_path / "model.pt")
     stored = torch.load(tmp_path / "model.pt", weights_only=True)
-    assert set(stored) == {PAYLOAD_KEY, "state_dict"}
+    assert set(stored) == {PAYLOAD_KEY, "state_dict", HASH_KEY}
     description = json.loads(stored[PAYLOAD_KEY])
     assert description["spec"] == json.loads(model.spec.to_json())
     assert description["build_args"]["drop_rate"] == 0.1
@@ -157,7 +157,7 @@ def test_bad_overrides_and_files_are_refused(tmp_path):
     torch.save(create_model(tiny_spec()).state_dict(), tmp_path / "plain.pt")
     with pytest.raises(CheckpointError, match=r"plain.pt: its tensor shapes fit no published variant .*--model NAME"):
         selecsls.load(tmp_path / "plain.pt")
-    payload = to_payload(MODELS["fused"]())
+    payload = {key: value for key, value in to_payload(MODELS["fused"]()).items() if key != HASH_KEY}
     future = {**payload, PAYLOAD_KEY: json.dumps({**json.loads(payload[PAYLOAD_KEY]), "version": 99})}
     with pytest.raises(CheckpointError, match="version 99 is not 'selecsls.model' version 1"):
         identify(future, "future.pt")

@@ -35,6 +35,7 @@ from selecsls.deploy.backends import BACKENDS, BackendUnavailable, predict_backe
 from selecsls.models.complexity import count_macs, count_params
 from selecsls.models.conv import SmallMapConv2d, eval_conv_choices
 from selecsls.models.factory import create_model, list_models
+from selecsls.models.files import MODEL_FILE_SUFFIXES
 from selecsls.models.loading import load
 from selecsls.models.validation import check_img_size
 
@@ -66,8 +67,6 @@ PRESETS = {
     "full": tuple((batch, *size) for batch in FULL_BATCH_SIZES for size in FULL_SIZES),
     "realtime": REALTIME_SHAPES,
 }
-#: ``--models`` entries with these endings are model files, benchmarked beside the named networks.
-MODEL_FILE_SUFFIXES = (".pt", ".pth", ".safetensors")
 # Saved activations are counted on the meta device (free), at a small and a large training load.
 MEMORY_SHAPES = ((1, 224, 224), (8, 512, 512))
 # Inference memory (RSS growth, live tensor peak) where the published batch-1 claim applies.

@@ -1,18 +1,21 @@
-"""``selecsls models`` and ``selecsls info``: what the package can build."""
+"""``selecsls models`` and ``selecsls info``: what the package can build, and what a model file holds."""
 
 from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("models", help="table of variants: params, GMACs at 224x224, published top-1")
     p.add_argument("--img-size", type=int, default=224, help="input size for the GMACs column (default 224)")
     p.set_defaults(func=run_models)
-    p = subparsers.add_parser("info", help="print a variant's spec and feature levels")
-    p.add_argument("name", help="variant name, e.g. selecsls60")
-    p.add_argument("--json", action="store_true", help="print the spec as JSON")
+    p = subparsers.add_parser(
+        "info", help="print a variant's spec and feature levels, or what a model file holds and whether it is intact"
+    )
+    p.add_argument("name", help="variant name, e.g. selecsls60, or a model file (.pt, .pth, .safetensors)")
+    p.add_argument("--json", action="store_true", help="print the spec (for a file: what it holds) as JSON")
     p.set_defaults(func=run_info)
 
 
@@ -33,13 +36,58 @@ def run_models(args: argparse.Namespace) -> int:
 
 
 def run_info(args: argparse.Namespace) -> int:
-    from selecsls import create_model, get_spec
-    from selecsls.models.conv import EVAL_ALGORITHM_ENV, EVAL_CONV_MARGIN, SmallMapConv2d
+    from selecsls import get_spec
+    from selecsls.models.files import MODEL_FILE_SUFFIXES
 
+    if args.name.endswith(MODEL_FILE_SUFFIXES) or Path(args.name).is_file():
+        return _file_info(args.name, args.json)
     spec = get_spec(args.name)
     if args.json:
         print(json.dumps(spec.to_dict(), indent=2))
+    else:
+        _print_spec(spec)
+    return 0
+
+
+def _file_info(path: str, as_json: bool) -> int:
+    """What the model file at ``path`` holds, whether its content is verified against its hash and its spec."""
+    from selecsls._io import printable
+    from selecsls.models.files import read_model_file
+    from selecsls.models.layouts import fitting_variants
+    from selecsls.models.spec import ModelSpec
+
+    file = read_model_file(path)  # a damaged file fails here: "file is damaged: ..."
+    card = file.card
+    spec = card.architecture if card is not None and isinstance(card.architecture, ModelSpec) else None
+    if card is None:
+        fits = fitting_variants(file.state)
+        what = f"a state dict without a model card; its shapes fit {', '.join(fits) or 'no published variant'}"
+    else:
+        size = "x".join(map(str, card.preprocessing.input_size))
+        what = f"{card.name}, {card.num_classes} classes, input {size}{', BN-fused' if file.fused else ''}"
+    if file.content_hash is None:
+        content = (
+            "unverified (it carries no content hash: written by another tool or by selecsls 0.1, so damage "
+            "to it cannot be detected)"
+        )
+    else:
+        content = f"verified (sha256 {file.content_hash})"
+    if as_json:
+        facts = dict(file=path, model=what, verified=file.content_hash is not None, sha256=file.content_hash)
+        print(json.dumps({**facts, "spec": spec.to_dict() if spec else None}, indent=2))
         return 0
+    print(f"{printable(path)}: {what}")
+    print(f"content: {content}")
+    if spec is not None:
+        _print_spec(spec)
+    return 0
+
+
+def _print_spec(spec) -> None:
+    """The convs, feature levels and eval-mode conv algorithm of the network ``spec`` describes."""
+    from selecsls import create_model
+    from selecsls.models.conv import EVAL_ALGORITHM_ENV, EVAL_CONV_MARGIN, SmallMapConv2d
+
     model = create_model(spec)
     print(
         f"{spec.name}: stem {spec.stem_chs}, {len(spec.blocks)} blocks in {len(spec.stages())} stages, "
@@ -63,4 +111,3 @@ def run_info(args: argparse.Namespace) -> int:
         f"eval mode on the CPU: {', '.join(large) or 'no conv'} run as {how}; "
         f"{EVAL_ALGORITHM_ENV}={algorithm} (auto, conv or matmul)"
     )
-    return 0

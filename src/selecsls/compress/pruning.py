@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from selecsls.compress.sparsity import LayerSparsity, analyze_sparsity, calibration_batches
 from selecsls.models.build import build
 from selecsls.models.channel_flow import CLASSIFIER, Consumer, channel_flow, consumers_of
-from selecsls.models.compare import relative_difference
+from selecsls.models.compare import check_finite_outputs, relative_difference
 from selecsls.models.fusion import fused_state_dict
 from selecsls.models.network import SelecSLS, SelecSLSFeatures
 from selecsls.models.validation import check_number
@@ -103,7 +103,7 @@ def output_change(reference: SelecSLS, candidate: SelecSLS, loader: Iterable | N
             expected, got = reference(images), candidate(images)
             pairs = zip(expected, got) if isinstance(expected, list) else [(expected, got)]
             for before, after in pairs:
-                worst = max(worst, relative_difference(before, after))
+                worst = max(worst, relative_difference(check_finite_outputs(before, "the check images"), after))
     finally:
         reference.train(modes[0])
         candidate.train(modes[1])

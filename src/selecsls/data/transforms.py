@@ -17,6 +17,7 @@ import torch
 from PIL import Image, ImageEnhance
 
 from selecsls.models.card import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+from selecsls.models.validation import check_crop_pct, check_img_side
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -96,12 +97,6 @@ def _resampling(interpolation: str) -> Image.Resampling:
         return INTERPOLATIONS[interpolation]
     except KeyError:
         raise ValueError(f"interpolation must be one of {sorted(INTERPOLATIONS)}, got {interpolation!r}") from None
-
-
-def _check_size(img_size: int) -> int:
-    if not isinstance(img_size, int) or img_size < 1:
-        raise ValueError(f"img_size must be a positive integer, got {img_size!r}")
-    return img_size
 
 
 @dataclass(frozen=True)
@@ -212,11 +207,12 @@ def build_eval_transform(
     in_chans: int = 3,
 ) -> EvalTransform:
     """The evaluation pipeline ImageNet papers report with (resize, centre crop, normalise)."""
-    if not 0 < crop_pct <= 1:
-        raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
     _resampling(interpolation)
     return EvalTransform(
-        _check_size(img_size), float(crop_pct), interpolation, _ToNormalizedTensor(in_chans, mean, std)
+        check_img_side("img_size", img_size),
+        check_crop_pct("crop_pct", crop_pct),
+        interpolation,
+        _ToNormalizedTensor(in_chans, mean, std),
     )
 
 
@@ -242,7 +238,7 @@ def build_train_transform(
         raise ValueError(f"color_jitter must be >= 0, got {color_jitter}")
     _resampling(interpolation)
     return TrainTransform(
-        _check_size(img_size),
+        check_img_side("img_size", img_size),
         (float(scale[0]), float(scale[1])),
         (float(ratio[0]), float(ratio[1])),
         float(hflip),

@@ -32,7 +32,7 @@ from selecsls._io import PathLike, atomic_path, check_output, one_line, printabl
 from selecsls._optional import require
 from selecsls.deploy import openvino_ir
 from selecsls.deploy.backends import BackendUnavailable, Runner
-from selecsls.models.compare import relative_difference
+from selecsls.models.compare import check_finite_outputs, relative_difference
 from selecsls.models.files import CheckpointError
 
 __all__ = [
@@ -241,7 +241,7 @@ def compare_outputs(model: nn.Module, run: Runner, inputs: Sequence[tuple[str, T
     checks = []
     with torch.no_grad():
         for label, batch in inputs:
-            expected, exported = model(batch), run(batch)
+            expected, exported = check_finite_outputs(model(batch), f"the check inputs ({label})"), run(batch)
             max_abs_diff = float((exported - expected).abs().max())
             checks.append(ExportCheck(label, max_abs_diff, relative_difference(expected, exported)))
     return checks

@@ -31,6 +31,7 @@ from selecsls.deploy import openvino_ir
 from selecsls.deploy.backends import BACKENDS, BackendUnavailable, Runner, predict_backends
 from selecsls.deploy.export import one_image_at_a_time, onnx_session, read_metadata, session_runner
 from selecsls.models.card import ModelCard
+from selecsls.models.compare import check_finite_outputs
 from selecsls.models.files import CheckpointError
 from selecsls.models.validation import InvalidInput, check_int
 
@@ -171,7 +172,8 @@ class Predictor:
                     unreadable[os.fspath(path)] = str(exc)
             if images:
                 with torch.no_grad():
-                    top = self.run(torch.stack(images)).float().softmax(dim=1).topk(k, dim=1)
+                    logits = check_finite_outputs(self.run(torch.stack(images)).float(), "these images")
+                top = logits.softmax(dim=1).topk(k, dim=1)
                 ranked = iter(zip(top.values.tolist(), top.indices.tolist()))
             for path in map(os.fspath, chunk):
                 if path in unreadable:

@@ -33,7 +33,9 @@ from selecsls.models.validation import (
     InvalidInput,
     check_bool,
     check_choice,
+    check_crop_pct,
     check_fields,
+    check_img_side,
     check_int,
     check_number,
     check_sequence,
@@ -43,6 +45,7 @@ from selecsls.models.validation import (
 
 __all__ = [
     "BASELINE_KEY",
+    "CARD_KEYS",
     "FORMAT",
     "FORMAT_VERSION",
     "IMAGENET_MEAN",
@@ -59,6 +62,8 @@ FORMAT_VERSION = 1
 PAYLOAD_KEY = "selecsls"
 #: Key naming the architecture in a file of a baseline (no spec to store), beside its ``pretrained_cfg``.
 BASELINE_KEY = "baseline"
+#: Every key a card takes among a model file's entries (:meth:`ModelCard.entries`).
+CARD_KEYS = (PAYLOAD_KEY, BASELINE_KEY, "pretrained_cfg")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _DESCRIPTION_KEYS = {"format", "version", "spec", "features_only", "build_args", "pretrained_cfg"}
@@ -77,14 +82,15 @@ class Preprocessing:
     interpolation: str = "bilinear"
 
     def __post_init__(self) -> None:  # object.__setattr__: normalising the fields of a frozen dataclass
-        size = check_sequence("input_size", self.input_size, (3,), "integers")
-        object.__setattr__(self, "input_size", tuple(check_int("input_size", side, 1, MAX_WIDTH) for side in size))
+        channels, *sides = check_sequence("input_size", self.input_size, (3,), "integers")
+        sides = [check_img_side("input_size", side) for side in sides]  # the limits of --img-size
+        object.__setattr__(self, "input_size", (check_int("input_size", channels, 1, MAX_WIDTH), *sides))
         for name in ("mean", "std"):
             values = check_sequence(name, getattr(self, name), (1, 3), "numbers")
             object.__setattr__(self, name, tuple(check_number(name, value, -1e6, 1e6) for value in values))
         if min(self.std) <= 0:
             raise InvalidInput("std must be positive")
-        object.__setattr__(self, "crop_pct", check_number("crop_pct", self.crop_pct, 1e-3, 1.0))
+        object.__setattr__(self, "crop_pct", check_crop_pct("crop_pct", self.crop_pct))
         object.__setattr__(self, "interpolation", check_text("interpolation", self.interpolation))
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -11,8 +10,8 @@ import torch
 from torch import Tensor, nn
 
 from selecsls._io import PathLike
-from selecsls.models.files import read_state_dict
-from selecsls.models.layouts import StateDict, check_finite, fitting_variants, is_fused
+from selecsls.models.files import identify, read_model_file
+from selecsls.models.layouts import StateDict, fitting_variants, is_fused
 from selecsls.models.validation import CheckpointError
 
 __all__ = ["load_checkpoint", "load_state"]
@@ -21,11 +20,15 @@ __all__ = ["load_checkpoint", "load_state"]
 def load_checkpoint(
     model: nn.Module, path_or_state: PathLike | Mapping[str, Any], strict: bool = True
 ) -> torch.nn.modules.module._IncompatibleKeys:
-    """Load a checkpoint of any supported layout (a file or a loaded object) into ``model``; see :func:`load_state`."""
-    source = "state dict" if isinstance(path_or_state, Mapping) else os.fspath(path_or_state)
-    state = read_state_dict(path_or_state)
-    check_finite(state, source)
-    return load_state(model, state, strict, source=source)
+    """Load a checkpoint of any supported layout (a file or a loaded object) into ``model``; see :func:`load_state`.
+
+    It is read and checked as every model file is (:func:`~selecsls.models.files.identify`).
+    """
+    if isinstance(path_or_state, Mapping):
+        file = identify(path_or_state, "state dict")
+    else:
+        file = read_model_file(path_or_state)
+    return load_state(model, file.state, strict, source=file.source)
 
 
 def load_state(

@@ -13,6 +13,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from selecsls._io import printable
@@ -22,6 +23,7 @@ from selecsls.models.validation import CheckpointError
 __all__ = [
     "StateDict",
     "check_finite",
+    "check_stored",
     "check_weights",
     "checkpoint_filter_fn",
     "conv_weight_shapes",
@@ -93,10 +95,52 @@ def check_finite(state: Mapping[str, Tensor], source: str) -> None:
         )
 
 
+def check_stored(state: StateDict, source: str) -> None:
+    """Refuse tensors a file does not hold as dense data, checked on their metadata before anything reads them.
+
+    A sparse (or other non-strided) tensor is refused with what to do. So is a tensor whose shape needs
+    more bytes than its storage has (a zero-stride or expanded view), and tensors needing more bytes
+    together than all their storages hold (views sharing one storage): with these a 90 KB file declared
+    a 14,000-wide head that the loader then allocated (14 GB). With every tensor backed by stored
+    bytes, and the card's shapes checked against them (:func:`check_weights`), what loading allocates is
+    bounded by the file's size.
+    """
+    storages: dict[int, int] = {}
+    declared = 0
+    for key, tensor in state.items():
+        if tensor.layout != torch.strided:
+            raise CheckpointError(
+                f"{printable(source)}: {key} is a {str(tensor.layout).removeprefix('torch.')} tensor, which selecsls "
+                "does not load (only dense tensors); convert it with tensor.to_dense() and save the file again"
+            )
+        needed, storage = tensor.numel() * tensor.element_size(), tensor.untyped_storage()
+        if needed > storage.nbytes():
+            raise CheckpointError(
+                f"{printable(source)}: {key} has shape {tuple(tensor.shape)} ({needed:,} bytes) but the file stores "
+                f"{storage.nbytes():,} bytes of it (a zero-stride or expanded tensor); selecsls loads only tensors "
+                "whose data the file holds: save them with tensor.contiguous()"
+            )
+        storages[storage.data_ptr()] = storage.nbytes()
+        declared += needed
+    if declared > sum(storages.values()):
+        raise CheckpointError(
+            f"{printable(source)}: its tensors need {declared:,} bytes but the file stores {sum(storages.values()):,} "
+            "(tensors share their data); selecsls loads only tensors whose data the file holds: save each with "
+            "tensor.clone()"
+        )
+
+
 def check_weights(state: StateDict, source: str, spec: ModelSpec | None = None, num_classes: int = 0) -> None:
-    """Refuse non-finite weights and, given the ``spec`` (and classifier size) a file declares, weights of other
-    shapes: checked on shapes, before anything is allocated."""
+    """Refuse non-finite weights, negative BatchNorm variances and, given the ``spec`` (and classifier size) a
+    file declares, weights of other shapes: checked on shapes, before anything is allocated."""
     check_finite(state, source)
+    for key, tensor in state.items():
+        if key.endswith("running_var") and tensor.is_floating_point() and bool((tensor < 0).any()):
+            raise CheckpointError(
+                f"{printable(source)}: BatchNorm {key.removesuffix('.running_var')} has negative running variances "
+                f"(down to {float(tensor.min()):.3g}), which no training produces: the file is damaged or was edited; "
+                "re-download it or save it again"
+            )
     if spec is None:
         return
     for key, shape in conv_weight_shapes(spec).items():

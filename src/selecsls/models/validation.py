@@ -22,7 +22,9 @@ __all__ = [
     "InvalidInput",
     "check_bool",
     "check_choice",
+    "check_crop_pct",
     "check_fields",
+    "check_img_side",
     "check_img_size",
     "check_int",
     "check_number",
@@ -49,6 +51,13 @@ MAX_NAME = 200
 MAX_FEATURE_LEVELS = 16
 #: Smallest input side accepted for a network (it downsamples 64 times; 16 px already ends at 1x1).
 MIN_IMG_SIZE = 16
+#: Largest input side, for a flag and a model file's ``input_size`` alike: eight times the published
+#: 512 px, and a centre crop of at most 16.8 M pixels, far below what PIL refuses as a decompression
+#: bomb (179 M).
+MAX_IMG_SIZE = 4096
+#: Smallest centre-crop fraction: eval resizes an image's shorter side to ``img_size / crop_pct``,
+#: so this bounds that side at four times :data:`MAX_IMG_SIZE` (published models use 0.875 to 1).
+MIN_CROP_PCT = 0.25
 OUTPUT_STRIDES = (None, 8, 16, 32)
 GLOBAL_POOLS = ("avg", "max", "")
 #: Activation bytes per input pixel (batch 1) of an inference forward pass, an upper estimate
@@ -172,8 +181,17 @@ def _physical_memory() -> int | None:
         return None
 
 
+def check_img_side(name: str, value: Any) -> int:
+    """An image side in [:data:`MIN_IMG_SIZE`, :data:`MAX_IMG_SIZE`]: a model file's ``input_size`` and every
+    ``--img-size`` (:func:`check_img_size`) meet the same limits."""
+    return check_int(name, value, MIN_IMG_SIZE, MAX_IMG_SIZE)
+
+
 def check_img_size(value: Any, name: str = "--img-size", batch: int = 1, training: bool = False) -> int:
-    """An input side of at least :data:`MIN_IMG_SIZE` whose activations fit this machine's memory."""
+    """An image side (:func:`check_img_side`) whose activations at ``batch`` also fit this machine's memory.
+
+    Memory is checked before the upper limit, so a size far out of range says what it would need.
+    """
     check_int(name, value, MIN_IMG_SIZE)
     needed, available = estimated_activation_bytes(value, batch, training), _physical_memory()
     if available is not None and needed > available:
@@ -181,4 +199,9 @@ def check_img_size(value: Any, name: str = "--img-size", batch: int = 1, trainin
             f"{name} {value} at batch {batch} needs about {needed / 2**30:,.0f} GiB of activation memory, more than "
             f"this machine's {available / 2**30:,.0f} GiB; use a smaller {name} (the published models use 224)"
         )
-    return value
+    return check_img_side(name, value)
+
+
+def check_crop_pct(name: str, value: Any) -> float:
+    """A centre-crop fraction in [:data:`MIN_CROP_PCT`, 1], for a model file's ``crop_pct`` and ``--crop-pct``."""
+    return check_number(name, value, MIN_CROP_PCT, 1.0)

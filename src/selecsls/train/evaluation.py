@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from selecsls._io import printable
 from selecsls.data.datasets import (
     IdxDataset,
     ImageFolder,
@@ -27,7 +28,8 @@ from selecsls.data.datasets import (
     training_classes,
 )
 from selecsls.data.transforms import eval_transform_for
-from selecsls.models.validation import check_img_size, check_int, check_number
+from selecsls.models.compare import check_finite_outputs
+from selecsls.models.validation import check_crop_pct, check_img_size, check_int
 from selecsls.train.reporting import progress_bar
 
 __all__ = ["VAL_SUBSET_SEED", "evaluate", "evaluate_checkpoint", "listing", "topk_correct", "validation_data"]
@@ -83,7 +85,7 @@ def evaluate(
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast_for(device, amp):
             logits = model(images).float()
-        logits = logits.cpu()
+        logits = check_finite_outputs(logits, "the validation images").cpu()
         top1, top5 = topk_correct(logits, targets, (1, 5))
         loss = nn.functional.cross_entropy(logits, targets, reduction="sum")
         sums += torch.tensor([top1, top5, float(loss), len(targets), 0], dtype=torch.float64)
@@ -161,13 +163,15 @@ def evaluate_checkpoint(
     if img_size is not None:
         check_img_size(img_size, "--img-size", batch_size)
     if crop_pct is not None:
-        check_number("--crop-pct", crop_pct, 0.0, 1.0, low_open=True)
+        check_crop_pct("--crop-pct", crop_pct)
     check_int("--batch-size", batch_size)
     check_int("--workers", workers, low=0)
     if limit is not None:
         check_int("--limit", limit)
     model = load(checkpoint, model_name)
     transform = eval_transform_for(model.card.preprocessing, img_size, crop_pct, interpolation)
+    if img_size is None:  # the size the file records meets --img-size's limits, memory at this batch included
+        check_img_size(transform.img_size, f"the input size {printable(os.fspath(checkpoint))} records", batch_size)
     dataset = validation_data(data, model)
     indices = balanced_subset(dataset.targets, limit, VAL_SUBSET_SEED)
     loader = build_loader(TransformedDataset(dataset, transform), indices, batch_size, workers)
