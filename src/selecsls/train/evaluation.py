@@ -69,7 +69,7 @@ def evaluate(
     """top1/top5 (%), mean cross-entropy, image count, images/s and skipped (unreadable) images."""
     device = torch.device(device)
     model.eval()
-    sums = torch.zeros(5, dtype=torch.float64)  # top1 hits, top5 hits, loss sum, images, skipped
+    sums = torch.zeros(6, dtype=torch.float64)  # top1 hits, top5 hits, loss sum, images, skipped, sum of |logits|
     skipped_paths: list[str] = []
     batches = loader
     if progress:
@@ -85,14 +85,18 @@ def evaluate(
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast_for(device, amp):
             logits = model(images).float()
-        logits = check_finite_outputs(logits, "the validation images").cpu()
+        logits = logits.cpu()
         top1, top5 = topk_correct(logits, targets, (1, 5))
         loss = nn.functional.cross_entropy(logits, targets, reduction="sum")
-        sums += torch.tensor([top1, top5, float(loss), len(targets), 0], dtype=torch.float64)
+        magnitude = float(logits.double().abs().sum())
+        sums += torch.tensor([top1, top5, float(loss), len(targets), 0, magnitude], dtype=torch.float64)
     elapsed = time.perf_counter() - start
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(sums)
-    top1, top5, loss_sum, count, skipped_count = sums.tolist()
+    # The summed |logits| is finite exactly when every output was: checked after the sum, so every process of a
+    # sharded evaluation refuses alike (one refusing alone would leave the others waiting in all_reduce).
+    check_finite_outputs(sums, "the validation images")
+    top1, top5, loss_sum, count, skipped_count, _ = sums.tolist()
     if count == 0:
         raise ValueError("no readable validation images: every image was skipped as unreadable")
     return dict(

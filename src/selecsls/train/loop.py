@@ -43,6 +43,7 @@ from selecsls.train.reporting import Reporter, check_dependencies
 from selecsls.train.state import (
     Position,
     TrainingDiverged,
+    check_finite_weights,
     read_saved_run,
     restore_rng_state,
     save_best,
@@ -170,6 +171,7 @@ class Run:
         while self.position.epoch < last_epoch:
             self._train_epoch()
             record = self._training_record()
+            check_finite_weights(self.model)  # diverged: said so before validation finds the outputs non-finite
             top1, best_model = self._validate_epoch(record)
             self._end_epoch(record, top1, best_model)
         if self.position.epoch < self.config.epochs:
