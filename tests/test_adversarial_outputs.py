@@ -15,6 +15,7 @@ from selecsls._io import OutputError, atomic_write, check_output
 from selecsls.cli import main
 from selecsls.deploy.export import export_model
 from sparse_models import sparse_tiny_model
+from training_fixtures import make_image_folder, narrow_spec
 
 SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -133,6 +134,32 @@ def test_a_full_disk_during_torchscript_export_is_one_line_not_an_abort(small_di
     assert result.returncode == 2, result.stderr[-2000:]
     assert "No space left on device" in result.stderr and "Traceback" not in result.stderr
     _only_previous_file(small_disk)
+
+
+def test_a_full_disk_during_torch_save_is_reported_as_such(small_disk):
+    """torch.save swallows the write's OSError and raises "[enforce fail at inline_container.cc] unexpected pos"."""
+    with pytest.raises(OutputError, match="No space left on device"), atomic_write(small_disk / "previous.bin") as f:
+        torch.save({"weights": torch.zeros(100_000)}, f)
+    _only_previous_file(small_disk)
+
+
+def test_a_full_disk_during_a_training_save_keeps_the_earlier_run(small_disk, tmp_path, capsys):
+    data = make_image_folder(tmp_path / "data", per_class=4)
+    (small_disk / "previous.bin").rename(small_disk / "last.pt")  # an earlier run's save, replaced by --overwrite
+    command = ["train", "--data", str(data), "--output", str(small_disk), "--init", str(_narrow_model(tmp_path))]
+    options = ["--img-size", "32", "--batch-size", "4", "--workers", "0", "--epochs", "1", "--no-progress"]
+    assert main([*command, *options, "--overwrite"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"selecsls train: error: cannot write {small_disk / 'best.pt'}: No space left on device (nothing was written)"
+    )
+    assert sorted(p.name for p in small_disk.iterdir()) == [".selecsls-train.lock", "last.pt"]
+    assert (small_disk / "last.pt").read_bytes() == b"good"
+
+
+def _narrow_model(folder: Path) -> Path:
+    path = folder / "narrow.pt"
+    selecsls.save(selecsls.create_model(narrow_spec(), num_classes=3), path)
+    return path
 
 
 # ------------------------------------------------------------------------------------ modes

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from selecsls._io import atomic_path, atomic_paths, atomic_write
+from selecsls._io import atomic_path, atomic_paths, atomic_write, printable
 
 
 def test_atomic_write_replaces_only_on_success(tmp_path):
@@ -59,3 +59,9 @@ def test_atomic_paths_write_all_files_or_none(tmp_path, monkeypatch):
 def test_atomic_paths_need_one_folder(tmp_path):
     with pytest.raises(ValueError, match="one folder"), atomic_paths(tmp_path / "a.xml", tmp_path / "sub" / "a.bin"):
         pass
+
+
+def test_printable_escapes_only_what_a_terminal_acts_on():
+    names = ["Ankle\u00a0boot", "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645", "caf\u00e9 \u732b", "a\u200bb"]
+    assert [printable(name) for name in names] == names, "names print exactly"
+    assert printable("cat\x1b[2J\ndog\x07\x9b\u2028\u202eevil\udcff") == "cat?[2J?dog????evil?"

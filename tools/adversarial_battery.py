@@ -20,6 +20,8 @@ import gzip
 import json
 import os
 import random
+import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -123,7 +125,7 @@ def verdict(result: Result, expect: str, wrong: bool = False, loss: bool = False
 
 # ------------------------------------------------------------------------------------ fixtures
 def _write_idx(path: Path, array: np.ndarray) -> None:
-    codes = {"u1": 0x08, "f4": 0x0D}
+    codes = {"u1": 0x08, "i4": 0x0C, "f4": 0x0D}
     kind = array.dtype.str[1:]
     header = b"\0\0" + bytes([codes[kind], array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
     with gzip.open(path, "wb") as handle:
@@ -672,6 +674,230 @@ def predict_with_overflowing_weights(b, w):
 def export_of_overflowing_weights(b, w):
     r = b.cli("export", _overflowing(w), "--format", "onnx", "--out", w / "overflow.onnx")
     return verdict(r, "error", wrong="max abs diff" in r.err or (w / "overflow.onnx").exists())
+
+
+# ------------------------------------------------------------------------------- issue 19, part A
+def _earlier_run(w: Path, name: str) -> tuple[Path, dict[str, bytes]]:
+    """An output directory holding an earlier run's results, and their bytes (to tell whether they survive)."""
+    out = w / name
+    out.mkdir()
+    earlier = {"last.pt": b"earlier last", "best.pt": (w / "init.pt").read_bytes(), "metrics.jsonl": b"{}\n"}
+    for file, data in earlier.items():
+        (out / file).write_bytes(data)
+    return out, earlier
+
+
+def _overwrite_case(b, w, name: str, *mistake) -> str:
+    out, earlier = _earlier_run(w, name)
+    r = b.train(out, "--overwrite", *mistake)
+    lost = any(not (out / file).exists() or (out / file).read_bytes() != data for file, data in earlier.items())
+    return verdict(r, "error", loss=lost)
+
+
+@case("overwrite")
+def overwrite_with_a_typo_in_data(b, w):
+    return _overwrite_case(b, w, "ow_data", "--data", w / "TYPO")
+
+
+@case("overwrite")
+def overwrite_with_a_typo_in_model(b, w):
+    return _overwrite_case(b, w, "ow_model", "--model", "selecsls42c")
+
+
+@case("overwrite")
+def overwrite_diverging_in_its_first_epoch(b, w):
+    return _overwrite_case(b, w, "ow_diverged", "--lr", 1e9)
+
+
+@case("overwrite")
+def overwrite_fine_tuning_its_own_best(b, w):
+    out, _ = _earlier_run(w, "ow_init")
+    r = b.train(out, "--overwrite", "--init", out / "best.pt")
+    return verdict(r, "success", loss=not (out / "best.pt").exists())
+
+
+@case("overwrite")
+def ctrl_c_during_training(b, w):
+    out = w / "interrupted"
+    handler = "import signal\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n"  # even if ignored here
+    run = subprocess.Popen(
+        [sys.executable, "-c", handler + RUNNER, *map(str, b.train_argv(out, "--save-every", 1, epochs=1000))],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=b.env,
+        cwd=w,
+    )
+    deadline = time.monotonic() + 120
+    while not (out / "last.pt").exists() and run.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    run.send_signal(signal.SIGINT)
+    stdout, stderr = run.communicate(timeout=120)
+    r = Result(run.returncode, stdout, stderr)
+    if "Traceback" in r.err:
+        return "traceback"
+    said = [line for line in r.err.splitlines() if line.startswith("selecsls train: interrupted")]
+    resumed = b.train(out, "--resume", "--stop-after", 1, epochs=1000)
+    return "correct" if r.code == 130 and said and "--resume" in said[0] and resumed.code == 0 else "wrong"
+
+
+@case("disk full")
+def disk_full_training_save(b, w):
+    disk = _small_disk(w, "disk_train")
+    if disk is None:
+        return "skipped"
+    try:
+        (disk / "previous.bin").rename(disk / "last.pt")
+        r = b.train(disk, "--overwrite")
+        kept = (disk / "last.pt").exists() and (disk / "last.pt").read_bytes() == b"good"
+        return verdict(r, "error", loss=not kept, wrong="No space" not in r.err)
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
+
+
+@case("data")
+def class_names_with_unicode_spaces(b, w):
+    names = ("Ankle\u00a0boot", "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645", "x")
+    data = w / "unicode"
+    for split in ("train", "val"):
+        for i, name in enumerate(names):
+            for k in range(2):
+                write_image(data / split / name / f"{k}.png", (200, 30 + 80 * i, 30), seed=k)
+    trained = b.train(w / "unicode_run", data=data)
+    if trained.code != 0:
+        return verdict(trained, "success")
+    evaluated = b.cli("eval", "--data", data, "--checkpoint", w / "unicode_run" / "best.pt", "--workers", 0)
+    r = b.cli("predict", data / "val" / names[0] / "0.png", "--checkpoint", w / "unicode_run" / "best.pt")
+    return verdict(r, "success", wrong=evaluated.code != 0 or any(f". {name} " not in r.out for name in names))
+
+
+def _idx_case(b, w, name: str, images: bytes | np.ndarray, labels: np.ndarray) -> Result:
+    """``selecsls train`` on IDX files (both splits the same) holding ``images`` (raw bytes: a damaged file), with
+    6 GiB of address space at most (one case allocated 11 GB before it was fixed)."""
+    folder = w / name
+    folder.mkdir()
+    for prefix in ("train", "t10k"):
+        if isinstance(images, bytes):
+            (folder / f"{prefix}-images-idx3-ubyte").write_bytes(images)
+        else:
+            _write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", images)
+        _write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", labels)
+    limit = "import resource\nresource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))\n"
+    return b.python(limit + RUNNER, *b.train_argv(w / f"{name}_run", data=folder))
+
+
+@case("data")
+def idx_truncated_header(b, w):
+    return verdict(_idx_case(b, w, "idx_short", b"\0\0\x08\x03\0\0", np.zeros(4, np.uint8)), "error")
+
+
+@case("data")
+def idx_with_200_dimensions(b, w):
+    return verdict(_idx_case(b, w, "idx_200", b"\0\0\x08\xc8" + bytes(8), np.zeros(4, np.uint8)), "error")
+
+
+@case("data")
+def idx_images_of_zero_pixels(b, w):
+    return verdict(_idx_case(b, w, "idx_0x0", np.zeros((4, 0, 0), np.uint8), np.zeros(4, np.uint8)), "error")
+
+
+@case("data")
+def idx_label_2e9(b, w):
+    labels = np.array([0, 1, 2, 2_000_000_000], np.int32)
+    r = _idx_case(b, w, "idx_2e9", np.zeros((4, 28, 28), np.uint8), labels)
+    return verdict(r, "error", wrong="100,000 classes" not in r.err)
+
+
+@case("data")
+def int8_calibration_on_a_truncated_idx(b, w):
+    folder = w / "idx_calibration"
+    folder.mkdir()
+    (folder / "train-images-idx3-ubyte").write_bytes(b"\0\0\x08\x03\0\0")
+    _write_idx(folder / "train-labels-idx1-ubyte.gz", np.zeros(4, np.uint8))
+    r = b.cli("export", w / "x.pt", "--format", "onnx", "--out", w / "q.onnx", "--int8", "--calibration", folder)
+    return verdict(r, "error", wrong="truncated" not in r.err)
+
+
+@case("data")
+def val_linked_to_train(b, w):
+    data = _fresh_data(w, "val_linked")
+    shutil.rmtree(data / "val")
+    (data / "val").symlink_to(data / "train", target_is_directory=True)
+    return verdict(b.train(w / "val_linked_run", data=data), "error")
+
+
+@case("data")
+def class_folder_of_mode_000(b, w):
+    """As root permissions do not apply: the command then runs as nobody (after its imports, which read /root)."""
+    data = _fresh_data(w, "locked")
+    (data / "train" / "dog").chmod(0)
+    out = w / "locked_out"
+    out.mkdir(mode=0o777)
+    out.chmod(0o777)
+    w.chmod(0o755)
+    imports = "import fcntl, os, resource, matplotlib.pyplot, tqdm, selecsls.models.factory, selecsls.train.loop\n"
+    drop = imports + "if os.geteuid() == 0:\n    os.setgid(65534)\n    os.setuid(65534)\n"  # reads nothing in /root
+    r = b.python(drop + RUNNER, *b.train_argv(out / "run", data=data))
+    return verdict(r, "error", wrong="ermission denied" not in r.err)
+
+
+@case("arguments")
+def train_output_inside_the_data(b, w):
+    data = _fresh_data(w, "holds_output")
+    r = b.train(data / "train" / "run", data=data)
+    return verdict(r, "error", wrong="inside the data folder" not in r.err)
+
+
+@case("arguments")
+def train_seed_1e23(b, w):
+    r = b.train(w / "seed", "--seed", 10**23)
+    return verdict(r, "error", wrong="--seed" not in r.err)
+
+
+@case("arguments")
+def train_warmup_epochs_1e9(b, w):
+    return verdict(b.train(w / "warmup", "--warmup-epochs", 1e9), "error")
+
+
+@case("arguments")
+def train_color_jitter_1e9(b, w):
+    return verdict(b.train(w / "jitter", "--color-jitter", 1e9), "error")
+
+
+@case("arguments")
+def train_in_chans_5_with_init(b, w):
+    return verdict(b.train(w / "chans", "--in-chans", 5), "error")
+
+
+@case("arguments")
+def train_batch_size_100000(b, w):
+    r = b.train(w / "batch", "--img-size", 224, "--batch-size", 100000)
+    return verdict(r, "error", wrong="--batch-size" not in r.err.split("use ")[-1])
+
+
+@case("pruning")
+def prune_target_params_1(b, w):
+    r = b.cli("prune", w / "x.pt", "--out", w / "p1.pt", "--target-params", 1, "--img-size", 32, "--repeats", 1)
+    return verdict(r, "success", wrong="exact" in r.out and "fine-tune next" in r.out)
+
+
+@case("metadata")
+def export_of_a_features_only_model(b, w):
+    r = b.cli("export", _features_only_model(w), "--format", "onnx", "--out", w / "f.onnx")
+    return verdict(r, "error", wrong="features-only" not in r.err)
+
+
+@case("metadata")
+def eval_of_a_features_only_model(b, w):
+    r = b.cli("eval", "--data", w / "data", "--checkpoint", _features_only_model(w), "--workers", 0)
+    return verdict(r, "error", wrong="features-only" not in r.err)
+
+
+def _features_only_model(w: Path) -> Path:
+    path = w / "features.pt"
+    if not path.exists():
+        selecsls.save(selecsls.create_model(narrow_spec(), features_only=True), path)
+    return path
 
 
 def main() -> None:

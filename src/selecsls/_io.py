@@ -18,6 +18,7 @@ import glob
 import os
 import shutil
 import tempfile
+import unicodedata
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO
@@ -48,9 +49,24 @@ class OutputError(OSError):
         return str(self.args[0]) if self.args else super().__str__()
 
 
+#: Bidirectional embeddings, overrides and isolates: they reorder the rest of a terminal line.
+_BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+#: Unicode categories a terminal acts on instead of showing: C0/C1 controls (escape codes, newlines), line and
+#: paragraph separators; and surrogates (undecodable bytes of a file name), which cannot be printed at all.
+_CONTROL_CATEGORIES = frozenset({"Cc", "Zl", "Zp", "Cs"})
+
+
 def printable(text: object) -> str:
-    """``text`` with control characters (terminal escape codes, newlines) replaced by ``?``: safe to print."""
-    return "".join(char if char.isprintable() else "?" for char in str(text))
+    """``text`` with control characters replaced by ``?``: safe to print.
+
+    Only what a terminal would act on is replaced; every other character, a non-breaking space or a
+    zero-width non-joiner included, is kept, so names print exactly.
+    Stored names are never escaped: this is for printing only.
+    """
+    return "".join(
+        "?" if char in _BIDI_CONTROLS or unicodedata.category(char) in _CONTROL_CATEGORIES else char
+        for char in str(text)
+    )
 
 
 def one_line(message: object, limit: int = 300) -> str:
@@ -174,13 +190,41 @@ def _output_error(path: Path, exc: OSError) -> OutputError:
     return OutputError(f"cannot write {printable(os.fspath(path))}: {exc.strerror or exc} (nothing was written)")
 
 
+class _RecordingFile:
+    """A file that remembers the OS error of a failed write: ``torch.save`` swallows it and raises an unrelated
+    ``RuntimeError`` instead ("[enforce fail at inline_container.cc] unexpected pos"), hiding a full disk."""
+
+    def __init__(self, file: IO) -> None:
+        self._file, self.error = file, None
+
+    def write(self, data):
+        try:
+            return self._file.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def __getattr__(self, name: str):
+        return getattr(self._file, name)
+
+
 @contextlib.contextmanager
 def atomic_write(path: PathLike, mode: str = "wb") -> Iterator[IO]:
-    """Open a temporary file for writing; it replaces ``path`` only once fully written and synced."""
-    with atomic_path(path) as tmp, open(tmp, mode) as handle:
-        yield handle
-        handle.flush()
-        os.fsync(handle.fileno())
+    """Open a temporary file for writing; it replaces ``path`` only once fully written and synced.
+
+    A write that fails for want of space (or any OS reason) is reported as that reason, whatever
+    the writer made of it: one :class:`OutputError` such as "No space left on device".
+    """
+    with atomic_path(path) as tmp, open(tmp, mode) as file:
+        handle = _RecordingFile(file)
+        try:
+            yield handle
+        except Exception:
+            if handle.error is not None:
+                raise handle.error from None
+            raise
+        file.flush()
+        os.fsync(file.fileno())
 
 
 @contextlib.contextmanager

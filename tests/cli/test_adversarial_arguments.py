@@ -28,6 +28,10 @@ COMMANDS = {
     "predict": lambda f: ["predict", str(f / "a.png"), "--checkpoint", str(f / "m.pt")],
     "bench": lambda f: ["bench", "--models", "selecsls42b", "--output", str(f / "bench")],
     "models": lambda f: ["models"],
+    "train": lambda f: (
+        ["train", "--data", str(f / "data"), "--output", str(f / "run"), "--init", str(f / "m.pt")]
+        + ["--img-size", "32", "--batch-size", "1", "--workers", "0", "--no-progress", "--epochs", "10"]
+    ),
 }
 
 
@@ -50,6 +54,13 @@ COMMANDS = {
         ("bench", ["--sizes", "100000"], "image size 100000 at batch 1 needs about"),
         ("bench", ["--sizes", "8"], "image size must be >= 16, got 8"),
         ("models", ["--img-size", "-5"], "--img-size must be >= 16, got -5"),
+        ("train", ["--seed", str(10**23)], rf"--seed must be in \[0, 4294967295\], got {10**23}"),
+        ("train", ["--seed", "-1"], r"--seed must be in \[0, 4294967295\], got -1"),
+        ("train", ["--warmup-epochs", "1e9"], r"--warmup-epochs must be in \[0, 5\] \(at most half of --epochs 10"),
+        ("train", ["--color-jitter", "1e9"], r"--color-jitter must be in \[0, 1\], got 1e\+09"),
+        ("train", ["--in-chans", "5"], r"--in-chans must be one of \(1, 3\), got 5"),
+        ("train", ["--img-size", "224", "--batch-size", "100000"], r"at batch 100000 .* use --batch-size \d+ or less"),
+        ("eval", ["--img-size", "224", "--batch-size", "100000"], r"at batch 100000 .* use --batch-size \d+ or less"),
     ],
 )
 def test_out_of_range_numbers_give_one_line(files, capsys, command, extra, message):
@@ -58,7 +69,7 @@ def test_out_of_range_numbers_give_one_line(files, capsys, command, extra, messa
     assert len(err.strip().splitlines()) == 1, err
     assert err.startswith(f"selecsls {command}: error: ")
     assert re.search(message, err), err
-    assert not (files / "out.onnx").exists() and not (files / "out.pt").exists()
+    assert not (files / "out.onnx").exists() and not (files / "out.pt").exists() and not (files / "run").exists()
 
 
 def test_the_memory_estimate_refuses_before_allocating():

@@ -63,3 +63,13 @@ def test_the_cli_refuses_and_writes_nothing_unless_told(model, tmp_path, capsys)
         == 2
     )
     assert "changes the outputs" in capsys.readouterr().err
+
+
+def test_a_budget_met_without_changing_the_outputs_says_so(model, tmp_path, capsys):
+    """--target-params 1 prunes only the free channels: the outputs are unchanged, no fine-tuning is due."""
+    selecsls.save(model, tmp_path / "m.pt")
+    args = ["prune", str(tmp_path / "m.pt"), "--out", str(tmp_path / "p.pt"), "--target-params", "1"]
+    assert main([*args, "--img-size", "32", "--warmup", "0", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "(exact; tolerance" in out and "fine-tune" not in out
+    assert out.rstrip().endswith("without changing the outputs (within the tolerance): no fine-tuning needed")

@@ -3,13 +3,18 @@ and float images, IDX files with labels the model has no output for."""
 
 import gzip
 import os
+import re
+import shutil
 import struct
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+import selecsls
+from selecsls.cli import main
 from selecsls.data.datasets import (
     IdxDataset,
     ImageFolder,
@@ -20,6 +25,8 @@ from selecsls.data.datasets import (
     to_uint8,
 )
 from selecsls.data.transforms import build_eval_transform
+from selecsls.models.validation import MAX_CLASSES, InvalidInput
+from sparse_models import sparse_tiny_model
 from training_fixtures import make_image_folder
 
 
@@ -140,3 +147,70 @@ def test_skipped_samples_stay_skipped_with_a_fifo_in_the_list(tmp_path):
     os.mkfifo(victim)
     sample = _within(10, lambda: TransformedDataset(dataset, build_eval_transform(16))[0])
     assert sample.reason.endswith("not a regular file")
+
+
+# ------------------------------------------------------------------------------- issue 19, part A
+@pytest.mark.parametrize(
+    "header, message",
+    [
+        (b"\0\0\x08\x03\0\0", r"is truncated: its header declares 3 dimensions \(16 bytes\) but the file holds 6"),
+        (b"\0\0\x08\xc8" + bytes(8), r"is truncated: its header declares 200 dimensions \(804 bytes\) but the file"),
+    ],
+    ids=["short", "200 dimensions"],
+)
+def test_a_truncated_idx_header_is_one_clear_error(tmp_path, capsys, header, message):
+    root = _idx_folder(tmp_path, train_labels=[0, 1], val_labels=[0, 1])
+    (root / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(header))
+    with pytest.raises(ValueError, match=message):
+        build_dataset(root, "train")
+    selecsls.save(sparse_tiny_model(num_classes=2), tmp_path / "m.pt")  # int8 export reads it as calibration data
+    export = ["export", str(tmp_path / "m.pt"), "--format", "onnx", "--out", str(tmp_path / "m.onnx"), "--int8"]
+    assert main([*export, "--calibration", str(root)]) == 2
+    assert re.search(message, capsys.readouterr().err) and not (tmp_path / "m.onnx").exists()
+
+
+def test_idx_images_of_zero_pixels_are_refused(tmp_path):
+    root = _idx_folder(tmp_path, [0, 1], [0, 1], images=np.zeros((2, 0, 0), np.uint8))
+    with pytest.raises(ValueError, match="are 0x0 pixels: no pixels to learn from"):
+        build_dataset(root, "train")
+
+
+def test_an_idx_label_beyond_the_class_limit_is_refused_before_a_class_list_is_made(tmp_path):
+    """One label of 2e9 made a list of 2e9 class names (11 GB, then MemoryError); the limit is checked first."""
+    _write_idx(tmp_path / "i.gz", np.zeros((2, 8, 8), np.uint8))
+    _write_idx(tmp_path / "l.gz", np.array([0, MAX_CLASSES], np.int32))
+    with pytest.raises(InvalidInput, match=f"class index {MAX_CLASSES}; at most {MAX_CLASSES:,} classes are supported"):
+        IdxDataset(tmp_path / "i.gz", tmp_path / "l.gz")
+    _write_idx(tmp_path / "l.gz", np.array([0, MAX_CLASSES - 1], np.int32))
+    assert len(IdxDataset(tmp_path / "i.gz", tmp_path / "l.gz").classes) == MAX_CLASSES
+
+
+@pytest.mark.parametrize("linked", ["val", "val/cat", "t10k-images-idx3-ubyte.gz"])
+def test_validation_data_that_is_the_training_data_is_refused(tmp_path, linked):
+    root = _idx_folder(tmp_path, [0, 1], [0, 1]) if linked.startswith("t10k") else make_image_folder(tmp_path, 1)
+    target = root / linked.replace("val", "train").replace("t10k", "train")
+    if (root / linked).is_dir():
+        shutil.rmtree(root / linked)
+    else:
+        (root / linked).unlink()
+    (root / linked).symlink_to(target)
+    with pytest.raises(ValueError, match=f"validation data '{root / linked}' is the training data '{target}' .*link"):
+        build_dataset(root, "val")
+
+
+def test_a_class_folder_that_cannot_be_read_says_so(tmp_path, monkeypatch):
+    root = make_image_folder(tmp_path, per_class=1)
+    locked = root / "train" / "dog"
+    locked.chmod(0)
+    if os.geteuid() == 0:  # root reads it anyway: refuse it as the kernel refuses everyone else
+        scandir = os.scandir
+        monkeypatch.setattr(os, "scandir", lambda path=".": _denied(path) if Path(path) == locked else scandir(path))
+    try:
+        with pytest.raises(ValueError, match=f"cannot read folder '{locked}': Permission denied"):
+            build_dataset(root, "train")
+    finally:
+        locked.chmod(0o755)
+
+
+def _denied(path):
+    raise PermissionError(13, "Permission denied", os.fspath(path))

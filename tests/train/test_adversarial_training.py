@@ -3,6 +3,7 @@ temporary files, resuming from elsewhere. Nothing lost, nothing silently wrong."
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -13,7 +14,8 @@ import torch
 import selecsls
 from selecsls.cli import main
 from selecsls.models.layouts import non_finite
-from selecsls.train.ownership import LOCK_NAME, RUN_OUTPUTS
+from selecsls.train.loop import Run, TrainConfig, TrainingInterrupted, train
+from selecsls.train.ownership import LOCK_NAME, REPLACED_NAME, RUN_OUTPUTS
 from training_fixtures import corrupt_image, make_image_folder, narrow_spec
 
 SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -152,3 +154,113 @@ def test_an_output_that_cannot_be_written_fails_before_training(folder, init, tm
     blocker.write_text("x")
     assert "is a file" in _error(capsys, _args(folder, init, blocker / "run"))
     assert "is the input" in _error(capsys, _args(folder, init, folder))
+
+
+# ------------------------------------------------------------------------ issue 19: overwrite, Ctrl-C
+def _earlier_run(output):
+    """An output directory holding an earlier run's results (their bytes, to check that they survive)."""
+    output.mkdir()
+    earlier = {"last.pt": b"earlier last", "best.pt": b"earlier best", "metrics.jsonl": b'{"epoch": 7}\n'}
+    for name, data in earlier.items():
+        (output / name).write_bytes(data)
+    return earlier
+
+
+def _holds(output, files):
+    assert {name: (output / name).read_bytes() for name in files} == files
+    assert not (output / REPLACED_NAME).exists()
+
+
+@pytest.mark.parametrize(
+    "mistake, message",
+    [
+        (["--data", "TYPO"], "data directory 'TYPO' does not exist"),
+        (["--model", "selecsls42c"], "--model 'selecsls42c' is not a model selecsls builds"),
+        (["--init", "{output}/missing.pt"], "missing.pt does not exist"),
+        (["--lr", "1e9"], "training diverged"),  # fails in the first epoch, before the run's first save
+    ],
+)
+def test_a_failing_overwrite_keeps_the_earlier_results(folder, init, tmp_path, capsys, mistake, message):
+    output = tmp_path / "run"
+    earlier = _earlier_run(output)
+    mistake = [part.replace("{output}", str(output)) for part in mistake]
+    err = _error(capsys, [*_args(folder, init, output), "--overwrite", *mistake])
+    assert message in err
+    _holds(output, earlier)
+
+
+def test_overwrite_can_fine_tune_from_the_run_it_replaces(folder, init, tmp_path, capsys):
+    output = tmp_path / "run"
+    _earlier_run(output)
+    (output / "best.pt").write_bytes(init.read_bytes())  # read before anything in the directory is touched
+    assert main(_args(folder, init, output, "--init", output / "best.pt", "--overwrite")) == 0
+    assert "moved the earlier run's results (last.pt, best.pt, metrics.jsonl) aside" in capsys.readouterr().out
+    assert [json.loads(line)["epoch"] for line in (output / "metrics.jsonl").read_text().splitlines()] == [1]
+    assert {path.name for path in output.iterdir()} == {LOCK_NAME, *RUN_OUTPUTS}
+
+
+def test_a_run_killed_while_earlier_results_were_aside_is_settled_by_the_next(folder, init, tmp_path, capsys):
+    output = tmp_path / "run"
+    earlier = _earlier_run(output)
+    (output / REPLACED_NAME).mkdir()
+    for name in earlier:  # as a killed --overwrite run leaves them, having saved nothing of its own
+        (output / name).rename(output / REPLACED_NAME / name)
+    (output / "best.pt").write_bytes(b"the killed run's first best.pt")
+    assert "holds an earlier run's results (last.pt, best.pt, metrics.jsonl)" in _error(
+        capsys, _args(folder, init, output)
+    )
+    _holds(output, earlier)
+
+
+def test_ctrl_c_is_one_line_saying_how_to_resume_and_resume_works(folder, init, tmp_path, capsys, monkeypatch):
+    output, save_last = tmp_path / "run", Run._save_last
+
+    def save_then_ctrl_c(run):
+        save_last(run)
+        signal.raise_signal(signal.SIGINT)  # a real SIGINT, as a terminal sends it, right after a save
+
+    monkeypatch.setattr(Run, "_save_last", save_then_ctrl_c)
+    handler = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        code = main(_args(folder, init, output, "--epochs", 1000))
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C escaped as a KeyboardInterrupt traceback")
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    assert code == 130 and capsys.readouterr().err.strip() == (
+        f"selecsls train: interrupted: continue from the last save, {output / 'last.pt'}, with the same command "
+        "and --resume"
+    )
+    monkeypatch.undo()
+    epoch = torch.load(output / "last.pt", weights_only=True)["position"]["epoch"]
+    assert main(_args(folder, init, output, "--epochs", 1000, "--resume", "--stop-after", epoch + 1)) == 0
+    assert torch.load(output / "last.pt", weights_only=True)["position"]["epoch"] == epoch + 1
+
+
+def test_ctrl_c_before_the_first_save_of_an_overwrite_puts_the_earlier_results_back(
+    folder, init, tmp_path, monkeypatch
+):
+    output = tmp_path / "run"
+    earlier = _earlier_run(output)
+
+    def interrupted(run):
+        assert (output / REPLACED_NAME).is_dir(), "set aside only once the run is ready to train"
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Run, "fit", interrupted)
+    config = TrainConfig(str(folder), str(output), init=str(init), img_size=32, batch_size=4, workers=0, progress=False)
+    config.overwrite = True
+    with pytest.raises(TrainingInterrupted, match="nothing of this run was saved; .* holds the earlier run's results"):
+        train(config)
+    _holds(output, earlier)
+
+
+def test_an_output_inside_the_data_folder_is_refused_as_such(folder, init, capsys):
+    err = _error(capsys, _args(folder, init, folder / "train" / "run"))
+    assert f"--output {folder / 'train' / 'run'} is inside the data folder {folder.resolve() / 'train'}" in err
+    assert not (folder / "train" / "run").exists()
+
+
+def test_in_chans_that_the_init_file_does_not_have_is_refused(folder, init, tmp_path, capsys):
+    err = _error(capsys, _args(folder, init, tmp_path / "run", "--in-chans", 1))
+    assert f"--in-chans 1 does not apply with --init: the model reads the 3 input channel(s) of {init}" in err

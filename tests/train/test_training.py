@@ -360,7 +360,7 @@ def test_resume_with_other_settings_names_them(tiny_run, folder, init_checkpoint
         (["--lr", "0"], "--lr must be > 0, got 0"),
         (["--weight-decay", "nan"], "--weight-decay must be a finite number, got nan"),
         (["--min-crop-area", "0"], "--min-crop-area must be in (0, 1]"),
-        (["--resume", "--overwrite"], "--resume continues the run in --output, --overwrite deletes it"),
+        (["--resume", "--overwrite"], "--resume continues the run in --output, --overwrite replaces it"),
         (["--init", "missing.pt"], "checkpoint missing.pt does not exist"),
     ],
 )
@@ -401,7 +401,8 @@ def test_baseline_with_other_input_channels_is_one_clear_error(folder, tmp_path,
 def test_unknown_model_name_is_one_clear_error(folder, tmp_path, capsys):
     argv = ["train", "--data", str(folder), "--output", str(tmp_path), "--model", "selecsls999", "--batch-size", "4"]
     err = _error(capsys, argv)
-    assert "unknown SelecSLS variant 'selecsls999'" in err
+    assert "--model 'selecsls999' is not a model selecsls builds; choose one of selecsls102" in err
+    assert "resnet50" in err
 
 
 def test_a_trained_baseline_carries_its_class_names_to_eval_and_predict(folder, tmp_path, capsys):
@@ -460,7 +461,7 @@ def test_a_stale_cache_stops_training_before_it_starts(tmp_path, init_checkpoint
 def test_a_cache_in_the_image_tree_or_of_idx_files_is_one_clear_error(folder, init_checkpoint, tmp_path, capsys):
     inside = folder / "train" / "cache"
     err = _error(capsys, _tiny_args(folder, init_checkpoint, tmp_path / "a", "--data-cache", inside))
-    assert "is inside the image folder" in err and "put the cache elsewhere" in err
+    assert "is inside the data folder" in err and "put it outside --data" in err
     assert not inside.exists()
     idx = tmp_path / "idx"
     idx.mkdir()

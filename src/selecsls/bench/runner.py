@@ -167,7 +167,7 @@ class BenchSettings:
             raise ValueError(f"shapes must be positive (batch, height, width), got {bad or 'none'}")
         for batch, height, width in self.shapes:
             for side in {height, width}:
-                check_img_size(side, "image size", batch)
+                check_img_size(side, "image size", batch, batch_name="--batch-sizes")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
         if self.warmup < 0 or self.repeats < 1:

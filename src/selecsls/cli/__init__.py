@@ -21,6 +21,10 @@ class CLIError(Exception):
     """A user-facing error: printed as one line, exit status 2."""
 
 
+#: Exit status after Ctrl-C, as a shell reports a command killed by SIGINT (128 + 2).
+INTERRUPTED = 130
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="selecsls", description="SelecSLS Net: build, train, prune, benchmark and export fast CNN backbones."
@@ -39,4 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # One line, without the control characters a hand-made file name or class name may carry.
         print(f"selecsls {args.command}: error: {printable(exc)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:  # Ctrl-C: one line (what was kept, how to go on), not a traceback
+        print(f"selecsls {args.command}: interrupted" + (f": {printable(exc)}" if str(exc) else ""), file=sys.stderr)
+        return INTERRUPTED
     return int(result or 0)

@@ -89,19 +89,18 @@ def run_prune(args: argparse.Namespace) -> int:
         f"CPU latency @{args.img_size}, batch 1, median of {args.repeats} interleaved runs: "
         f"{median['before'] * 1e3:.1f} ms -> {median['after'] * 1e3:.1f} ms ({median['after'] / median['before']:.2f}x)"
     )
-    verdict = "exact" if pruned.output_change <= OUTPUT_TOLERANCE else "CHANGED: fine-tune next"
+    changed = pruned.output_change > OUTPUT_TOLERANCE
     print(
         f"outputs vs the input model on a seeded random batch: max relative change {pruned.output_change:.3g} "
-        f"({verdict}; tolerance {OUTPUT_TOLERANCE:g})"
+        f"({'CHANGED: fine-tune next' if changed else 'exact'}; tolerance {OUTPUT_TOLERANCE:g})"
     )
     save(pruned, args.out)
     print(f"saved {args.out}")
     if args.histogram:
         save_scale_histogram(report, args.histogram)
         print(f"wrote {args.histogram}")
-    if budgeted:
-        print(
-            "outputs changed (budgeted pruning): fine-tune next, e.g. "
-            f"selecsls train --data DIR --init {args.out} --output RUN_DIR"
-        )
+    if changed:
+        print(f"outputs changed: fine-tune next, e.g. selecsls train --data DIR --init {args.out} --output RUN_DIR")
+    elif budgeted:
+        print("budget met without changing the outputs (within the tolerance): no fine-tuning needed")
     return 0

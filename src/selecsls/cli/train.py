@@ -6,6 +6,7 @@ import argparse
 import json
 from dataclasses import MISSING, fields
 
+from selecsls._io import printable
 from selecsls.cli import CLIError
 from selecsls.train.config import SettingError, TrainConfig
 
@@ -101,7 +102,8 @@ def run_eval(args: argparse.Namespace) -> int:
         return 0
     how = "by name" if result["classes_matched_by"] == "name" else "by position (the model records no class names)"
     print(
-        f"val data: {result['val_data']}; {len(result['classes'])} classes matched {how}: {listing(result['classes'])}"
+        f"val data: {printable(result['val_data'])}; {len(result['classes'])} classes matched {how}: "
+        + printable(listing(result["classes"]))
     )
     print(
         f"{result['checkpoint']}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  loss {result['loss']:.4f}  "

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import math
 import os
 import stat
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, NoReturn
 
 import numpy as np
 import torch
@@ -26,6 +27,7 @@ from torch.utils.data import Dataset
 
 from selecsls._io import PathLike
 from selecsls.data.transforms import seeded_generator
+from selecsls.models.validation import MAX_CLASSES, InvalidInput
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -176,11 +178,16 @@ def read_idx(path: PathLike) -> np.ndarray:
         raise ValueError(f"cannot read IDX file {os.fspath(path)!r}: {exc}") from None
     if len(data) < 4 or data[:2] != b"\0\0" or data[2] not in _IDX_DTYPES:
         raise ValueError(f"{os.fspath(path)!r} is not an IDX file (bad magic number)")
-    ndim = data[3]
-    shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
+    ndim, header = data[3], 4 + 4 * data[3]
+    if len(data) < header:
+        raise ValueError(
+            f"IDX file {os.fspath(path)!r} is truncated: its header declares {ndim} dimensions "
+            f"({header} bytes) but the file holds {len(data)} bytes"
+        )
+    shape = struct.unpack(f">{ndim}I", data[4:header])
     dtype = np.dtype(_IDX_DTYPES[data[2]])
-    expected = int(np.prod(shape)) * dtype.itemsize
-    body = data[4 + 4 * ndim :]
+    expected = math.prod(shape) * dtype.itemsize  # Python integers: 200 dimensions cannot overflow
+    body = data[header:]
     if len(body) != expected:
         raise ValueError(
             f"IDX file {os.fspath(path)!r} is truncated or padded: header says {shape} "
@@ -214,8 +221,18 @@ class IdxDataset(Dataset):
                 f"IDX pair {os.fspath(images_path)!r} / {os.fspath(labels_path)!r} does not match: "
                 f"expected N > 0 images (N, H, W) and N labels, got {images.shape} and {labels.shape}"
             )
+        if min(images.shape[1:]) < 1:
+            raise ValueError(
+                f"IDX images {os.fspath(images_path)!r} are {images.shape[1]}x{images.shape[2]} pixels: no pixels to "
+                "learn from"
+            )
         if not np.all(np.isfinite(labels)) or np.any(labels < 0) or np.any(labels != np.round(labels)):
             raise ValueError(f"IDX labels {os.fspath(labels_path)!r} must be non-negative integers (class indices)")
+        if labels.max() >= MAX_CLASSES:  # checked before a name is made for each class up to it
+            raise InvalidInput(
+                f"IDX labels {os.fspath(labels_path)!r} hold class index {int(labels.max())}; at most "
+                f"{MAX_CLASSES:,} classes are supported (indices 0 to {MAX_CLASSES - 1})"
+            )
         self.source = os.fspath(images_path)
         self.images = to_uint8(images)
         targets = labels.astype(np.int64)
@@ -287,17 +304,25 @@ class ImageFolder(Dataset):
 
 def image_files(folder: PathLike) -> list[str]:
     """Regular files with an image extension under ``folder``, sorted; links to folders are not
-    followed (a link to a parent would loop), FIFOs and devices are skipped (reading them blocks)."""
+    followed (a link to a parent would loop), FIFOs and devices are skipped (reading them blocks).
+    A folder that cannot be listed is an error, not an empty folder."""
     return sorted(
         path
-        for dirpath, _, filenames in os.walk(folder)
+        for dirpath, _, filenames in os.walk(folder, onerror=_unreadable_folder)
         for path in (os.path.join(dirpath, f) for f in filenames if f.lower().endswith(IMAGE_EXTENSIONS))
         if is_regular_file(path)
     )
 
 
+def _unreadable_folder(error: OSError) -> NoReturn:
+    raise ValueError(f"cannot read folder {error.filename!r}: {error.strerror or error}") from None
+
+
 def _subfolders(root: Path) -> list[str]:
-    return sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+    try:
+        return sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+    except OSError as exc:
+        _unreadable_folder(exc)
 
 
 def training_classes(root: PathLike) -> list[str] | None:
@@ -343,16 +368,42 @@ def build_dataset(root: PathLike, split: str, classes: Sequence[str] | None = No
     images = _idx_file(root, SPLITS[split], "images-idx3-ubyte")
     labels = _idx_file(root, SPLITS[split], "labels-idx1-ubyte")
     if images and labels:
+        if split == "val":
+            _refuse_training_data(root, images)
         return IdxDataset(images, labels, classes)
     folders = VAL_FOLDERS if split == "val" else (split,)
     for folder in folders:
         if (root / folder).is_dir():
+            if split == "val":
+                _refuse_training_data(root, root / folder)
             return ImageFolder(root / folder, classes)
     expected = " or ".join(f"{root}/{folder}/<class>/<image>" for folder in folders)
     raise FileNotFoundError(
         f"no {split} data in {os.fspath(root)!r}: expected {expected} folders "
         f"or IDX files {SPLITS[split]}-images-idx3-ubyte[.gz] and {SPLITS[split]}-labels-idx1-ubyte[.gz]"
     )
+
+
+def _refuse_training_data(root: Path, validation: Path) -> None:
+    """Refuse validation data that is training data (``val/``, or a class folder in it, linked to ``train/``):
+    its scores would be training accuracy, a silently wrong result."""
+    train_idx = _idx_file(root, SPLITS["train"], "images-idx3-ubyte")
+    training = {os.path.realpath(path): path for path in _split_parts(train_idx) + _split_parts(root / "train")}
+    for path in _split_parts(validation):
+        same = training.get(os.path.realpath(path))
+        if same is not None:
+            raise ValueError(
+                f"validation data {os.fspath(path)!r} is the training data {os.fspath(same)!r} "
+                "(through a link): validating on training images would report a wrong accuracy; give the validation "
+                "split images of its own (e.g. move a share of the training images there)"
+            )
+
+
+def _split_parts(source: Path | None) -> list[Path]:
+    """An IDX file, or a split's folder and its class folders (none if absent)."""
+    if source is None or not source.exists():
+        return []
+    return [source, *(source / name for name in _subfolders(source))] if source.is_dir() else [source]
 
 
 # ------------------------------------------------------------- transforms and batching

@@ -280,6 +280,7 @@ def export_model(
         raise ValueError(f"format must be one of {EXPORT_FORMATS}, got {format!r}")
     if dynamic and format not in DYNAMIC_FORMATS:
         raise ValueError("dynamic applies to ONNX and OpenVINO: TorchScript already accepts any batch and image size")
+    model.card.require_outputs("export", class_scores=False)
     for output in openvino_ir.ir_files(path) if format == "openvino" else (path,):
         check_output(output)
     model = model.eval()

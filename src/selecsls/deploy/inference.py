@@ -112,10 +112,9 @@ class Predictor:
         choices = ["auto", *predict_backends()]
         if backend not in choices:
             raise ValueError(f"backend must be one of {', '.join(choices)}, got {backend!r}")
-        if getattr(model, "num_classes", 0) < 1:
-            raise ValueError("predict needs a classifier; this model has no classifier (num_classes=0)")
-        model = model.eval()
         card = model.card
+        card.require_outputs("predict")
+        model = model.eval()
         example = torch.randn(1, *card.preprocessing.input_size, generator=torch.Generator().manual_seed(0))
         transform, names = eval_transform_for(card.preprocessing), class_names(card)
         candidates = AUTO_ORDER if backend == "auto" else (backend,)

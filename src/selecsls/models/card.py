@@ -173,7 +173,8 @@ class ModelCard:
             object.__setattr__(self, "widths", tuple(sorted(widths.items())) or None)
         if self.label_names is not None:
             names = check_sequence("label_names", self.label_names, (self.num_classes,), "class names, one per output")
-            object.__setattr__(self, "label_names", tuple(check_text("label_names", name, MAX_NAME) for name in names))
+            exact = tuple(check_text("label_names", name, MAX_NAME, exact=True) for name in names)
+            object.__setattr__(self, "label_names", exact)  # matched against folder names: never altered
 
     # ------------------------------------------------------------------------- derived
     @property
@@ -195,6 +196,20 @@ class ModelCard:
         if self.features_only:
             return args | {"out_indices": self.out_indices}
         return args | {"num_classes": self.num_classes, "global_pool": self.global_pool}
+
+    def require_outputs(self, task: str, class_scores: bool = True) -> None:
+        """Refuse ``task`` before any work on a model whose outputs it cannot use: a features-only model
+        returns a list of feature maps, and one without a classifier no class scores (``class_scores``)."""
+        if self.features_only:
+            problem = "is a features-only backbone: it returns a list of feature maps"
+        elif class_scores and not self.num_classes:
+            problem = "has no classifier (num_classes 0): it returns pooled features"
+        else:
+            return
+        raise InvalidInput(
+            f"{task} needs {'class scores' if class_scores else 'one output tensor'}, but {self.name} {problem}; "
+            "fine-tune it into a classifier first (selecsls train --data DIR --init FILE --output RUN)"
+        )
 
     def with_classifier(self, num_classes: int, global_pool: str | None = None) -> ModelCard:
         """The card of the model with a new classifier: the class names belonged to the old one."""

@@ -66,6 +66,10 @@ GLOBAL_POOLS = ("avg", "max", "")
 INFERENCE_BYTES_PER_PIXEL = 200
 #: Training keeps every activation for backward: roughly this many times the inference peak.
 TRAINING_FACTOR = 8
+#: Largest random seed (numpy's seed sequences and torch's generators both take it; seed + epoch still fits).
+MAX_SEED = 2**32 - 1
+#: Largest colour jitter: brightness, contrast and saturation factors in [1 - j, 1 + j] stay non-negative.
+MAX_COLOR_JITTER = 1.0
 
 
 class InvalidInput(ValueError):
@@ -107,10 +111,15 @@ def check_number(
 
 def _range(low: float | None, high: float | None, low_open: bool = False, high_open: bool = False) -> str:
     if high is None:
-        return f"{'>' if low_open else '>='} {low:g}"
+        return f"{'>' if low_open else '>='} {_shown(low)}"
     if low is None:
-        return f"{'<' if high_open else '<='} {high:g}"
-    return f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        return f"{'<' if high_open else '<='} {_shown(high)}"
+    return f"in {'(' if low_open else '['}{_shown(low)}, {_shown(high)}{')' if high_open else ']'}"
+
+
+def _shown(bound: float) -> str:
+    """A range's end as written: integers in full (4294967295, not 4.29497e+09)."""
+    return str(bound) if isinstance(bound, int) else f"{bound:g}"
 
 
 def check_bool(name: str, value: Any) -> bool:
@@ -125,11 +134,12 @@ def check_choice(name: str, value: Any, choices: Collection[Any]) -> Any:
     return value
 
 
-def check_text(name: str, value: Any, limit: int = MAX_TEXT) -> str:
-    """Text of at most ``limit`` characters, made printable (it may reach a terminal)."""
+def check_text(name: str, value: Any, limit: int = MAX_TEXT, *, exact: bool = False) -> str:
+    """Text of at most ``limit`` characters, made printable (it may reach a terminal) unless ``exact``:
+    names that must match something outside (class folders) are kept as they are and escaped where printed."""
     if not isinstance(value, str) or len(value) > limit:
         raise InvalidInput(f"{name} must be text of at most {limit} characters")
-    return value if value.isprintable() else printable(value)
+    return value if exact else printable(value)
 
 
 def check_sequence(name: str, value: Any, lengths: Collection[int], what: str) -> tuple[Any, ...]:
@@ -187,17 +197,26 @@ def check_img_side(name: str, value: Any) -> int:
     return check_int(name, value, MIN_IMG_SIZE, MAX_IMG_SIZE)
 
 
-def check_img_size(value: Any, name: str = "--img-size", batch: int = 1, training: bool = False) -> int:
+def check_img_size(
+    value: Any, name: str = "--img-size", batch: int = 1, training: bool = False, batch_name: str = "--batch-size"
+) -> int:
     """An image side (:func:`check_img_side`) whose activations at ``batch`` also fit this machine's memory.
 
-    Memory is checked before the upper limit, so a size far out of range says what it would need.
+    Memory is checked before the upper limit, so a size far out of range says what it would need; the
+    advice names what is too large: the batch (``batch_name``) when one image of this size fits.
     """
     check_int(name, value, MIN_IMG_SIZE)
     needed, available = estimated_activation_bytes(value, batch, training), _physical_memory()
     if available is not None and needed > available:
+        fitting = available // estimated_activation_bytes(value, 1, training)
+        advice = (
+            f"use {batch_name} {fitting} or less at this size"
+            if fitting
+            else f"use a smaller {name} (the published models use 224)"
+        )
         raise InvalidInput(
             f"{name} {value} at batch {batch} needs about {needed / 2**30:,.0f} GiB of activation memory, more than "
-            f"this machine's {available / 2**30:,.0f} GiB; use a smaller {name} (the published models use 224)"
+            f"this machine's {available / 2**30:,.0f} GiB; {advice}"
         )
     return check_img_side(name, value)
 

@@ -61,7 +61,9 @@ class TrainConfig:
         help="fine-tune from this model file (a new class count re-initialises the classifier)", metavar="CHECKPOINT"
     )
     img_size: int = _setting(224)
-    in_chans: int = _setting(3, "input channels of a new model: 3 (grayscale is expanded) or 1")
+    in_chans: int = _setting(
+        3, "input channels of a new model: 3 (grayscale is expanded) or 1; with --init, the file's"
+    )
     epochs: int = _setting(10)
     batch_size: int = _setting(64, "per process")
     recipe: str = _setting(
@@ -92,7 +94,11 @@ class TrainConfig:
     )
     # How the run is carried out, not what it computes: may change between resumptions.
     resume: bool = _setting(False, "continue the run saved in output/last.pt")
-    overwrite: bool = _setting(False, "start afresh in an output directory holding an earlier run's results (deleted)")
+    overwrite: bool = _setting(
+        False,
+        "start afresh in an output directory holding an earlier run's results: they are replaced once this run "
+        "saves its last.pt, and kept if it stops before",
+    )
     save_every: int = _setting(0, "also save last.pt every STEPS batches (0: only at epoch ends)", metavar="STEPS")
     stop_after: int | None = _setting(
         help="stop after epoch N of the --epochs schedule (continue later with --resume): a long run in parts",
@@ -114,20 +120,22 @@ class TrainConfig:
             if f.name not in self.CARRIED_OUT
         }
 
-    def _check_data_cache(self) -> None:
-        """A cache inside a split's folder would be read as one more class of images."""
+    def _check_outside_the_images(self) -> None:
+        """An output or a cache inside a split's folder would be read as one more class of images."""
         from selecsls.data.datasets import VAL_FOLDERS
 
-        if self.data_cache is None:
-            return
-        cache = Path(self.data_cache).resolve()
-        for split in ("train", *VAL_FOLDERS):
-            folder = Path(self.data).resolve() / split
-            if cache == folder or folder in cache.parents:
-                raise SettingError(
-                    f"{{data_cache}} {self.data_cache} is inside the image folder {folder}, where it would be read "
-                    "as a class: put the cache elsewhere"
-                )
+        for setting in ("output", "data_cache"):
+            value = getattr(self, setting)
+            if value is None:
+                continue
+            place = Path(value).resolve()
+            for split in ("train", *VAL_FOLDERS):
+                folder = Path(self.data).resolve() / split
+                if place == folder or folder in place.parents:
+                    raise SettingError(
+                        f"{{{setting}}} {value} is inside the data folder {folder}, where it would be read as a "
+                        f"class of images: put it outside {{data}}"
+                    )
 
     def validate(self) -> None:
         """Raise :class:`SettingError` for the first bad setting (before any data is read)."""
@@ -135,19 +143,27 @@ class TrainConfig:
 
         from selecsls._io import OutputError, check_output
         from selecsls.models.factory import list_models
-        from selecsls.models.validation import check_img_size, check_int, check_number
+        from selecsls.models.validation import (
+            MAX_COLOR_JITTER,
+            MAX_SEED,
+            check_choice,
+            check_img_size,
+            check_int,
+            check_number,
+        )
 
         try:  # the range checks name settings as {name}: SettingError spells them per caller
             for name in ("epochs", "batch_size", "limit", "val_limit", "stop_after"):
                 if getattr(self, name) is not None:
                     check_int(f"{{{name}}}", getattr(self, name))
-            check_img_size(self.img_size, "{img_size}", self.batch_size, training=True)
+            check_img_size(self.img_size, "{img_size}", self.batch_size, training=True, batch_name="{batch_size}")
+            check_choice("{in_chans}", self.in_chans, (1, 3))
             check_int("{save_every}", self.save_every, low=0)
             check_int("{workers}", self.workers, low=0)
-            check_int("{seed}", self.seed, low=None)
+            check_int("{seed}", self.seed, 0, MAX_SEED)
             check_number("{ema_decay}", self.ema_decay, 0.0, 1.0, high_open=True)
             check_number("{smoothing}", self.smoothing, 0.0, 1.0, high_open=True)
-            check_number("{color_jitter}", self.color_jitter, 0.0)
+            check_number("{color_jitter}", self.color_jitter, 0.0, MAX_COLOR_JITTER)
             check_number("{min_crop_area}", self.min_crop_area, 0.0, 1.0, low_open=True)
             for name in ("lr", "weight_decay", "warmup_epochs", "clip_grad"):  # zero lr or clipping norm: no step
                 if getattr(self, name) is not None:
@@ -155,11 +171,21 @@ class TrainConfig:
             check_output(self.output, [self.data, self.init], directory=True)
         except (ValueError, OutputError) as exc:
             raise SettingError(str(exc)) from None
-        self._check_data_cache()
+        if self.warmup_epochs is not None and self.warmup_epochs > self.epochs / 2:
+            raise SettingError(
+                f"{{warmup_epochs}} must be in [0, {self.epochs / 2:g}] (at most half of {{epochs}} {self.epochs}: the "
+                f"cosine decay needs the rest), got {self.warmup_epochs:g}"
+            )
+        self._check_outside_the_images()
         if self.resume and self.overwrite:
-            raise SettingError("{resume} continues the run in {output}, {overwrite} deletes it: give one of them")
+            raise SettingError("{resume} continues the run in {output}, {overwrite} replaces it: give one of them")
         if self.amp == "fp16" and not torch.cuda.is_available():
             raise SettingError("{amp} fp16 needs a CUDA device; use {amp} bf16 on CPU")
         get_recipe(self.recipe)
+        if self.model is not None and self.model not in list_models(baselines=True):
+            raise SettingError(
+                f"{{model}} {self.model!r} is not a model selecsls builds; choose one of "
+                + ", ".join(list_models(baselines=True))
+            )
         if self.model in list_models(baselines=True) and self.model not in list_models() and self.in_chans != 3:
             raise SettingError(f"baseline {self.model} takes 3 input channels; drop {{in_chans}} {self.in_chans}")

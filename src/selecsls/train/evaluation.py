@@ -123,6 +123,7 @@ def validation_data(data: str | os.PathLike, model: nn.Module) -> ImageFolder | 
     scores correctly, and a class the model does not know is an error. Without names,
     classes follow the sorted training folders (or the data's own order), by position.
     """
+    model.card.require_outputs("scoring on labelled images")
     names = model.card.label_names
     if names is None:
         dataset = build_dataset(data, "val", classes=training_classes(data))

@@ -38,7 +38,7 @@ from selecsls.train.config import DEFAULT_MODEL, SettingError, TrainConfig
 from selecsls.train.distributed import Workers
 from selecsls.train.evaluation import VAL_SUBSET_SEED, evaluate
 from selecsls.train.optimization import Optimization
-from selecsls.train.ownership import owned_output
+from selecsls.train.ownership import OutputDirectory, owned_output
 from selecsls.train.reporting import Reporter, check_dependencies
 from selecsls.train.state import (
     Position,
@@ -50,21 +50,34 @@ from selecsls.train.state import (
     save_last,
 )
 
-__all__ = ["TrainConfig", "train"]
+__all__ = ["TrainConfig", "TrainingInterrupted", "train"]
 
 #: An epoch in which more than this fraction of the training images could not be read is refused:
 #: the data is broken, and a model trained on what is left would be silently wrong.
 MAX_SKIPPED_FRACTION = 0.5
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a run: still a KeyboardInterrupt, saying what was kept and how to go on."""
+
+
 def train(config: TrainConfig) -> dict[str, Any]:
-    """Run (or resume) training as configured; returns the best val top-1 and per-epoch metrics."""
+    """Run (or resume) training as configured; returns the best val top-1 and per-epoch metrics.
+
+    Everything is checked and read (settings, data, model, ``init`` weights, the run to resume) before
+    the output directory's earlier results are replaced (:mod:`~selecsls.train.ownership`).
+    """
     config.validate()
     check_dependencies(config.progress)
     workers = Workers.start()
+    output: OutputDirectory | None = None
     try:
-        with owned_output(config, workers):
-            return Run(config, workers).fit()
+        with owned_output(config, workers) as output:
+            run = Run(config, workers)
+            output.replace_earlier(run.report.log)
+            return run.fit()
+    except KeyboardInterrupt:
+        raise TrainingInterrupted(output.interrupted() if output is not None else "nothing was written") from None
     finally:
         workers.stop()
 
@@ -83,6 +96,11 @@ def build_model(config: TrainConfig, data: ImageFolder | IdxDataset, saved: dict
     if config.init:
         file = read_model_file(config.init)
         card = card_for(file, config.model, num_classes=num_classes)
+        if config.in_chans not in (3, card.in_chans):  # the default, 3, stands for the file's channels
+            raise SettingError(
+                f"{{in_chans}} {config.in_chans} does not apply with {{init}}: the model reads the {card.in_chans} "
+                f"input channel(s) of {config.init} (images are converted to match); drop {{in_chans}}"
+            )
     else:
         file, card = None, describe(config.model or DEFAULT_MODEL, num_classes=num_classes, in_chans=config.in_chans)
     labels = None if data.label_names is None else tuple(data.label_names)
