@@ -215,7 +215,7 @@ def _plot_pareto(rows: list[dict], path: Path) -> None:
 
 
 def _print_tables(result: dict) -> None:
-    print("| run | model | recipe | settings | best val top-1 | images/s | wall time |")
+    print("| run | model | recipe | settings | best val top-1 | images/s | wall time of segments that ended |")
     print("|---|---|---|---|---|---|---|")
     for name, run_result in result["runs"].items():
         wall = run_result["wall_seconds"]
