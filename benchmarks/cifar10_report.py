@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 from cifar10_head_to_head import collect as head_to_head_rows
-from cifar10_runs import RUN_LISTS, Preset, run_history
+from cifar10_runs import PUBLISHED_MODEL, RUN_LISTS, Preset, run_history
 
 
 def sparsity_measures(run_dir: Path, data: str, preset: Preset, images: int = 500) -> dict:
@@ -92,6 +92,11 @@ def report(out: Path, data: str, preset: Preset, destination: Path) -> None:
         head_to_head=head_to_head_rows(out),
         cpu=_cpu(),
     )
+    if "published" in evaluations:  # the committed model: where it is, and its latency (the pruned network's)
+        evaluations["published"] |= dict(
+            model_file=str(PUBLISHED_MODEL),
+            latency=[row for row in result["pruned_vs_resnet50"] if row["model"] in ("pruned-1e-3.pt", "resnet50")],
+        )
     destination.write_text(json.dumps(result, indent=1) + "\n")
     _plot(runs, figures)
     if result["head_to_head"]:

@@ -13,6 +13,10 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+#: Where ``publish`` puts the exact-pruned model in the repository (with images/ beside it), and its size limit.
+PUBLISHED_MODEL = Path("examples/cifar10/selecsls42b-pruned.safetensors")
+MAX_PUBLISHED_BYTES = 20 * 2**20
+
 
 @dataclass(frozen=True)
 class Preset:

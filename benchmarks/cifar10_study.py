@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from dataclasses import MISSING, fields
@@ -27,7 +28,9 @@ from pathlib import Path
 from cifar10_head_to_head import head_to_head
 from cifar10_report import report
 from cifar10_runs import (
+    MAX_PUBLISHED_BYTES,
     PRESETS,
+    PUBLISHED_MODEL,
     RUN_LISTS,
     Preset,
     Run,
@@ -42,7 +45,7 @@ from cifar10_runs import (
 )
 
 #: Each run list's steps, in the order they run.
-STEPS = {"cpu": ("train", "prune", "deploy"), "full": ("train", "prune", "headtohead")}
+STEPS = {"cpu": ("train", "prune", "deploy"), "full": ("train", "prune", "headtohead", "publish")}
 #: The fp32 backends the exact-pruned model is timed on beside resnet50 (each model's fastest is compared).
 LATENCY_BACKENDS = "eager,fused,tuned,onnxruntime,openvino"
 #: The runs the pruning steps may start from: the one with most |gamma| < 1e-3 at its best epoch.
@@ -88,6 +91,8 @@ def main() -> None:
             prune_exactly(args.data, out, preset)
         if "headtohead" in steps:
             head_to_head(args.data, out, preset, runs)
+        if "publish" in steps:
+            publish(args.data, out, preset)
         return
     candidates = [spec for spec in selected if spec.name in PRUNE_CANDIDATES]
     if "train" in steps:
@@ -238,6 +243,36 @@ def prune_exactly(data: str, out: Path, preset: Preset) -> None:
     bench(
         models, f"{preset.img_size},224,512x320", LATENCY_BACKENDS, out / "bench-pruned-vs-resnet50.json", out, preset
     )
+
+
+def publish(data: str, out: Path, preset: Preset) -> None:
+    """The committed result: the exact-pruned model as ``selecsls.save`` writes it (its weights stored in
+    fp16 if fp32 would pass :data:`MAX_PUBLISHED_BYTES`; it loads as fp32), scored on the validation
+    split as stored, copied into the repository with one validation image per class to try it on."""
+    pruned = out / "pruned-1e-3.pt"
+    if not pruned.exists():
+        print("publish: waiting for the exact pruning", flush=True)
+        return
+    import selecsls
+
+    published = out / f"published{PUBLISHED_MODEL.suffix}"
+    if not published.exists():
+        model = selecsls.load(pruned)
+        scratch = out / f".published{PUBLISHED_MODEL.suffix}"
+        selecsls.save(model, scratch)
+        if scratch.stat().st_size > MAX_PUBLISHED_BYTES:
+            selecsls.save(model.half(), scratch)
+        if scratch.stat().st_size > MAX_PUBLISHED_BYTES:
+            sys.exit(f"publish: the pruned model takes {scratch.stat().st_size / 2**20:.1f} MiB even in fp16")
+        scratch.replace(published)
+    evaluate(published, data, preset, out)
+    repository = Path(__file__).resolve().parents[1]
+    (repository / PUBLISHED_MODEL).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(published, repository / PUBLISHED_MODEL)
+    images = repository / PUBLISHED_MODEL.parent / "images"
+    images.mkdir(exist_ok=True)
+    for folder in sorted(Path(data, "val").iterdir()):
+        shutil.copyfile(min(folder.glob("*.jpg")), images / f"{folder.name}.jpg")
 
 
 def _prune(source: Path, name: str, options: tuple[str, ...], out: Path, preset: Preset) -> None:
