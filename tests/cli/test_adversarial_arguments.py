@@ -2,11 +2,13 @@
 work (no silent fallback to a default, no attempt to allocate for a 100000-pixel image)."""
 
 import re
+import subprocess
+import sys
 
 import pytest
 
 import selecsls
-from selecsls.cli import main
+from selecsls.cli import BROKEN_PIPE, main
 from selecsls.models.validation import check_img_size, check_number, estimated_activation_bytes
 from sparse_models import sparse_tiny_model
 from training_fixtures import make_image_folder, write_image
@@ -83,3 +85,13 @@ def test_the_memory_estimate_refuses_before_allocating():
 def test_numbers_must_be_finite_numbers(value):
     with pytest.raises(ValueError, match="must be a finite number"):
         check_number("--x", value)
+
+
+def test_output_piped_into_a_reader_that_went_away_ends_quietly():
+    """`selecsls info selecsls60 | head -0`: the pipe is closed when the command writes; no error line, status 141."""
+    command = [sys.executable, "-m", "selecsls", "info", "selecsls60"]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as process:
+        process.stdout.close()  # the reader is gone before the command's first write
+        err = process.stderr.read().decode()
+        assert process.wait(timeout=120) == BROKEN_PIPE, err
+    assert "Broken pipe" not in err and "Traceback" not in err, err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -23,6 +24,8 @@ class CLIError(Exception):
 
 #: Exit status after Ctrl-C, as a shell reports a command killed by SIGINT (128 + 2).
 INTERRUPTED = 130
+#: The exit status of a command whose output pipe closed early (128 + SIGPIPE, as the shell reports it).
+BROKEN_PIPE = 141
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,6 +42,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         result = args.func(args)
+    except BrokenPipeError:  # the reader of our output went away (`selecsls info ... | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the flush at exit cannot fail again
+        return BROKEN_PIPE
     except (CLIError, MissingDependency, ValueError, OSError, RuntimeError) as exc:
         # One line, without the control characters a hand-made file name or class name may carry.
         print(f"selecsls {args.command}: error: {printable(exc)}", file=sys.stderr)
