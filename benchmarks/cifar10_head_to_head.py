@@ -51,8 +51,9 @@ def head_to_head(data: str, out: Path, preset: Preset, runs: tuple[Run, ...]) ->
     folder = out / FOLDER
     folder.mkdir(exist_ok=True)
     resnet_source = out / sources["resnet50"].name / "best.pt"
+    resnet_macs = model_macs(resnet_source, preset)
     targets = {"exact-selecsls": model_macs(out / "pruned-1e-3.pt", preset)}
-    targets |= {label: int(model_macs(resnet_source, preset) * share) for label, share in RESNET_FRACTIONS.items()}
+    targets |= {label: int(resnet_macs * share) for label, share in RESNET_FRACTIONS.items()}
     (folder / "targets.json").write_text(json.dumps(targets, indent=1) + "\n")
     models = [
         dict(name=f"{model} dense", family=model, file=out / spec.name / "best.pt") for model, spec in sources.items()

@@ -226,8 +226,9 @@ def prune_and_finetune(data: str, out: Path, preset: Preset) -> None:
 
 def prune_exactly(data: str, out: Path, preset: Preset) -> None:
     """The full budget's pruning: the chosen sparse selecsls42b (its best epoch) pruned at |gamma| 1e-3,
-    which must not change its top-1 on the 10,000 val images; both scored, latency of dense, BN-folded
-    and pruned. Waits (returns) until that run has finished."""
+    which must not change its top-1 on the 10,000 val images; both scored, then timed beside resnet50
+    (batch 1, eager and each model's fastest fp32 backend, BN-folded included, at three sizes). Waits
+    (returns) until that run has finished."""
     ledger = out / "pilots.json"
     chosen = json.loads(ledger.read_text()).get("sparse selecsls42b", {}).get("chosen") if ledger.exists() else None
     if chosen is None or not (out / chosen / "summary.json").exists():
@@ -235,10 +236,9 @@ def prune_exactly(data: str, out: Path, preset: Preset) -> None:
         return
     source = out / chosen / "best.pt"
     (out / "prune_source.txt").write_text(f"{chosen}\n")
-    _prune(source, "pruned-1e-3", (), out, preset)
+    prune_file(source, out / "pruned-1e-3.pt", (), out, preset)
     evaluate(source, data, preset, out)
     evaluate(out / "pruned-1e-3.pt", data, preset, out)
-    # eager (what model(x) gives) and the best fp32 backend at three sizes, beside resnet50
     models = [str(source), str(out / "pruned-1e-3.pt"), "resnet50"]
     bench(
         models, f"{preset.img_size},224,512x320", LATENCY_BACKENDS, out / "bench-pruned-vs-resnet50.json", out, preset

@@ -182,10 +182,10 @@ class TrainConfig:
         if self.amp == "fp16" and not torch.cuda.is_available():
             raise SettingError("{amp} fp16 needs a CUDA device; use {amp} bf16 on CPU")
         get_recipe(self.recipe)
-        if self.model is not None and self.model not in list_models(baselines=True):
+        buildable = list_models(baselines=True)
+        if self.model is not None and self.model not in buildable:
             raise SettingError(
-                f"{{model}} {self.model!r} is not a model selecsls builds; choose one of "
-                + ", ".join(list_models(baselines=True))
+                f"{{model}} {self.model!r} is not a model selecsls builds; choose one of " + ", ".join(buildable)
             )
-        if self.model in list_models(baselines=True) and self.model not in list_models() and self.in_chans != 3:
+        if self.model in buildable and self.model not in list_models() and self.in_chans != 3:
             raise SettingError(f"baseline {self.model} takes 3 input channels; drop {{in_chans}} {self.in_chans}")
