@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 from cifar10_head_to_head import collect as head_to_head_rows
-from cifar10_runs import PUBLISHED_MODEL, RUN_LISTS, Preset, run_history
+from cifar10_runs import PUBLISHED_CHECK_IMAGES, PUBLISHED_MODEL, RUN_LISTS, Preset, run_history
 
 
 def sparsity_measures(run_dir: Path, data: str, preset: Preset, images: int = 500) -> dict:
@@ -92,10 +92,13 @@ def report(out: Path, data: str, preset: Preset, destination: Path) -> None:
         head_to_head=head_to_head_rows(out),
         cpu=_cpu(),
     )
-    if "published" in evaluations:  # the committed model: where it is, and its latency (the pruned network's)
+    if "published" in evaluations:  # the committed model: where it is, its latency (the pruned network's), its checks
+        examples = out / "published-examples.json"
         evaluations["published"] |= dict(
             model_file=str(PUBLISHED_MODEL),
             latency=[row for row in result["pruned_vs_resnet50"] if row["model"] in ("pruned-1e-3.pt", "resnet50")],
+            balanced_subset=evaluations.pop(f"published.limit-{PUBLISHED_CHECK_IMAGES}", None),
+            example_predictions=json.loads(examples.read_text()) if examples.exists() else None,
         )
     destination.write_text(json.dumps(result, indent=1) + "\n")
     _plot(runs, figures)

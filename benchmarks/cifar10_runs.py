@@ -16,6 +16,8 @@ from pathlib import Path
 #: Where ``publish`` puts the exact-pruned model in the repository (with images/ beside it), and its size limit.
 PUBLISHED_MODEL = Path("examples/cifar10/selecsls42b-pruned.safetensors")
 MAX_PUBLISHED_BYTES = 20 * 2**20
+#: The class-balanced validation subset the committed model's test re-scores (tests/test_examples.py).
+PUBLISHED_CHECK_IMAGES = 1000
 
 
 @dataclass(frozen=True)
@@ -188,14 +190,16 @@ def train(
     return directory
 
 
-def evaluate(checkpoint: Path, data: str, preset: Preset, out: Path) -> dict:
-    """``selecsls eval --json`` on the study's validation subset, cached beside the checkpoint."""
-    cached = checkpoint.with_suffix(".eval.json")
+def evaluate(checkpoint: Path, data: str, preset: Preset, out: Path, limit: int | None = None) -> dict:
+    """``selecsls eval --json`` on the study's validation subset (or ``limit`` class-balanced
+    images), cached beside the checkpoint."""
+    limit = limit or preset.val_limit
+    cached = checkpoint.with_suffix(f".limit-{limit}.eval.json" if limit != preset.val_limit else ".eval.json")
     if not cached.exists():
         command = selecsls("eval", "--data", data, "--checkpoint", str(checkpoint), "--json", "--workers", "1")
-        if preset.val_limit:
-            command += ["--limit", str(preset.val_limit)]
-        log = out / "logs" / f"eval-{checkpoint.parent.name}-{checkpoint.stem}.log"
+        if limit:
+            command += ["--limit", str(limit)]
+        log = out / "logs" / f"eval-{checkpoint.parent.name}-{cached.name.removesuffix('.eval.json')}.log"
         run(command, log)
         cached.write_text(_last_json(log))
     return json.loads(cached.read_text())

@@ -30,6 +30,7 @@ from cifar10_report import report
 from cifar10_runs import (
     MAX_PUBLISHED_BYTES,
     PRESETS,
+    PUBLISHED_CHECK_IMAGES,
     PUBLISHED_MODEL,
     RUN_LISTS,
     Preset,
@@ -248,7 +249,8 @@ def prune_exactly(data: str, out: Path, preset: Preset) -> None:
 def publish(data: str, out: Path, preset: Preset) -> None:
     """The committed result: the exact-pruned model as ``selecsls.save`` writes it (its weights stored in
     fp16 if fp32 would pass :data:`MAX_PUBLISHED_BYTES`; it loads as fp32), scored on the validation
-    split as stored, copied into the repository with one validation image per class to try it on."""
+    split as stored and on the balanced subset its test re-scores, copied into the repository with one
+    validation image per class to try it on and what ``selecsls predict`` says about them."""
     pruned = out / "pruned-1e-3.pt"
     if not pruned.exists():
         print("publish: waiting for the exact pruning", flush=True)
@@ -269,10 +271,16 @@ def publish(data: str, out: Path, preset: Preset) -> None:
     repository = Path(__file__).resolve().parents[1]
     (repository / PUBLISHED_MODEL).parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(published, repository / PUBLISHED_MODEL)
+    evaluate(published, data, preset, out, limit=PUBLISHED_CHECK_IMAGES)
     images = repository / PUBLISHED_MODEL.parent / "images"
     images.mkdir(exist_ok=True)
     for folder in sorted(Path(data, "val").iterdir()):
         shutil.copyfile(min(folder.glob("*.jpg")), images / f"{folder.name}.jpg")
+    from selecsls.deploy.inference import Predictor
+
+    predictions = Predictor.from_model(selecsls.load(published)).predict(sorted(images.glob("*.jpg")), topk=1)
+    examples = {Path(p.path).stem: p.classes[0][0] for p in predictions}
+    (out / "published-examples.json").write_text(json.dumps(examples, indent=1) + "\n")
 
 
 def _prune(source: Path, name: str, options: tuple[str, ...], out: Path, preset: Preset) -> None:

@@ -24,6 +24,7 @@ from selecsls.bench.runner import (
 from selecsls.cli import main
 from selecsls.deploy.backends import BACKENDS, Backend, BackendUnavailable, device_backends
 from selecsls.models.baselines import create_baseline
+from selecsls.models.conv import SmallMapConv2d
 from sparse_models import tiny_spec, trained_like
 
 
@@ -209,7 +210,8 @@ def test_bench_command_writes_json_and_png(tmp_path, capsys):
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "selecsls42b fused" in out and "speed-up" in out and "x resnet50" in out
-    assert "Eager SelecSLS large convs (SELECSLS_CONV_ALGORITHM=auto" in out
+    assert "Eager SelecSLS convs (SELECSLS_CONV_ALGORITHM=auto; conv turns it off)" in out
+    assert "Weights kept in oneDNN's layout between CPU inference calls" in out
 
     result = json.loads(prefix.with_suffix(".json").read_text())
     assert result["machine"]["torch_threads"] == 1 and result["machine"]["torch"] == torch.__version__
@@ -229,6 +231,10 @@ def test_bench_command_writes_json_and_png(tmp_path, capsys):
         assert set(result["memory"][measure]["resnet50"]) == {"1x64", "1x48x32"}
     live = result["memory"]["inference_live_peak_bytes"]
     assert live["resnet50"]["1x64"] > live["resnet50"]["1x48x32"] > 0  # more pixels, more activations
+    kept = result["memory"]["inference_kept_weight_bytes"]
+    assert kept["resnet50"] == {"1x64": 0, "1x48x32": 0}  # torchvision's convs keep nothing
+    small_convs = [m for m in create_model("selecsls42b").modules() if isinstance(m, SmallMapConv2d) and not m.large()]
+    assert kept["selecsls42b"]["1x64"] >= 4 * sum(m.weight.numel() for m in small_convs)  # all reordered
     assert result["eval_conv_algorithm"] == "auto"
     assert set(result["eval_conv_choices"]["selecsls42b"]) == {f"head.{i}.conv" for i in range(4)}
     with Image.open(prefix.with_suffix(".png")) as plot:

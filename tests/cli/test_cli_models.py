@@ -34,18 +34,20 @@ def test_models_table_counts_params_and_macs_and_reads_top1_from_the_registry(tw
 def test_info_names_the_convs_whose_eval_algorithm_is_chosen_and_the_switch(capsys, monkeypatch):
     assert main(["info", "selecsls60"]) == 0
     last = capsys.readouterr().out.splitlines()[-1]
-    assert last.startswith("eval mode on the CPU: head.0.conv, head.1.conv, head.2.conv, head.3.conv run as ")
-    assert "whichever their first call per input shape times faster" in last and "SELECSLS_CONV_ALGORITHM=auto" in last
+    assert last.startswith("eval mode on the CPU without autograd: every conv runs oneDNN's conv on its weight kept ")
+    assert "head.0.conv, head.1.conv, head.2.conv, head.3.conv that or an exact im2col matmul, whichever" in last
+    assert "SELECSLS_CONV_ALGORITHM=auto (auto, packed, matmul, conv)" in last
     monkeypatch.setattr("selecsls.models.conv.SmallMapConv2d.eval_algorithm", "conv")
     assert main(["info", "selecsls60"]) == 0
-    assert "run as oneDNN's conv; SELECSLS_CONV_ALGORITHM=conv" in capsys.readouterr().out
+    assert "reordering its weight on each call; SELECSLS_CONV_ALGORITHM=conv" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
     "value, status, expected",
     [
-        ("conv", 0, "run as oneDNN's conv; SELECSLS_CONV_ALGORITHM=conv"),
-        ("gemm", 2, "selecsls info: error: SELECSLS_CONV_ALGORITHM='gemm': expected one of auto, conv, matmul"),
+        ("conv", 0, "reordering its weight on each call; SELECSLS_CONV_ALGORITHM=conv"),
+        ("packed", 0, "every conv runs oneDNN's conv on its weight kept in oneDNN's layout (made on the first"),
+        ("gemm", 2, "selecsls info: error: SELECSLS_CONV_ALGORITHM='gemm': expected one of auto, packed, matmul, conv"),
     ],
 )
 def test_the_environment_variable_sets_the_eval_algorithm(value, status, expected):

@@ -1,8 +1,7 @@
 """Real images: a short training on a class-balanced CIFAR-10 subset learns well above chance (10%).
 
-The archive is not part of the project: the test unpacks it with ``../shared/data/cifar10.sh``
-(relative to the repository root; ``SELECSLS_CIFAR10_SCRIPT`` names another copy, e.g. from a git
-worktree) once per session and skips cleanly where that script is absent.
+The archive is not part of the project: the ``cifar10`` fixture (tests/conftest.py) unpacks it once
+per session and the test skips cleanly where that is not possible.
 
 The run: selecsls42b's topology at a quarter of its widths (``narrow_spec(4)``, 2.0 M parameters;
 the full selecsls42b trains at under 20 images/s at 32 px on the 2-core CPU, far too slow here),
@@ -19,34 +18,17 @@ leaves 5.9 points below the worst seed.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
-import pytest
 import torch
 
 import selecsls
 from selecsls.cli import main
 from training_fixtures import SUBPROCESS_ENV, narrow_spec
 
-UNPACK_SCRIPT = Path(
-    os.environ.get("SELECSLS_CIFAR10_SCRIPT", Path(__file__).resolve().parents[2].parent / "shared/data/cifar10.sh")
-)
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 TOP1_BAR = 20.0
-
-
-@pytest.fixture(scope="session")
-def cifar10(tmp_path_factory) -> Path:
-    """CIFAR-10 unpacked into train/<class>/ and val/<class>/ (once per session)."""
-    if not UNPACK_SCRIPT.is_file():
-        pytest.skip(f"CIFAR-10 is not available here ({UNPACK_SCRIPT} does not exist)")
-    root = tmp_path_factory.mktemp("cifar10")
-    done = subprocess.run(["bash", str(UNPACK_SCRIPT), str(root)], capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr
-    return root
 
 
 def test_short_training_on_a_balanced_cifar10_subset_learns_well_above_chance(cifar10, tmp_path, capsys):

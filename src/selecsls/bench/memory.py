@@ -25,6 +25,8 @@ from functools import partial
 import torch
 from torch import nn
 
+from selecsls.models.conv import packed_weight_bytes
+
 __all__ = ["MemoryUnavailable", "cuda_training_peak_bytes", "inference_memory_bytes", "saved_tensor_bytes"]
 
 
@@ -123,14 +125,16 @@ def _inference_memory(
     models: Mapping[str, nn.Module], input_shapes: Sequence[Sequence[int]], threads: int
 ) -> dict[str, dict[str, list[int]]]:
     """Per measure, model and input shape: one steady inference call's peak RSS above the RSS just
-    before it, and its live tensor peak (:func:`_allocated_peak_bytes`)."""
+    before it, its live tensor peak (:func:`_allocated_peak_bytes`), and the reordered weights the
+    model keeps between calls (:func:`selecsls.models.conv.packed_weight_bytes`)."""
     torch.set_num_threads(threads)
     growth: dict[str, list[int]] = {}
     live: dict[str, list[int]] = {}
+    kept: dict[str, list[int]] = {}
     with torch.inference_mode():
         for name, model in models.items():
             model.eval()
-            growth[name], live[name] = [], []
+            growth[name], live[name], kept[name] = [], [], []
             for shape in input_shapes:
                 images = torch.randn(*shape)
                 for _ in range(STEADY_WARMUP_CALLS):
@@ -141,8 +145,13 @@ def _inference_memory(
                 model(images)
                 growth[name].append((_proc_status_kib("VmHWM") - before) * 1024)
                 live[name].append(_allocated_peak_bytes(partial(model, images)))
+                kept[name].append(packed_weight_bytes(model))
                 del images
-    return {"inference_rss_growth_bytes": growth, "inference_live_peak_bytes": live}
+    return {
+        "inference_rss_growth_bytes": growth,
+        "inference_live_peak_bytes": live,
+        "inference_kept_weight_bytes": kept,
+    }
 
 
 def _measure_in_child() -> None:
@@ -156,7 +165,8 @@ def inference_memory_bytes(
 ) -> dict[str, dict[str, list[int]]]:
     """Memory of one steady-state CPU inference call, per model and input shape, under two measures:
     ``inference_rss_growth_bytes``, the peak resident-memory growth of the process, and
-    ``inference_live_peak_bytes``, the peak of live tensor memory (activations, workspaces, weight copies).
+    ``inference_live_peak_bytes``, the peak of live tensor memory (activations, workspaces, weight copies),
+    and ``inference_kept_weight_bytes``, the weight copies in oneDNN's layout kept between calls.
 
     Measured in a fresh process (one for all models: starting Python with torch is the slow
     part) whose allocator returns every large block to the system on free (glibc's mmap

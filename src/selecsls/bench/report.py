@@ -27,6 +27,7 @@ MEMORY_MEASURES = {
     "inference_rss_growth_bytes": "Peak process RSS growth of one steady-state CPU inference call",
     "inference_live_peak_bytes": "Peak live tensor memory of one steady-state CPU inference call "
     "(activations, workspaces, per-call weight copies)",
+    "inference_kept_weight_bytes": "Weights kept in oneDNN's layout between CPU inference calls (eager SelecSLS)",
 }
 
 
@@ -122,16 +123,17 @@ def _conv_choice_lines(result: dict) -> str:
     """What eager ``model(x)`` ran for each large SelecSLS conv (``SmallMapConv2d.eval_algorithm``)."""
     algorithm = result["eval_conv_algorithm"]
     if algorithm != "auto":
-        return f"Eager SelecSLS large convs: SELECSLS_CONV_ALGORITHM={algorithm}, every one ran as the {algorithm}."
+        return f"Eager SelecSLS convs: SELECSLS_CONV_ALGORITHM={algorithm} (see `selecsls info selecsls42b`)."
     lines = [
         f"  {model} {conv}: " + "; ".join(f"{key} {choice}" for key, choice in per_input.items())
         for model, per_conv in result["eval_conv_choices"].items()
         for conv, per_input in per_conv.items()
     ]
     return (
-        "Eager SelecSLS large convs (SELECSLS_CONV_ALGORITHM=auto; conv turns it off): oneDNN's conv or the "
-        "exact im2col matmul, whichever the first call timed faster (a 3x3 conv, which copies its weight on "
-        f"every call, only when {EVAL_CONV_MARGIN:g}x faster):\n" + "\n".join(lines or ["  none timed"])
+        "Eager SelecSLS convs (SELECSLS_CONV_ALGORITHM=auto; conv turns it off): oneDNN's conv on weights kept in "
+        "its layout; the large ones that or the exact im2col matmul, whichever the first call timed faster "
+        f"(with autograd recording: the plain conv only when {EVAL_CONV_MARGIN:g}x faster):\n"
+        + "\n".join(lines or ["  none timed"])
     )
 
 

@@ -86,7 +86,7 @@ def _file_info(path: str, as_json: bool) -> int:
 def _print_spec(spec) -> None:
     """The convs, feature levels and eval-mode conv algorithm of the network ``spec`` describes."""
     from selecsls import create_model
-    from selecsls.models.conv import EVAL_ALGORITHM_ENV, EVAL_CONV_MARGIN, SmallMapConv2d
+    from selecsls.models.conv import EVAL_ALGORITHM_ENV, EVAL_ALGORITHMS, EVAL_CONV_MARGIN, SmallMapConv2d
 
     model = create_model(spec)
     print(
@@ -101,13 +101,16 @@ def _print_spec(spec) -> None:
         print(f"  {level}: {info['module']:<12} {info['num_chs']:>5} channels, stride {info['reduction']}")
     large = [name for name, m in model.named_modules() if isinstance(m, SmallMapConv2d) and m.large()]
     algorithm = SmallMapConv2d.eval_algorithm
+    kept = "oneDNN's conv on its weight kept in oneDNN's layout (made on the first call after eval())"
     how = {
-        "auto": "oneDNN's conv or an exact im2col matmul, whichever their first call per input shape times faster "
-        f"(a 3x3 conv, which copies its weight on every call, only when {EVAL_CONV_MARGIN:g}x faster)",
-        "conv": "oneDNN's conv",
-        "matmul": "an exact im2col matmul",
+        "auto": f"every conv runs {kept}; {', '.join(large) or 'no conv'} that or an exact im2col matmul, whichever "
+        "their first call per input shape times faster",
+        "packed": f"every conv runs {kept}",
+        "matmul": f"{', '.join(large) or 'no conv'} run as an exact im2col matmul, the others {kept}",
+        "conv": "every conv runs oneDNN's conv, reordering its weight on each call",
     }[algorithm]
     print(
-        f"eval mode on the CPU: {', '.join(large) or 'no conv'} run as {how}; "
-        f"{EVAL_ALGORITHM_ENV}={algorithm} (auto, conv or matmul)"
+        f"eval mode on the CPU without autograd: {how}; {EVAL_ALGORITHM_ENV}={algorithm} "
+        f"({', '.join(EVAL_ALGORITHMS)}); with autograd the large ones time the plain conv against the matmul "
+        f"(the conv kept only {EVAL_CONV_MARGIN:g}x faster)"
     )

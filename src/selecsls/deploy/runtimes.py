@@ -130,9 +130,9 @@ class GemmConv2d(nn.Module):
     PyTorch's eager conv copies its weight into oneDNN's blocked layout on every call; for large
     weights at batch 1 that copy outweighs the arithmetic, and this product reads the weight in
     place (selecsls60's head.2 on the development EPYC: 36 ms as a conv, 7 ms as this product).
-    SelecSLS's own convs already make this choice in eval mode
-    (:class:`~selecsls.models.conv.SmallMapConv2d`); :func:`tuned` times both for every spatial
-    conv of any model.
+    SelecSLS's own convs avoid the copy in eval mode (they keep their weights reordered, the large
+    ones may run as this product: :class:`~selecsls.models.conv.SmallMapConv2d`); :func:`tuned`
+    times conv and product for every spatial conv of any model.
     """
 
     def __init__(self, conv: nn.Conv2d) -> None:

@@ -1,15 +1,17 @@
-"""The conv of every SelecSLS layer: ``nn.Conv2d`` that runs the large head convs fast.
+"""The conv of every SelecSLS layer: ``nn.Conv2d`` that runs fast in eval mode and on tiny maps.
 
-:class:`SmallMapConv2d` (same parameters, same state dict as ``nn.Conv2d``) runs a large conv as
-im2col + one matrix product (:func:`conv2d_as_matmul`) where that is faster and exact: in training
-on 1x1/2x2 maps, in eval on the CPU where timing says so (no per-call weight reorder).
+:class:`SmallMapConv2d` (same parameters, same state dict as ``nn.Conv2d``) runs, in eval on the
+CPU, oneDNN's conv with its weight reordered once and kept (PyTorch's eager conv reorders it on
+every call), or a large conv as im2col + one matrix product (:func:`conv2d_as_matmul`) where that
+is faster; in training, a large conv on 1x1/2x2 maps as the product.
 """
 
 from __future__ import annotations
 
 import os
+import weakref
 from functools import partial
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +20,14 @@ from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from selecsls._timing import fastest_seconds
 
-__all__ = ["EVAL_ALGORITHM_ENV", "EVAL_ALGORITHMS", "SmallMapConv2d", "conv2d_as_matmul", "eval_conv_choices"]
+__all__ = [
+    "EVAL_ALGORITHM_ENV",
+    "EVAL_ALGORITHMS",
+    "SmallMapConv2d",
+    "conv2d_as_matmul",
+    "eval_conv_choices",
+    "packed_weight_bytes",
+]
 
 
 def _live_taps(size: int, kernel: int, stride: int, padding: int, dilation: int) -> Tuple[int, int, int]:
@@ -37,14 +46,34 @@ def _live_taps(size: int, kernel: int, stride: int, padding: int, dilation: int)
 
 #: Environment variable that sets :attr:`SmallMapConv2d.eval_algorithm` when this module is imported.
 EVAL_ALGORITHM_ENV = "SELECSLS_CONV_ALGORITHM"
-EVAL_ALGORITHMS = ("auto", "conv", "matmul")
+EVAL_ALGORITHMS = ("auto", "packed", "matmul", "conv")
 #: Timed calls of each algorithm (after one warm-up call) behind an "auto" choice, and how much
-#: faster a spatial conv must be to be kept: it copies its weight on every call and the product
-#: does not, so it must clearly pay for the copy. At batch 1 on the development EPYC the product
-#: was at most 15% slower on any head conv and up to 4x faster; with 2 threads and another job
-#: running, timing noise picked the conv for near-ties at a margin of 1.2. 1x1 convs copy nothing:
-#: the faster wins.
+#: faster oneDNN's conv must be to be kept where its weight cannot be kept reordered (autograd
+#: recording, autocast, not float32): it copies the weight on every call and the product does
+#: not. At batch 1 on the development EPYC the product was at most 15% slower on any head conv
+#: and up to 4x faster; with 2 threads and another job running, timing noise picked the conv for
+#: near-ties at a margin of 1.2. 1x1 convs and the reordered weight copy nothing: the faster wins.
 EVAL_CHOICE_REPEATS, EVAL_CONV_MARGIN = 3, 1.5
+
+
+class _PackedWeight(NamedTuple):
+    """A weight in oneDNN's layout for one input shape, and what it was made from: any change of
+    the weight through PyTorch (in-place op, ``load_state_dict``, an optimizer step, ``.to``,
+    assigning ``.data`` or a new tensor) changes its identity, address or version counter."""
+
+    source: weakref.ref[Tensor]
+    address: int
+    version: int
+    input_shape: Tuple[int, ...]
+    weight: Tensor
+
+    def still_fits(self, weight: Tensor, input_shape: Tuple[int, ...]) -> bool:
+        return (
+            self.source() is weight
+            and self.address == weight.data_ptr()
+            and self.version == weight._version
+            and self.input_shape == input_shape
+        )
 
 
 def _eval_algorithm_from_env() -> str:
@@ -55,7 +84,7 @@ def _eval_algorithm_from_env() -> str:
 
 
 class SmallMapConv2d(nn.Conv2d):
-    """``nn.Conv2d`` (same parameters, same state dict) that runs SelecSLS's large head convs fast.
+    """``nn.Conv2d`` (same parameters, same state dict) that runs SelecSLS's convs fast.
 
     Training at 32-64 px: the head runs convs with up to 1280 channels on 2x2 and 1x1 maps, where
     oneDNN's backward is slow: measured per layer (forward + backward, batch 32), weights of 1M+
@@ -67,31 +96,49 @@ class SmallMapConv2d(nn.Conv2d):
     conv does.
 
     Eval mode on the CPU: PyTorch's eager conv copies the whole weight into oneDNN's blocked layout
-    on every call (``ONEDNN_VERBOSE=1`` shows the reorder). For selecsls60's 37.7 MB head.2 that
-    copy took 25 ms against 6 ms of arithmetic, and its buffer, above glibc's largest mmap
-    threshold (32 MiB), is mapped afresh on every call: the process grew by the weight's size per
-    image. The im2col product reads the weight in place. With :attr:`eval_algorithm` "auto" (the
-    default) a conv with a weight of ``gemm_min_weight_elements`` or more times both on its first
-    call per input shape, dtype, thread count and autocast state (one slower first call, as with
-    ``torch.backends.cudnn.benchmark``) and keeps the faster, the conv of a spatial kernel only when
-    ``EVAL_CONV_MARGIN`` times faster (:attr:`eval_choices` records it); "conv" always runs the
-    conv, "matmul" the product. Both are exact (about 5e-7 relative in float32).
+    on every call (``ONEDNN_VERBOSE=1`` shows the reorder): 25 ms against 6 ms of arithmetic for
+    selecsls60's 37.7 MB head.2, and a weight-sized buffer per call. With :attr:`eval_algorithm`
+    "auto" (the default), when no gradient is recorded and the input is float32, every conv keeps
+    its weight reordered for the last input shape it saw and runs oneDNN's conv on it (its output
+    is channels-last). The copy (:class:`_PackedWeight`; :func:`packed_weight_bytes` says how much
+    they hold) is rebuilt when the weight changes and dropped by ``train()`` and ``eval()``: call
+    ``eval()`` again after editing a weight through ``.data`` or NumPy, which PyTorch does not
+    track. A conv with a weight of
+    ``gemm_min_weight_elements`` or more times that against the im2col product on its first call
+    per input shape, dtype, thread count and mode (one slower first call, as with
+    ``torch.backends.cudnn.benchmark``) and keeps the faster (:attr:`eval_choices` records it);
+    where the weight cannot stay reordered (autograd recording, autocast, another dtype) it times
+    the plain conv against the product and keeps the conv only when ``EVAL_CONV_MARGIN`` times
+    faster. "packed" runs every conv on its reordered weight, "matmul" every large one as the
+    product, "conv" the plain conv. All agree within about 1e-6 relative in float32.
     TorchScript, tracing (ONNX export), ``torch.compile``, dispatch modes (FLOP counting), other
-    devices and channels-last inputs always see the plain conv.
+    devices and other layouts always see the plain conv.
     """
 
     __constants__ = [*nn.Conv2d.__constants__, "gemm_max_output_pixels", "gemm_min_weight_elements", "eval_algorithm"]
-    __jit_ignored_attributes__ = ["eval_choices"]  # eager-only state; scripted models always run the conv
+    __jit_ignored_attributes__ = ["eval_choices", "packed"]  # eager-only state; scripted models run the conv
     gemm_max_output_pixels = 4
     gemm_min_weight_elements = 2**20
-    #: "auto", "conv" or "matmul" (see the class docstring); the class attribute sets every layer,
-    #: an instance attribute one. Default from the ``SELECSLS_CONV_ALGORITHM`` environment variable.
+    #: "auto", "packed", "matmul" or "conv" (see the class docstring); the class attribute sets
+    #: every layer, an instance attribute one. Default from the ``SELECSLS_CONV_ALGORITHM`` variable.
     eval_algorithm = _eval_algorithm_from_env()
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        #: The "auto" choices made so far: "input shape dtype, threads=N[, autocast]" -> "conv" or "matmul".
+        #: The "auto" choices made so far: "input shape dtype, threads=N[, mode]" -> "packed",
+        #: "matmul" or "conv".
         self.eval_choices: Dict[str, str] = {}
+        #: The weight in oneDNN's layout, kept between eval calls (None until the first).
+        self.packed: Optional[_PackedWeight] = None
+
+    def train(self, mode: bool = True) -> SmallMapConv2d:
+        # Training frees the copy; ``eval()`` starts afresh, which also covers an edit PyTorch
+        # cannot see (in place through ``.data`` or a NumPy view).
+        self.packed = None
+        return super().train(mode)
+
+    def __getstate__(self) -> Dict[str, Any]:
+        return {**self.__dict__, "packed": None}  # copies and pickles rebuild it on their first call
 
     def large(self) -> bool:
         """Whether this conv may run as the matrix product (in training on tiny maps, in eval by choice)."""
@@ -112,32 +159,77 @@ class SmallMapConv2d(nn.Conv2d):
 
     @torch.jit.unused
     def _eval_forward(self, x: Tensor) -> Tensor:
-        """The eval-mode conv as :attr:`eval_algorithm` says, where the product can stand in for it."""
+        """The eval-mode conv as :attr:`eval_algorithm` says, where another algorithm can stand in for it."""
+        plain = partial(self._conv_forward, x, self.weight, self.bias)
         if (
             torch.jit.is_tracing()  # ONNX export, torch.jit.trace: the graph keeps the conv
             or torch.compiler.is_compiling()
             or is_in_torch_dispatch_mode()  # FLOP counters, fake tensors: tools that intercept ops
-            or not self.large()
             or type(x) is not Tensor  # tensor subclasses (fake, functional) and torch.fx proxies
             or x.device.type != "cpu"
-            or not (x.is_contiguous() and self.weight.is_contiguous())
+            or not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last))
+            or not self.weight.is_contiguous()
             or isinstance(self.padding, str)
+            or self.padding_mode != "zeros"
         ):
-            return self._conv_forward(x, self.weight, self.bias)
+            return plain()
+        packable = self._packable(x)
+        packed = partial(self._packed_forward, x)
+        if not self.large() or self.eval_algorithm == "packed":
+            return packed() if packable else plain()
         matmul = partial(conv2d_as_matmul, x, self.weight, self.bias, self.stride, self.padding, self.dilation)
         if self.eval_algorithm == "matmul":
             return matmul()
         key = f"{'x'.join(map(str, x.shape))} {str(x.dtype).removeprefix('torch.')}, threads={torch.get_num_threads()}"
-        key += ", autocast" if torch.is_autocast_enabled("cpu") else ""
+        key += "" if packable else (", autocast" if torch.is_autocast_enabled("cpu") else ", unpacked")
         choice = self.eval_choices.get(key)
         if choice is None:
-            seconds = fastest_seconds(
-                {"conv": partial(self._conv_forward, x, self.weight, self.bias), "matmul": matmul}, EVAL_CHOICE_REPEATS
-            )
-            margin = 1.0 if self.kernel_size == (1, 1) else EVAL_CONV_MARGIN
-            choice = "conv" if margin * seconds["conv"] < seconds["matmul"] else "matmul"
+            if packable:
+                rival, margin = "packed", 1.0
+            else:
+                rival, margin = "conv", (1.0 if self.kernel_size == (1, 1) else EVAL_CONV_MARGIN)
+            seconds = fastest_seconds({rival: packed if packable else plain, "matmul": matmul}, EVAL_CHOICE_REPEATS)
+            choice = rival if margin * seconds[rival] < seconds["matmul"] else "matmul"
             self.eval_choices[key] = choice
-        return matmul() if choice == "matmul" else self._conv_forward(x, self.weight, self.bias)
+            if choice == "matmul":
+                self.packed = None  # not needed: free the copy
+        return {"packed": packed, "conv": plain, "matmul": matmul}[choice]()
+
+    @torch.jit.unused
+    def _packable(self, x: Tensor) -> bool:
+        """Whether the weight can run reordered: oneDNN's float32 conv, no autograd to record, a
+        weight whose changes PyTorch tracks (inference tensors have no version counter)."""
+        records_grad = torch.is_grad_enabled() and (
+            x.requires_grad or self.weight.requires_grad or (self.bias is not None and self.bias.requires_grad)
+        )
+        return (
+            x.dtype == torch.float32
+            and self.weight.dtype == torch.float32
+            and x.dim() == 4
+            and not records_grad
+            and not torch.is_autocast_enabled("cpu")
+            and not self.weight.is_inference()
+            and torch.backends.mkldnn.is_available()
+            and torch.backends.mkldnn.enabled
+        )
+
+    @torch.jit.unused
+    def _packed_forward(self, x: Tensor) -> Tensor:
+        """oneDNN's conv on the weight as reordered for this input shape (reordered again if it changed)."""
+        shape = tuple(x.shape)
+        packed = self.packed  # one read: another thread may replace it meanwhile
+        if packed is None or not packed.still_fits(self.weight, shape):
+            packed = self.packed = None  # free the old copy before making the new one
+            weight = self.weight.detach()
+            reordered = torch._C._nn.mkldnn_reorder_conv2d_weight(
+                weight.to_mkldnn(), list(self.padding), list(self.stride), list(self.dilation), self.groups, list(shape)
+            )
+            packed = self.packed = _PackedWeight(
+                weakref.ref(self.weight), weight.data_ptr(), weight._version, shape, reordered
+            )
+        return torch.ops.mkldnn._convolution_pointwise(
+            x, packed.weight, self.bias, self.padding, self.stride, self.dilation, self.groups, "none", [], ""
+        )
 
     def _gemm_forward(self, x: Tensor, rows: Tuple[int, int, int], cols: Tuple[int, int, int]) -> Tensor:
         (top, bottom, out_h), (left, right, out_w) = rows, cols
@@ -171,9 +263,18 @@ def conv2d_as_matmul(
 
 
 def eval_conv_choices(model: nn.Module) -> Dict[str, Dict[str, str]]:
-    """The "auto" choices of ``model``'s large convs so far: conv name -> {input: "conv" or "matmul"}."""
+    """The "auto" choices of ``model``'s large convs so far: conv name -> {input: algorithm}."""
     return {
         name: dict(module.eval_choices)
         for name, module in model.named_modules()
         if isinstance(module, SmallMapConv2d) and module.eval_choices
     }
+
+
+def packed_weight_bytes(model: nn.Module) -> int:
+    """Bytes of the reordered weights ``model``'s convs keep between eval calls (0 before the first)."""
+    return sum(
+        module.packed.weight.numel() * module.packed.weight.element_size()
+        for module in model.modules()
+        if isinstance(module, SmallMapConv2d) and module.packed is not None
+    )

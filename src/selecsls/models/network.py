@@ -286,7 +286,7 @@ class SelecSLS(nn.Module):
 
     def forward_features(self, x: Tensor) -> Tensor:
         """Input image batch -> last head feature map (``num_features`` channels, stride 64)."""
-        return self._trunk(x, [])[0]
+        return self._trunk(x, [])[0].contiguous()  # eval's reordered convs return channels-last maps
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         if self.global_pool == "avg":
@@ -330,4 +330,4 @@ class SelecSLSFeatures(SelecSLS):
         return args | {"out_indices": self.out_indices}
 
     def forward(self, x: Tensor) -> List[Tensor]:  # type: ignore[override]
-        return self._trunk(x, self.tap_levels)[1]
+        return [tap.contiguous() for tap in self._trunk(x, self.tap_levels)[1]]  # see forward_features
