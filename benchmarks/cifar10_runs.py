@@ -35,6 +35,7 @@ class Preset:
     pilot_epochs: int = 0  # a pilot group's runs train this many epochs of the schedule, then one goes on
     training_options: tuple[str, ...] = ()  # e.g. the tensor cache and bf16 on a GPU
     bench_repeats: int = 15  # interleaved timed rounds of the study's latency benchmarks (3 warm-up rounds first)
+    workers: int = 1  # training's decoding processes (0 with the tensor cache: nothing to decode)
 
 
 #: The full budget: all 50,000 training and 10,000 validation images, 15 epochs of batch 32
@@ -62,7 +63,8 @@ PRESETS = {
         FULL_BUDGET,
         save_every=2000,
         pilot_epochs=0,
-        training_options=("--data-cache", "{out}/tensor-cache", "--amp", "bf16", "--channels-last", "--workers", "0"),
+        training_options=("--data-cache", "{out}/tensor-cache", "--amp", "bf16", "--channels-last"),
+        workers=0,
     ),
 }
 #: The gpu preset's every step at a toy size: benchmarks/gpu_study.sh tested end to end on a CPU in minutes.
@@ -169,7 +171,7 @@ def train(
         "--min-crop-area",
         "0.35",
         "--workers",
-        "1",
+        str(preset.workers),
         "--resume",
         "--no-progress",
         *(option.replace("{out}", str(out)) for option in preset.training_options),
