@@ -10,6 +10,7 @@ import torch
 
 import selecsls
 from selecsls.cli import main
+from selecsls.deploy.backends import Backend, BackendUnavailable
 from selecsls.deploy.inference import Predictor, class_names, imagenet_class_names
 from selecsls.models.card import ModelCard
 from training_fixtures import corrupt_image, narrow_spec, write_image
@@ -168,3 +169,30 @@ def test_predict_benchmark_rejects_bad_folders_in_one_line(checkpoint, image, tm
     assert main(["predict", *argv, "--checkpoint", str(checkpoint)]) == 2
     err = capsys.readouterr().err.strip()
     assert message.format(**fill) in err and "\n" not in err
+
+
+@pytest.mark.parametrize("network, fallback", [("selecsls", "fused"), ("resnet50", "fused_channels_last")])
+def test_auto_falls_back_to_the_fastest_pytorch_path_of_the_network(monkeypatch, image, network, fallback):
+    """Without ONNX Runtime: SelecSLS folded as it is (its convs keep their weights reordered, which
+    channels-last would undo), other networks folded and channels-last; a warning says so."""
+
+    def unavailable(self, model, example):
+        raise BackendUnavailable("onnxruntime is not installed")
+
+    monkeypatch.setattr(
+        Backend,
+        "build",
+        lambda self, *args, build=Backend.build: (
+            unavailable(self, *args) if self.name == "onnxruntime" else build(self, *args)
+        ),
+    )
+    if network == "selecsls":
+        model = biased_model(3, favourite=2, label_names=CLASSES)
+    else:
+        model = selecsls.create_model(network, num_classes=3)
+        model.card = replace(model.card.with_image_size(64, 64), label_names=CLASSES)
+    with pytest.warns(UserWarning, match=f"onnxruntime backend unavailable .*; trying {fallback}"):
+        predictor = Predictor.from_model(model.eval())
+    assert predictor.backend == fallback
+    (prediction,) = predictor.predict([image], topk=1)
+    assert prediction.classes[0][0] in CLASSES and (network != "selecsls" or prediction.classes[0][0] == "fox")

@@ -73,7 +73,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--backend",
         choices=("auto", *predict_backends()),
         default="auto",
-        help="inference path; auto takes the fastest correct one (onnxruntime, else fused_channels_last)",
+        help="inference path; auto takes the fastest correct one (onnxruntime, else fused: BN folded; "
+        "channels-last too for networks other than SelecSLS)",
     )
     p.add_argument(
         "--benchmark",

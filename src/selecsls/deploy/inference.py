@@ -3,8 +3,8 @@
 Any backend of :data:`selecsls.deploy.backends.BACKENDS` that keeps the model's function
 runs predictions (see :func:`~selecsls.deploy.backends.predict_backends`); an ``.onnx`` file
 exported by ``selecsls export`` runs on ONNX Runtime, an OpenVINO IR (``.xml``) on OpenVINO.
-``auto`` takes the fastest per image that is available and correct: onnxruntime, else
-fused_channels_last (docs/deployment.md has the measurements behind that order).
+``auto`` takes the fastest per image that is available and correct: onnxruntime, else the
+BN-folded PyTorch model (:func:`auto_order`; docs/deployment.md has the measurements behind it).
 :meth:`Predictor.benchmark` measures the whole pipeline's frame rate: decoding and
 preprocessing in threads, overlapped with inference, as a video or camera application runs.
 """
@@ -32,22 +32,29 @@ from selecsls.deploy.backends import BACKENDS, BackendUnavailable, Runner, predi
 from selecsls.deploy.export import one_image_at_a_time, onnx_session, read_metadata, session_runner
 from selecsls.models.card import ModelCard
 from selecsls.models.compare import check_finite_outputs
+from selecsls.models.conv import SmallMapConv2d
 from selecsls.models.files import CheckpointError
 from selecsls.models.validation import InvalidInput, check_int
 
 __all__ = [
-    "AUTO_ORDER",
     "PipelineRate",
     "Prediction",
     "Predictor",
+    "auto_order",
     "class_names",
     "imagenet_class_names",
     "load_images",
 ]
 
-#: What ``backend="auto"`` tries, fastest first.
-AUTO_ORDER = ("onnxruntime", "fused_channels_last")
 IMAGENET_CLASSES = 1000
+
+
+def auto_order(model: nn.Module) -> tuple[str, str]:
+    """What ``backend="auto"`` tries for ``model``, fastest first: ONNX Runtime, else BN folded in
+    PyTorch, as it is for SelecSLS (its convs keep their weights in oneDNN's layout: selecsls42b at
+    224, batch 1, 83 ms against 160 ms channels-last) and channels-last for other networks."""
+    keeps_weights = any(isinstance(module, SmallMapConv2d) for module in model.modules())
+    return ("onnxruntime", "fused" if keeps_weights else "fused_channels_last")
 
 
 @lru_cache(maxsize=1)
@@ -117,7 +124,7 @@ class Predictor:
         model = model.eval()
         example = torch.randn(1, *card.preprocessing.input_size, generator=torch.Generator().manual_seed(0))
         transform, names = eval_transform_for(card.preprocessing), class_names(card)
-        candidates = AUTO_ORDER if backend == "auto" else (backend,)
+        candidates = auto_order(model) if backend == "auto" else (backend,)
         for name in candidates[:-1]:
             try:
                 return cls(_runner(name, model, example), transform, names, name)
