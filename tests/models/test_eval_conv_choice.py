@@ -288,3 +288,11 @@ def test_onnx_export_and_torch_compile_see_the_conv(monkeypatch, tiny):
     assert not any("unfold" in target or "matmul" in target for target in compiled["conv"])
     assert eval_conv_choices(tiny) == {}  # nothing was timed: export and compilation ran the plain conv
     assert packed_weight_bytes(tiny) == 0
+
+
+def test_a_torch_without_onednn_takes_the_plain_conv(monkeypatch):
+    monkeypatch.setattr(conv_module, "_onednn_kept_weights", lambda: False)
+    model = create_model(tiny_spec(), num_classes=10).eval()
+    with torch.no_grad():
+        model(torch.randn(1, 3, 32, 32))
+    assert packed_weight_bytes(model) == 0

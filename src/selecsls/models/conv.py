@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import weakref
-from functools import partial
+from functools import cache, partial
 from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 import torch
@@ -74,6 +74,17 @@ class _PackedWeight(NamedTuple):
             and self.version == weight._version
             and self.input_shape == input_shape
         )
+
+
+@cache
+def _onednn_kept_weights() -> bool:
+    """Whether this torch build has oneDNN's reorder and its conv on a reordered weight (x86 and
+    Arm builds with oneDNN do; others take the plain conv)."""
+    return (
+        torch.backends.mkldnn.is_available()
+        and hasattr(torch._C._nn, "mkldnn_reorder_conv2d_weight")
+        and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+    )
 
 
 def _eval_algorithm_from_env() -> str:
@@ -209,8 +220,8 @@ class SmallMapConv2d(nn.Conv2d):
             and not records_grad
             and not torch.is_autocast_enabled("cpu")
             and not self.weight.is_inference()
-            and torch.backends.mkldnn.is_available()
             and torch.backends.mkldnn.enabled
+            and _onednn_kept_weights()
         )
 
     @torch.jit.unused
