@@ -194,17 +194,16 @@ class SmallMapConv2d(nn.Conv2d):
         key = f"{'x'.join(map(str, x.shape))} {str(x.dtype).removeprefix('torch.')}, threads={torch.get_num_threads()}"
         key += "" if packable else (", autocast" if torch.is_autocast_enabled("cpu") else ", unpacked")
         choice = self.eval_choices.get(key)
+        # The rival of the product: the reordered conv where it can run (the key says which), else the plain one.
+        rival, run_rival = ("packed", packed) if packable else ("conv", plain)
         if choice is None:
-            if packable:
-                rival, margin = "packed", 1.0
-            else:
-                rival, margin = "conv", (1.0 if self.kernel_size == (1, 1) else EVAL_CONV_MARGIN)
-            seconds = fastest_seconds({rival: packed if packable else plain, "matmul": matmul}, EVAL_CHOICE_REPEATS)
+            margin = 1.0 if packable or self.kernel_size == (1, 1) else EVAL_CONV_MARGIN
+            seconds = fastest_seconds({rival: run_rival, "matmul": matmul}, EVAL_CHOICE_REPEATS)
             choice = rival if margin * seconds[rival] < seconds["matmul"] else "matmul"
             self.eval_choices[key] = choice
             if choice == "matmul":
                 self.packed = None  # not needed: free the copy
-        return {"packed": packed, "conv": plain, "matmul": matmul}[choice]()
+        return matmul() if choice == "matmul" else run_rival()
 
     @torch.jit.unused
     def _packable(self, x: Tensor) -> bool:

@@ -297,7 +297,7 @@ class SelecSLS(nn.Module):
         return x if pre_logits else self.fc(x)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.forward_head(self.forward_features(x))
+        return self.forward_head(self._trunk(x, [])[0])  # pooled: any layout will do
 
 
 class SelecSLSFeatures(SelecSLS):
