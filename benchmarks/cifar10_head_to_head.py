@@ -13,10 +13,13 @@ interleaved ``selecsls bench``. A step whose product exists is skipped, so the s
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
 from cifar10_runs import Preset, Run, bench, evaluate, model_macs, prune_file, run, selecsls, train
+
+from selecsls.train.recipes import get_recipe
 
 #: The MAC targets besides the exact-pruned selecsls42b's: fractions of the trained resnet50's MACs.
 RESNET_FRACTIONS = {"resnet-half": 0.5, "resnet-quarter": 0.25}
@@ -27,21 +30,29 @@ FOLDER = "head-to-head"
 
 
 def chosen_runs(out: Path, runs: tuple[Run, ...]) -> dict[str, Run] | None:
-    """The pilot groups' chosen runs by model (the sparse selecsls42b, the best resnet50), once both finished."""
+    """The pilot groups' chosen runs by model (the sparse selecsls42b, the best resnet50), once both are chosen."""
     ledger = out / "pilots.json"
     pilots = json.loads(ledger.read_text()) if ledger.exists() else {}
     by_name = {spec.name: spec for spec in runs}
     chosen = [by_name.get(pilots.get(group, {}).get("chosen")) for group in ("sparse selecsls42b", "resnet50")]
-    if any(spec is None or not (out / spec.name / "summary.json").exists() for spec in chosen):
+    if any(spec is None for spec in chosen):
         return None
     return {spec.model: spec for spec in chosen}
 
 
-def head_to_head(data: str, out: Path, preset: Preset, runs: tuple[Run, ...]) -> None:
-    """Prune, fine-tune, score and time every model of the head-to-head (waits for its sources)."""
+def _finished(out: Path, spec: Run) -> bool:
+    return (out / spec.name / "summary.json").exists()
+
+
+def head_to_head(data: str, out: Path, preset: Preset, runs: tuple[Run, ...], names: list[str] | None = None) -> None:
+    """Prune, fine-tune, score and time every model of the head-to-head.
+
+    ``names`` limits the pruning and fine-tuning to the families whose source runs it names, so one
+    family's side can run (in its own process) while the other's source still trains; the scoring
+    and the bench run once every family's fine-tunes have finished."""
     sources = chosen_runs(out, runs)
     if sources is None or not (out / "pruned-1e-3.pt").exists():
-        print("head-to-head: waiting for the chosen runs to finish and the exact pruning", flush=True)
+        print("head-to-head: waiting for the pilot choices and the exact pruning", flush=True)
         return
     try:
         import torch_pruning  # noqa: F401  (the baseline's tool: an optional extra)
@@ -50,24 +61,28 @@ def head_to_head(data: str, out: Path, preset: Preset, runs: tuple[Run, ...]) ->
         return
     folder = out / FOLDER
     folder.mkdir(exist_ok=True)
-    resnet_source = out / sources["resnet50"].name / "best.pt"
-    resnet_macs = model_macs(resnet_source, preset)
-    targets = {"exact-selecsls": model_macs(out / "pruned-1e-3.pt", preset)}
-    targets |= {label: int(resnet_macs * share) for label, share in RESNET_FRACTIONS.items()}
-    (folder / "targets.json").write_text(json.dumps(targets, indent=1) + "\n")
+    targets = mac_targets(out, sources["resnet50"], preset)
     models = [
         dict(name=f"{model} dense", family=model, file=out / spec.name / "best.pt") for model, spec in sources.items()
     ]
     models.append(dict(name="selecsls42b exact 1e-3", family="selecsls42b", file=out / "pruned-1e-3.pt"))
+    pending = [spec.name for spec in sources.values() if not _finished(out, spec)]
     for label, macs in targets.items():
         for model, spec in sources.items():
             pruned = folder / f"{model}-{label}.pt"
-            PRUNERS[model](out / spec.name / "best.pt", macs, pruned, out, preset)
-            evaluate(pruned, data, preset, out)
-            tuned = Run(f"{FOLDER}/{model}-{label}-finetuned", spec.model, spec.recipe, spec.extra)
-            directory = train(tuned, data, out, preset, init=pruned, epochs=preset.finetune_epochs)
+            tuned = Run(f"{FOLDER}/{model}-{label}-finetuned", spec.model, spec.recipe, finetuning(spec, preset))
             # the model after the same steps (last.pt): no pick on the validation split
-            models.append(dict(name=f"{model} at {label}", family=model, file=directory / "last.pt", pruned=pruned))
+            finetuned = out / tuned.name / "last.pt"
+            models.append(dict(name=f"{model} at {label}", family=model, file=finetuned, pruned=pruned))
+            if spec.name not in pending and (not names or spec.name in names):
+                PRUNERS[model](out / spec.name / "best.pt", macs, pruned, out, preset)
+                evaluate(pruned, data, preset, out)
+                train(tuned, data, out, preset, init=pruned, epochs=preset.finetune_epochs)
+            if not _finished(out, tuned):
+                pending.append(tuned.name)
+    if pending:
+        print(f"head-to-head: scoring waits for {', '.join(pending)}", flush=True)
+        return
     for entry in models:
         evaluate(entry["file"], data, preset, out)
         int8_accuracy(entry["file"], data, preset, out)
@@ -82,6 +97,26 @@ def head_to_head(data: str, out: Path, preset: Preset, runs: tuple[Run, ...]) ->
         out,
         preset,
     )
+
+
+def finetuning(source: Run, preset: Preset) -> tuple[str, ...]:
+    """The source run's options, its learning rate scaled by ``preset.finetune_lr_factor``, no warm-up."""
+    options = list(source.extra)
+    peak = float(options[options.index("--lr") + 1]) if "--lr" in options else get_recipe(source.recipe).lr
+    return (*options, "--lr", f"{peak * preset.finetune_lr_factor:g}", "--warmup-epochs", "0")
+
+
+def mac_targets(out: Path, resnet: Run, preset: Preset) -> dict[str, int]:
+    """The head-to-head's MAC targets: the exact-pruned selecsls42b's and fractions of resnet50's
+    (its architecture's MACs: read from ``last.pt`` while it still trains)."""
+    directory = out / resnet.name
+    resnet_macs = model_macs(directory / ("best.pt" if _finished(out, resnet) else "last.pt"), preset)
+    targets = {"exact-selecsls": model_macs(out / "pruned-1e-3.pt", preset)}
+    targets |= {label: int(resnet_macs * share) for label, share in RESNET_FRACTIONS.items()}
+    scratch = out / FOLDER / f".targets.{os.getpid()}.json"  # one family's process may write it beside another's
+    scratch.write_text(json.dumps(targets, indent=1) + "\n")
+    scratch.replace(out / FOLDER / "targets.json")
+    return targets
 
 
 def prune_selecsls(source: Path, macs: int, target: Path, out: Path, preset: Preset) -> None:

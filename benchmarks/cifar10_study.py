@@ -63,7 +63,11 @@ def main() -> None:
         help="comma-separated subset of the preset's steps (default: all of them, in order): "
         + "; ".join(f"{runs} presets: {','.join(names)}" for runs, names in STEPS.items()),
     )
-    parser.add_argument("--runs", help="comma-separated run names: train only these (e.g. one per process)")
+    parser.add_argument(
+        "--runs",
+        help="comma-separated run names: train only these (e.g. one per process); with the headtohead step, "
+        "prune and fine-tune only the families these runs are the sources of",
+    )
     parser.add_argument("--report", type=Path, metavar="JSON", help="only collect the finished steps into JSON + plots")
     args = parser.parse_args()
     if not Path(args.data, "train").is_dir():
@@ -91,7 +95,7 @@ def main() -> None:
         if "prune" in steps:
             prune_exactly(args.data, out, preset)
         if "headtohead" in steps:
-            head_to_head(args.data, out, preset, runs)
+            head_to_head(args.data, out, preset, runs, args.runs and names)
         if "publish" in steps:
             publish(args.data, out, preset)
         return
