@@ -47,9 +47,9 @@ def _finished(out: Path, spec: Run) -> bool:
 def head_to_head(data: str, out: Path, preset: Preset, runs: tuple[Run, ...], names: list[str] | None = None) -> None:
     """Prune, fine-tune, score and time every model of the head-to-head.
 
-    ``names`` limits the pruning and fine-tuning to the families whose source runs it names, so one
-    family's side can run (in its own process) while the other's source still trains; the scoring
-    and the bench run once every family's fine-tunes have finished."""
+    ``names`` limits the pruning, fine-tuning and scoring to the families whose source runs it
+    names, so one family's side can run (in its own process) while the other's source still trains;
+    the bench runs once every model is ready, from a run without ``names``."""
     sources = chosen_runs(out, runs)
     if sources is None or not (out / "pruned-1e-3.pt").exists():
         print("head-to-head: waiting for the pilot choices and the exact pruning", flush=True)
@@ -62,35 +62,40 @@ def head_to_head(data: str, out: Path, preset: Preset, runs: tuple[Run, ...], na
     folder = out / FOLDER
     folder.mkdir(exist_ok=True)
     targets = mac_targets(out, sources["resnet50"], preset)
+    ours = {model for model, spec in sources.items() if not names or spec.name in names}
+    # (entry, the run that must have finished first)
     models = [
-        dict(name=f"{model} dense", family=model, file=out / spec.name / "best.pt") for model, spec in sources.items()
+        (dict(name=f"{model} dense", family=model, file=out / spec.name / "best.pt"), spec)
+        for model, spec in sources.items()
     ]
-    models.append(dict(name="selecsls42b exact 1e-3", family="selecsls42b", file=out / "pruned-1e-3.pt"))
-    pending = [spec.name for spec in sources.values() if not _finished(out, spec)]
+    models.append((dict(name="selecsls42b exact 1e-3", family="selecsls42b", file=out / "pruned-1e-3.pt"), None))
     for label, macs in targets.items():
         for model, spec in sources.items():
             pruned = folder / f"{model}-{label}.pt"
             tuned = Run(f"{FOLDER}/{model}-{label}-finetuned", spec.model, spec.recipe, finetuning(spec, preset))
             # the model after the same steps (last.pt): no pick on the validation split
             finetuned = out / tuned.name / "last.pt"
-            models.append(dict(name=f"{model} at {label}", family=model, file=finetuned, pruned=pruned))
-            if spec.name not in pending and (not names or spec.name in names):
+            models.append((dict(name=f"{model} at {label}", family=model, file=finetuned, pruned=pruned), tuned))
+            if model in ours and _finished(out, spec):
                 PRUNERS[model](out / spec.name / "best.pt", macs, pruned, out, preset)
                 evaluate(pruned, data, preset, out)
                 train(tuned, data, out, preset, init=pruned, epochs=preset.finetune_epochs)
-            if not _finished(out, tuned):
-                pending.append(tuned.name)
-    if pending:
-        print(f"head-to-head: scoring waits for {', '.join(pending)}", flush=True)
+    ready = [needs is None or _finished(out, needs) for _, needs in models]
+    pending = [needs.name for (_, needs), done in zip(models, ready) if not done]
+    for (entry, _), done in zip(models, ready):  # score what is ready as soon as it is, each family in its process
+        if entry["family"] in ours and done:
+            evaluate(entry["file"], data, preset, out)
+            int8_accuracy(entry["file"], data, preset, out)
+    if pending or len(ours) < len(sources):
+        print(
+            f"head-to-head: the bench waits for {', '.join(pending) or 'a run of this step without --runs'}", flush=True
+        )
         return
-    for entry in models:
-        evaluate(entry["file"], data, preset, out)
-        int8_accuracy(entry["file"], data, preset, out)
     (folder / "models.json").write_text(
-        json.dumps([{key: str(value) for key, value in entry.items()} for entry in models], indent=1) + "\n"
+        json.dumps([{key: str(value) for key, value in entry.items()} for entry, _ in models], indent=1) + "\n"
     )
     bench(
-        [*(str(entry["file"]) for entry in models), "resnet50"],
+        [*(str(entry["file"]) for entry, _ in models), "resnet50"],
         str(preset.img_size),
         BACKENDS,
         folder / "bench.json",
