@@ -111,6 +111,13 @@ def _reference(conv, x):
     return F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
+def _round_trip_data(conv):
+    """Replace the weight's data twice, past ``Module._apply``: the first copy is freed before the
+    second is made, so the allocator may put the final weight where the original was."""
+    conv.weight.data = conv.weight.data.half()
+    conv.weight.data = conv.weight.data.float()
+
+
 def test_the_reordered_weight_is_kept_and_follows_every_change_of_the_weight():
     """Reused while nothing changes; rebuilt after each way PyTorch changes a weight; freed by
     train(); never copied or pickled."""
@@ -132,6 +139,8 @@ def test_the_reordered_weight_is_kept_and_follows_every_change_of_the_weight():
         "assigning .data": lambda: setattr(conv.weight, "data", torch.randn(16, 8, 3, 3)),
         "a new Parameter": lambda: setattr(conv, "weight", torch.nn.Parameter(torch.randn(16, 8, 3, 3))),
         "round trip to float64": lambda: conv.double().float(),
+        "round trip to float16 (new values)": lambda: conv.half().float(),
+        "round trip of .data by hand (new values, often at the old address)": lambda: _round_trip_data(conv),
     }
     for change, apply in changes.items():
         before = conv.packed

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import weakref
 from functools import cache, partial
-from typing import Any, Dict, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -59,10 +59,12 @@ EVAL_CHOICE_REPEATS, EVAL_CONV_MARGIN = 3, 1.5
 class _PackedWeight(NamedTuple):
     """A weight in oneDNN's layout for one input shape, and what it was made from: any change of
     the weight through PyTorch (in-place op, ``load_state_dict``, an optimizer step, ``.to``,
-    assigning ``.data`` or a new tensor) changes its identity, address or version counter."""
+    assigning ``.data`` or a new tensor) changes its identity, storage or version counter. The
+    source's storage is held, so no new weight can be allocated at its address meanwhile (after a
+    round trip such as ``.double().float()`` the allocator would otherwise often reuse it)."""
 
     source: weakref.ref[Tensor]
-    address: int
+    source_data: Tensor
     version: int
     input_shape: Tuple[int, ...]
     weight: Tensor
@@ -70,7 +72,7 @@ class _PackedWeight(NamedTuple):
     def still_fits(self, weight: Tensor, input_shape: Tuple[int, ...]) -> bool:
         return (
             self.source() is weight
-            and self.address == weight.data_ptr()
+            and self.source_data.data_ptr() == weight.data_ptr()
             and self.version == weight._version
             and self.input_shape == input_shape
         )
@@ -147,6 +149,10 @@ class SmallMapConv2d(nn.Conv2d):
         # cannot see (in place through ``.data`` or a NumPy view).
         self.packed = None
         return super().train(mode)
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> SmallMapConv2d:
+        self.packed = None  # a move or cast makes new weights: free the old copy at once
+        return super()._apply(fn, recurse)
 
     def __getstate__(self) -> Dict[str, Any]:
         return {**self.__dict__, "packed": None}  # copies and pickles rebuild it on their first call
@@ -234,9 +240,7 @@ class SmallMapConv2d(nn.Conv2d):
             reordered = torch._C._nn.mkldnn_reorder_conv2d_weight(
                 weight.to_mkldnn(), list(self.padding), list(self.stride), list(self.dilation), self.groups, list(shape)
             )
-            packed = self.packed = _PackedWeight(
-                weakref.ref(self.weight), weight.data_ptr(), weight._version, shape, reordered
-            )
+            packed = self.packed = _PackedWeight(weakref.ref(self.weight), weight, weight._version, shape, reordered)
         return torch.ops.mkldnn._convolution_pointwise(
             x, packed.weight, self.bias, self.padding, self.stride, self.dilation, self.groups, "none", [], ""
         )
