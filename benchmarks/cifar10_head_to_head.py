@@ -13,12 +13,12 @@ interleaved ``selecsls bench``. A step whose product exists is skipped, so the s
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
 from cifar10_runs import Preset, Run, bench, evaluate, model_macs, prune_file, run, selecsls, train
 
+from selecsls._io import atomic_write
 from selecsls.train.recipes import get_recipe
 
 #: The MAC targets besides the exact-pruned selecsls42b's: fractions of the trained resnet50's MACs.
@@ -118,9 +118,9 @@ def mac_targets(out: Path, resnet: Run, preset: Preset) -> dict[str, int]:
     resnet_macs = model_macs(directory / ("best.pt" if _finished(out, resnet) else "last.pt"), preset)
     targets = {"exact-selecsls": model_macs(out / "pruned-1e-3.pt", preset)}
     targets |= {label: int(resnet_macs * share) for label, share in RESNET_FRACTIONS.items()}
-    scratch = out / FOLDER / f".targets.{os.getpid()}.json"  # one family's process may write it beside another's
-    scratch.write_text(json.dumps(targets, indent=1) + "\n")
-    scratch.replace(out / FOLDER / "targets.json")
+    # atomic: one family's process may write it while another's does
+    with atomic_write(out / FOLDER / "targets.json", "w") as handle:
+        handle.write(json.dumps(targets, indent=1) + "\n")
     return targets
 
 

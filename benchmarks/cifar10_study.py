@@ -95,7 +95,7 @@ def main() -> None:
         if "prune" in steps:
             prune_exactly(args.data, out, preset)
         if "headtohead" in steps:
-            head_to_head(args.data, out, preset, runs, args.runs and names)
+            head_to_head(args.data, out, preset, runs, names if args.runs else None)
         if "publish" in steps:
             publish(args.data, out, preset)
         return
