@@ -24,7 +24,8 @@ from torch import nn
 
 from selecsls.bench.runner import machine_description, summarize, time_interleaved
 from selecsls.data.batch_augment import BatchTrainAugment
-from selecsls.data.datasets import TransformedDataset, build_dataset, build_loader
+from selecsls.data.batching import TransformedDataset, build_loader
+from selecsls.data.datasets import build_dataset
 from selecsls.data.tensor_cache import CacheGeometry, open_or_build
 from selecsls.data.transforms import build_train_transform, seeded_generator
 from selecsls.models.factory import create_model

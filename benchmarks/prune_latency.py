@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 import selecsls
-from selecsls._io import atomic_write, check_output
+from selecsls import atomic_write, check_output
 from selecsls.bench.runner import summarize, time_interleaved
 from selecsls.models.compare import relative_difference
 

@@ -28,8 +28,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from selecsls import create_model
-from selecsls._io import atomic_write, check_output
+from selecsls import atomic_write, check_output, create_model
 from selecsls.bench.runner import summarize, time_interleaved
 from selecsls.models.conv import SmallMapConv2d
 from selecsls.train.recipes import build_optimizer, get_recipe

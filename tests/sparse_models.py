@@ -7,15 +7,17 @@ from torch import nn
 
 from selecsls import ModelSpec, create_model, get_spec
 from selecsls.models.card import ModelCard
+from selecsls.models.channel_flow import CLASSIFIER, channel_flow, consumers_of
 from selecsls.models.network import SelecSLS
 
 IMAGE = (2, 3, 64, 64)
 
 
-def tiny_spec():
-    """selecsls42b's shape with every width divided by 16 (at least 4): milliseconds per forward."""
-    spec = get_spec("selecsls42b")
-    return spec.with_widths({name: max(4, cout // 16) for name, _, cout, _ in spec.conv_layers()}, name="tiny42b")
+def tiny_spec(variant: str = "selecsls42b"):
+    """``variant``'s shape with every width divided by 16 (at least 4): milliseconds per forward."""
+    spec = get_spec(variant)
+    short = "tiny" + variant.removeprefix("selecsls")
+    return spec.with_widths({name: max(4, cout // 16) for name, _, cout, _ in spec.conv_layers()}, name=short)
 
 
 def hollow_entries(spec: ModelSpec, num_classes: int) -> dict:
@@ -52,6 +54,45 @@ def deactivate(model: nn.Module, channels: dict[str, list[int]], beta: float = 0
         for name, idx in channels.items():
             bns[name].weight[idx] = 0.0
             bns[name].bias[idx] = beta
+    return model
+
+
+#: The kinds of inactive channel exact pruning removes (the reasons it reports, but "dead").
+KINDS = ("gamma", "filter", "constant", "unread")
+
+
+def make_inactive(model: nn.Module, kind: str, channels: dict[str, list[int]]) -> nn.Module:
+    """Make the given channels of an unfused model inactive the way ``kind`` says: ``gamma`` = 0 (output
+    zero), ``filter`` decayed to 1e-6 under a live gamma (output zero), ``gamma`` = 0 with beta > 0
+    (``constant`` output), or ``unread`` (their columns zero in every consumer)."""
+    bns = batchnorms(model)
+    modules = dict(model.named_modules())
+    readers = consumers_of(channel_flow(model.spec, with_classifier=isinstance(model.fc, nn.Linear)))
+    with torch.no_grad():
+        for name, idx in channels.items():
+            bn, conv = bns[name], modules[name].conv
+            if kind == "gamma":
+                bn.weight[idx], bn.bias[idx] = 0.0, -0.3
+            elif kind == "filter":
+                conv.weight[idx] *= 1e-6
+                bn.running_mean[idx], bn.bias[idx] = 0.0, -0.3
+            elif kind == "constant":
+                bn.weight[idx], bn.bias[idx] = 0.0, 0.7
+            else:
+                for consumer, offset in readers[name]:
+                    reader = model.fc if consumer.name == CLASSIFIER else modules[consumer.name].conv
+                    reader.weight[:, [offset + i for i in idx]] = 0.0
+    return model
+
+
+def every_kind(model: nn.Module, seed: int = 0) -> nn.Module:
+    """About a tenth of every layer's channels inactive in each of the :data:`KINDS` (disjoint, never all)."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, bn in batchnorms(model).items():
+        order = torch.randperm(bn.num_features, generator=gen).tolist()
+        share = max(1, bn.num_features // 10) if bn.num_features > len(KINDS) else 0
+        for k, kind in enumerate(KINDS):
+            make_inactive(model, kind, {name: order[k * share : (k + 1) * share]})
     return model
 
 

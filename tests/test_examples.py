@@ -1,6 +1,6 @@
-"""The committed CIFAR-10 model (examples/cifar10/, made by the study's ``publish`` step,
-docs/cifar10.md): what the README promises about it holds on a fresh clone. The figures it is held
-to were recorded by that step in docs/cifar10-full.json (``evaluations.published``)."""
+"""The committed CIFAR-10 model (examples/cifar10/, made by the study's ``publish`` step and pruned
+again to the fixpoint of exact pruning, docs/cifar10.md): what the README promises about it holds on a
+fresh clone. The figures it is held to are recorded in docs/cifar10-full.json (``evaluations.published``)."""
 
 from __future__ import annotations
 
@@ -26,6 +26,13 @@ def test_the_committed_model_is_small_verified_and_knows_the_cifar10_classes(cap
     assert model.card.label_names == CIFAR10_CLASSES
     assert main(["info", str(MODEL)]) == 0
     assert "content: verified" in capsys.readouterr().out
+
+
+def test_the_committed_model_is_pruned_to_its_fixpoint():
+    """Exact pruning finished the job: nothing more can go, and the parameter count is the recorded one."""
+    model = selecsls.load(MODEL)
+    assert selecsls.count_params(model) == RECORD["params"] <= 1_200_000
+    assert selecsls.analyze_sparsity(model).removed_channels == 0
 
 
 def test_predict_works_on_it_out_of_the_box_and_says_what_was_recorded(capsys):

@@ -72,3 +72,30 @@ def test_no_import_cycles():
     for module in sorted(edges):
         if module not in state:
             visit(module, [module])
+
+
+#: Code outside the package uses its public API, never the private modules (``selecsls._io``, ...); the one
+#: exception tests the private module itself.
+OUTSIDE = ("benchmarks", "references", "examples", "tests")
+TESTS_OF_PRIVATE_MODULES = {"tests/test_io.py"}
+
+
+def _names(path: Path) -> set[str]:
+    """Every ``selecsls`` module and name a file imports (``from selecsls import _io`` gives ``selecsls._io``)."""
+    found = set(_imports(path))
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "selecsls":
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return found
+
+
+def test_nothing_outside_the_package_imports_a_private_module():
+    root = SRC.parent
+    found = []
+    for folder in OUTSIDE:
+        for path in sorted((root / folder).rglob("*.py")):
+            if str(path.relative_to(root)) in TESTS_OF_PRIVATE_MODULES:
+                continue
+            private = sorted(name for name in _names(path) if name.split(".")[1].startswith("_"))
+            found += [f"{path.relative_to(root)}: {name}" for name in private]
+    assert not found, "private modules imported outside src/ (use the public API): " + ", ".join(found)

@@ -60,3 +60,20 @@ def write_idx(path: Path, array: np.ndarray, compress: bool = False) -> Path:
     data = header + array.astype(np.uint8).tobytes()
     path.write_bytes(gzip.compress(data) if compress else data)
     return path
+
+
+#: Names a CIFAR-10 already unpacked on the user's machine: the tests read it in place instead of the archive.
+CIFAR10_ENV = "SELECSLS_CIFAR10"
+
+
+def unpacked_cifar10(folder: str) -> Path:
+    """The folder ``SELECSLS_CIFAR10`` names, if it has the layout (ValueError naming the fix otherwise)."""
+    from selecsls.data.datasets import VAL_FOLDERS
+
+    root = Path(folder)
+    if not (root / "train").is_dir() or not any((root / name).is_dir() for name in VAL_FOLDERS):
+        raise ValueError(
+            f"{CIFAR10_ENV}={folder} is not an unpacked CIFAR-10: expected {root}/train/<class>/ and "
+            f"{root}/val/<class>/ (or {', '.join(VAL_FOLDERS[1:])} instead of val); fix or unset it"
+        )
+    return root

@@ -13,7 +13,11 @@ __version__ = "0.1.0"
 
 #: Public name -> the sub-package that defines it.
 _EXPORTS = {
+    # Files appear whole or not at all (scripts built on the package write their outputs the same way).
+    **{name: "selecsls._io" for name in ("OutputError", "atomic_write", "check_output")},
+    "MissingDependency": "selecsls._optional",
     "analyze_sparsity": "selecsls.compress",
+    "freeze": "selecsls.deploy.freeze",
     "prune": "selecsls.compress",
     "prune_to_budget": "selecsls.compress",
     **{

@@ -161,7 +161,8 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
 
 
 def stale_temp_files(folder: PathLike, targets: Iterable[str]) -> list[Path]:
-    """Temporary files in ``folder`` that a killed writer left behind for one of ``targets`` (file names).
+    """Temporary files (or :func:`atomic_paths` folders) in ``folder`` that a killed writer left behind for one of
+    ``targets`` (file names).
 
     Only files of this package's naming scheme whose writer process no longer exists on this machine:
     a live writer's temporary file, or anyone else's file, is never touched.
@@ -241,7 +242,8 @@ def atomic_paths(*paths: str | os.PathLike) -> Iterator[list[Path]]:
     if any(target.parent != folder for target in targets) or len({t.name for t in targets}) != len(targets):
         raise ValueError(f"atomic_paths needs distinct file names in one folder, got {[str(t) for t in targets]}")
     folder.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=folder, prefix=f".{targets[0].name}."))
+    # Named like every temporary file (writer pid included), so :func:`stale_temp_files` finds a killed writer's.
+    staging = Path(tempfile.mkdtemp(dir=folder, prefix=f".{targets[0].name}.{os.getpid()}.", suffix=TEMP_SUFFIX))
     try:
         temporaries = [staging / target.name for target in targets]
         yield temporaries

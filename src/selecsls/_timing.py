@@ -1,8 +1,7 @@
 """The one timer: functions called round-robin, so drift of a shared machine hits them all alike.
 
 Used by the benchmarks (``selecsls.bench.runner`` re-exports it) and by code that picks the faster
-of two exact algorithms at run time (the eval-mode conv choice in ``selecsls.models.network``, the
-``tuned`` backend).
+of two exact algorithms at run time (the ``tuned`` backend in ``selecsls.deploy.runtimes``).
 """
 
 from __future__ import annotations

@@ -1,7 +1,3 @@
-import os
-import subprocess
-import sys
-
 import pytest
 
 import selecsls
@@ -31,28 +27,25 @@ def test_models_table_counts_params_and_macs_and_reads_top1_from_the_registry(tw
     assert table["selecsls42"][2:] == ["-", "-", "-"]
 
 
-def test_info_names_the_convs_whose_eval_algorithm_is_chosen_and_the_switch(capsys, monkeypatch):
+def test_info_names_the_convs_that_run_as_the_matmul_in_eval(capsys):
     assert main(["info", "selecsls60"]) == 0
     last = capsys.readouterr().out.splitlines()[-1]
-    assert last.startswith("eval mode on the CPU without autograd: every conv runs oneDNN's conv on its weight kept ")
-    assert "head.0.conv, head.1.conv, head.2.conv, head.3.conv that or an exact im2col matmul, whichever" in last
-    assert "SELECSLS_CONV_ALGORITHM=auto (auto, packed, matmul, conv)" in last
-    monkeypatch.setattr("selecsls.models.conv.SmallMapConv2d.eval_algorithm", "conv")
-    assert main(["info", "selecsls60"]) == 0
-    assert "reordering its weight on each call; SELECSLS_CONV_ALGORITHM=conv" in capsys.readouterr().out
+    assert last.startswith("eval mode on the CPU: head.0.conv, head.1.conv, head.2.conv run as an exact im2col matmul")
+    assert "nothing is kept between calls (selecsls.freeze packs the weights once)" in last
 
 
-@pytest.mark.parametrize(
-    "value, status, expected",
-    [
-        ("conv", 0, "reordering its weight on each call; SELECSLS_CONV_ALGORITHM=conv"),
-        ("packed", 0, "every conv runs oneDNN's conv on its weight kept in oneDNN's layout (made on the first"),
-        ("gemm", 2, "selecsls info: error: SELECSLS_CONV_ALGORITHM='gemm': expected one of auto, packed, matmul, conv"),
-    ],
-)
-def test_the_environment_variable_sets_the_eval_algorithm(value, status, expected):
-    env = os.environ | {"SELECSLS_CONV_ALGORITHM": value}
-    done = subprocess.run(
-        [sys.executable, "-m", "selecsls", "info", "selecsls42b"], capture_output=True, text=True, env=env
-    )
-    assert done.returncode == status and expected in (done.stdout + done.stderr)
+def test_info_checks_a_file_as_eval_does(tmp_path, capsys):
+    # A card for resnet50 beside one unrelated tensor: info said "resnet50, 1000 classes" and exited 0; eval refuses it.
+    import torch
+
+    from selecsls.models.files import HASH_KEY, to_payload
+
+    payload = to_payload(create_model("resnet50", num_classes=3))
+    del payload[HASH_KEY]
+    torch.save({**payload, "state_dict": {"unrelated": torch.zeros(3)}}, tmp_path / "card.pt")
+    assert main(["info", str(tmp_path / "card.pt")]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "card.pt does not fit the resnet50 baseline" in err
+    selecsls.save(create_model("resnet50", num_classes=3), tmp_path / "good.pt")
+    assert main(["info", str(tmp_path / "good.pt")]) == 0
+    assert "resnet50, 3 classes" in capsys.readouterr().out

@@ -5,7 +5,7 @@ import torch
 
 import selecsls
 from selecsls.cli import main
-from sparse_models import IMAGE, relative_error, sparse_tiny_model
+from sparse_models import IMAGE, every_kind, relative_error, sparse_tiny_model, tiny_spec, trained_like
 
 FAST = ["--img-size", "64", "--warmup", "0", "--repeats", "1"]
 
@@ -71,3 +71,27 @@ def test_missing_checkpoint(tmp_path, capsys):
 def test_one_budget_at_a_time(checkpoint, tmp_path):
     with pytest.raises(SystemExit):
         main(["prune", str(checkpoint[1]), "--out", "x.pt", "--target-macs", "0.5", "--target-params", "0.5"])
+
+
+def test_prune_measures_at_the_size_the_model_records_and_takes_output(tmp_path, capsys):
+    model = sparse_tiny_model(0.3)
+    model.card = model.card.with_image_size(48, 80)  # height 48, width 80: measured as recorded, not at 224
+    selecsls.save(model, tmp_path / "dense.pt")
+    argv = ["prune", str(tmp_path / "dense.pt"), "--output", str(tmp_path / "pruned.pt"), "--repeats", "1"]
+    assert main([*argv, "--warmup", "0"]) == 0
+    printed = capsys.readouterr().out
+    assert "GMACs@80x48 " in printed and "CPU latency @80x48, batch 1" in printed
+    assert selecsls.load(tmp_path / "pruned.pt").card.preprocessing.input_size == (3, 48, 80)
+
+
+def test_pruning_its_own_output_removes_nothing(tmp_path, capsys):
+    """Every kind of inactive channel goes in the first run (the table says why), so a second run finds none."""
+    model = every_kind(trained_like(selecsls.create_model(tiny_spec(), num_classes=10)))
+    selecsls.save(model, tmp_path / "m.pt")
+    assert main(["prune", str(tmp_path / "m.pt"), "--out", str(tmp_path / "once.pt"), *FAST]) == 0
+    first = capsys.readouterr().out
+    assert "gamma~0" in first and "filter~0" in first and "const folded" in first and "unread" in first
+    assert "exact pruning removes 0 of" not in first
+    assert main(["prune", str(tmp_path / "once.pt"), "--out", str(tmp_path / "twice.pt"), *FAST]) == 0
+    channels = sum(c for *_, c, _ in selecsls.load(tmp_path / "once.pt").spec.conv_layers())
+    assert f"exact pruning removes 0 of {channels} channels" in capsys.readouterr().out

@@ -10,7 +10,17 @@ import sys
 from selecsls.cli import build_parser
 from training_fixtures import make_image_folder
 
-OPTIONAL = ("tqdm", "matplotlib", "safetensors", "onnx", "onnxruntime", "openvino", "nncf", "torch_pruning")
+OPTIONAL = (
+    "tqdm",
+    "matplotlib",
+    "safetensors",
+    "onnx",
+    "onnxscript",
+    "onnxruntime",
+    "openvino",
+    "nncf",
+    "torch_pruning",
+)
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 # Runs the CLI as if the optional packages were not installed: importing any of them fails.

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import selecsls
-from selecsls._optional import MissingDependency
+from selecsls import MissingDependency
 from selecsls.cli import main
 from selecsls.compress.baseline_pruning import prune_to_macs
 from selecsls.models.baselines import ResNet50, conv_widths

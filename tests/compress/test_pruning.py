@@ -194,7 +194,12 @@ model = selecsls.load(path).eval()
 features = selecsls.load(path, features_only=True).eval()
 with torch.no_grad():
     torch.save(
-        {"name": model.spec.name, "logits": model(x), "scripted": torch.jit.script(model)(x), "features": features(x)},
+        {
+            "name": model.spec.name,
+            "logits": model(x),
+            "exported": torch.export.export(model, (x,)).module()(x),
+            "features": features(x),
+        },
         out_path,
     )
 """
@@ -212,7 +217,7 @@ def test_pruned_model_round_trips_through_save_and_load_in_a_fresh_process(tmp_p
         expected = pruned(x)
         assert result["name"] == pruned.spec.name
         assert (
-            relative_error(expected, result["logits"]) <= 1e-6 and relative_error(expected, result["scripted"]) <= 1e-5
+            relative_error(expected, result["logits"]) <= 1e-6 and relative_error(expected, result["exported"]) <= 1e-5
         )
         assert [f.shape[1] for f in result["features"]] == [info["num_chs"] for info in pruned.feature_info]
         assert relative_error(expected, pruned.fc(result["features"][-1].mean((2, 3)))) <= 1e-5

@@ -22,12 +22,13 @@ def model_and_inactive():
 
 def test_counts_channels_below_threshold_per_layer(model_and_inactive):
     model, inactive = model_and_inactive
-    with torch.no_grad():
-        model.features[1].conv2.bn.weight[0] = 5e-4  # below the default 1e-3, not zero
+    layer = model.features[1].conv2
+    with torch.no_grad():  # a fused filter norm |gamma| * ||W|| / sqrt(var + eps) of 5e-4: below 1e-3, not zero
+        layer.bn.weight[0] = 5e-4 * (layer.bn.running_var[0] + layer.bn.eps).sqrt() / layer.conv.weight[0].norm()
     report = analyze_sparsity(model)
     expected = {name: set(idx) for name, idx in inactive.items()}
     expected["features.1.conv2"].add(0)
-    assert report.criterion == "|gamma|" and not report.calibrated
+    assert report.criterion == "fused filter norm" and not report.calibrated
     assert [layer.name for layer in report.layers] == [name for name, *_ in model.spec.conv_layers()]
     for layer in report.layers:
         assert set(layer.inactive.nonzero().flatten().tolist()) == expected[layer.name], layer.name
@@ -39,12 +40,11 @@ def test_counts_channels_below_threshold_per_layer(model_and_inactive):
     )
 
 
-def test_fused_model_uses_filter_norm_and_finds_the_same_channels(model_and_inactive):
+def test_fused_model_finds_the_same_channels(model_and_inactive):
     model, _ = model_and_inactive
     dense, fused = analyze_sparsity(model), analyze_sparsity(fuse(model))
-    assert fused.criterion == "fused filter norm"
     for a, b in zip(dense.layers, fused.layers):
-        assert torch.equal(a.inactive, b.inactive), a.name
+        assert torch.equal(a.inactive, b.inactive) and a.kept == b.kept, a.name
         # importance is relative to the layer's mean and the same number before and after fusion
         assert torch.allclose(a.importance, b.importance, atol=1e-6) and float(a.importance.mean()) == pytest.approx(1)
 
@@ -64,19 +64,26 @@ def test_calibration_finds_channels_that_are_always_zero(model_and_inactive):
 
 
 def test_table_lists_every_layer_and_totals(model_and_inactive):
-    model, _ = model_and_inactive
+    model, inactive = model_and_inactive  # gamma = beta = 0: every inactive channel is a zero output
     report = analyze_sparsity(model)
-    kept = {name: cout for name, _, cout, _ in model.spec.conv_layers()}
-    lines = report.table(kept).splitlines()
+    lines = report.table().splitlines()
     assert len(lines) == 2 + len(report.layers)
     assert lines[0].split()[-1] == "kept"
-    assert lines[-1].split() == [
+    removed = report.removed_channels
+    assert removed == sum(len(v) for v in inactive.values()) == report.inactive_channels
+    total = [
         "total",
-        str(report.total_channels),
-        str(report.inactive_channels),
-        str(report.inactive_channels),
-        str(sum(kept.values())),
+        report.total_channels,
+        report.inactive_channels,
+        removed,
+        0,
+        0,
+        0,
+        report.total_channels - removed,
     ]
+    assert lines[-1].split() == [str(v) for v in total]
+    kept = {name: 1 for name, *_ in model.spec.conv_layers()}  # e.g. after pruning to a budget
+    assert report.table(kept).splitlines()[-1].split()[-1] == str(len(kept))
 
 
 def test_histogram_png(model_and_inactive, tmp_path):
@@ -106,6 +113,7 @@ def test_bn_scales_of_any_model_agree_with_the_per_layer_analysis(model_and_inac
     scales = bn_scales(model)
     assert scales.numel() == report.total_channels  # every BatchNorm of a SelecSLS sits in a conv layer
     assert int((scales < 1e-3).sum()) == report.inactive_channels == sum(len(v) for v in inactive.values())
+    assert report.removals()["head.0"]["gamma"] == len(inactive["head.0"])
     assert bn_scales(fuse(model)).numel() == 0  # nothing to count without BatchNorm
 
 

@@ -15,15 +15,11 @@ from PIL import Image
 
 import selecsls
 from selecsls.cli import main
-from selecsls.data.datasets import (
-    IdxDataset,
-    ImageFolder,
-    TransformedDataset,
-    UnreadableImageError,
-    build_dataset,
-    open_image,
-    to_uint8,
-)
+from selecsls.data.batching import TransformedDataset
+from selecsls.data.datasets import build_dataset
+from selecsls.data.folders import ImageFolder
+from selecsls.data.idx import IdxDataset
+from selecsls.data.images import UnreadableImageError, open_image, to_uint8
 from selecsls.data.transforms import build_eval_transform
 from selecsls.models.validation import MAX_CLASSES, InvalidInput
 from sparse_models import sparse_tiny_model
@@ -125,10 +121,25 @@ def test_float_idx_images_are_scaled_not_truncated(tmp_path):
 
 
 def test_validation_labels_beyond_the_training_classes_fail_before_training(tmp_path):
-    root = _idx_folder(tmp_path, train_labels=[0, 1, 2, 1], val_labels=[0, 5])
+    # Only the stray label is named, with its count: not every index up to it ('3', '4', '5').
+    root = _idx_folder(tmp_path, train_labels=[0, 1, 2, 1, 0, 1, 2], val_labels=[0, 1, 2, 5, 1, 2, 0])
     classes = build_dataset(root, "train").classes
-    with pytest.raises(ValueError, match=r"has class\(es\) \['3', '4', '5'\] that are not training classes"):
+    with pytest.raises(ValueError, match=r"has class\(es\) \['5' \(1 image\)\] that are not training classes"):
         build_dataset(root, "val", classes)
+
+
+def test_idx_training_labels_that_skip_class_indices_are_refused_unless_asked(tmp_path):
+    # A stray 255 among labels 0-2 made a 256-class model without a word.
+    root = _idx_folder(tmp_path, train_labels=[0, 1, 2, 255, 1, 255, 0], val_labels=[0, 1])
+    with pytest.raises(ValueError) as error:
+        build_dataset(root, "train")
+    message = str(error.value)
+    assert "train-labels-idx1-ubyte.gz" in message and "skip class indices 3-254" in message
+    assert "label 255 (2 images)" in message and "--label-gaps" in message
+    assert len(build_dataset(root, "train", label_gaps=True).classes) == 256
+    # Validation labels index the training classes: a class without validation images is no gap.
+    _idx_folder(tmp_path, train_labels=[0, 1, 2, 1], val_labels=[0, 2])
+    assert build_dataset(root, "val").classes == ["0", "1", "2"]
 
 
 def test_negative_or_fractional_idx_labels_are_refused(tmp_path):

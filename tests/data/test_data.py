@@ -4,21 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from selecsls.data.datasets import (
-    IdxDataset,
-    ImageFolder,
-    SkippedImage,
-    TransformedDataset,
-    UnknownClassError,
-    UnreadableImageError,
-    balanced_subset,
-    build_dataset,
-    build_loader,
-    collate_skipping,
-    open_image,
-    read_idx,
-    training_classes,
-)
+from selecsls.data.batching import SkippedImage, TransformedDataset, balanced_subset, build_loader, collate_skipping
+from selecsls.data.classes import UnknownClassError
+from selecsls.data.datasets import build_dataset
+from selecsls.data.folders import ImageFolder, training_classes
+from selecsls.data.idx import IdxDataset, read_idx
+from selecsls.data.images import UnreadableImageError, open_image
 from selecsls.data.transforms import build_eval_transform, build_train_transform
 from training_fixtures import CLASS_COLOURS, corrupt_image, make_image_folder, write_idx, write_image
 
@@ -89,7 +80,7 @@ def test_idx_data_has_no_label_names_and_reindexes_by_name(tmp_path):
     assert val.label_names is None and val.classes == ["0", "1", "2"] and val.targets.tolist() == [0, 2, 1, 2]
     reordered = build_dataset(tmp_path, "val", classes=["2", "1", "0", "3"])
     assert reordered.targets.tolist() == [2, 0, 1, 0] and reordered.classes == ["2", "1", "0", "3"]
-    with pytest.raises(UnknownClassError, match=r"class\(es\) \['1'\]") as info:
+    with pytest.raises(UnknownClassError, match=r"class\(es\) \['1' \(1 image\)\]") as info:
         build_dataset(tmp_path, "val", classes=["0", "2"])
     assert info.value.unknown == ["1"]
 

@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from selecsls.data.datasets import ImageFolder, TransformedDataset, build_dataset
-from selecsls.data.tensor_cache import CacheError, CacheGeometry, open_or_build
+from selecsls.data.batching import TransformedDataset
+from selecsls.data.datasets import build_dataset
+from selecsls.data.folders import ImageFolder
+from selecsls.data.tensor_cache import CACHE_FORMAT, CacheError, CacheGeometry, open_or_build
 from selecsls.data.transforms import build_eval_transform
 from training_fixtures import SUBPROCESS_ENV, corrupt_image, make_image_folder, write_image
 
@@ -100,7 +102,7 @@ def test_a_damaged_or_alien_cache_is_refused(folder, tmp_path):
     with pytest.raises(CacheError, match="is damaged"):
         _cache(folder, cache_dir)
     sidecar.write_text(json.dumps({"format": "something else"}))
-    with pytest.raises(CacheError, match="is not a selecsls-tensor-cache/1"):
+    with pytest.raises(CacheError, match=f"is not a {CACHE_FORMAT} tensor cache"):
         _cache(folder, cache_dir)
     sidecar.write_text("{not json")
     with pytest.raises(CacheError, match="cannot be read"):
@@ -138,3 +140,116 @@ def test_runs_started_together_build_the_cache_once(folder, tmp_path):
     outputs = [run.communicate(timeout=120)[0] for run in runs]
     assert [run.returncode for run in runs] == [0, 0]
     assert sum("building the train tensor cache" in out for out in outputs) == 1
+
+
+# ------------------------------------------------------------------ issue 27: disk space, damage, subsets
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 64 KiB tmpfs, unmounted afterwards: a disk that fills up for real (mounting needs root)."""
+    if os.geteuid() != 0:
+        pytest.skip("filling a real disk needs a small tmpfs, and mounting one needs root")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    yield disk
+    subprocess.run(["umount", str(disk)], check=True)
+
+
+def _build_in_a_process(folder, directory, prelude=""):
+    """Build the train cache (64 px: 110 KB for 9 images) in a fresh process: a crash there cannot take pytest down."""
+    code = (
+        f"import sys, os, shutil, numpy as np\n{prelude}\n"
+        "from selecsls.data.datasets import build_dataset\n"
+        "from selecsls.data.tensor_cache import CACHE_FORMAT, CacheError, CacheGeometry, open_or_build\n"
+        "try:\n"
+        "    open_or_build(build_dataset(sys.argv[1], 'train'), sys.argv[2], 'train', CacheGeometry(64))\n"
+        "except CacheError as exc:\n"
+        "    sys.exit(f'error: {exc}')\n"
+    )
+    command = [sys.executable, "-c", code, str(folder), str(directory)]
+    return subprocess.run(command, capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=120)
+
+
+def _temporaries(directory):
+    return [path.name for path in directory.iterdir() if not path.name.endswith(".lock")]
+
+
+def test_a_full_disk_is_one_line_naming_the_space_needed_and_leaves_nothing(folder, small_disk):
+    # disk_usage is told the disk is empty, so the build reaches the write itself, as when another
+    # process fills the disk meanwhile: the space is reserved first, so no write through the map can fault.
+    lie = "import types; shutil.disk_usage = lambda path: types.SimpleNamespace(total=1 << 40, used=0, free=1 << 40)"
+    done = _build_in_a_process(folder, small_disk, lie)
+    assert done.returncode == 1, (done.returncode, done.stderr)  # not -7 (SIGBUS): a one-line error
+    [line] = done.stderr.strip().splitlines()
+    assert f"cannot build the tensor cache in {small_disk}: No space left on device, needs 115 kB" in line
+    assert _temporaries(small_disk) == []
+
+
+def test_a_cache_larger_than_the_free_space_is_refused_before_writing(folder, small_disk):
+    done = _build_in_a_process(folder, small_disk)
+    assert done.returncode == 1, (done.returncode, done.stderr)
+    assert "it needs 115 kB and 66 kB are free" in done.stderr
+    assert _temporaries(small_disk) == []
+
+
+def test_a_killed_builders_temporary_files_are_removed_by_the_next_build(folder, tmp_path):
+    kill = "import signal; np.memmap.flush = lambda self: os.kill(os.getpid(), signal.SIGKILL)"
+    done = _build_in_a_process(folder, tmp_path / "cache", kill)
+    assert done.returncode == -9
+    assert _temporaries(tmp_path / "cache"), "the killed build left its temporary files"
+    _cache(folder, tmp_path / "cache", geometry=CacheGeometry(64))
+    assert sorted(_temporaries(tmp_path / "cache")) == ["train-64px-bilinear-rgb.json", "train-64px-bilinear-rgb.npy"]
+
+
+def test_a_cache_whose_pixels_changed_in_place_is_refused(folder, tmp_path):
+    cache, _ = _cache(folder, tmp_path / "cache")
+    [pixels] = (tmp_path / "cache").glob("*.npy")
+    offset = cache.pixels.offset
+    data = bytearray(pixels.read_bytes())
+    data[offset:] = np.random.default_rng(0).integers(0, 256, len(data) - offset, dtype=np.uint8).tobytes()
+    pixels.write_bytes(bytes(data))  # same size: the shape and the sidecar still agree
+    with pytest.raises(CacheError, match="pixels do not match the checksum .* delete .* to rebuild it"):
+        _cache(folder, tmp_path / "cache")
+
+
+@pytest.mark.parametrize(
+    ("edit", "problem"),
+    [
+        (lambda record: record.update(targets=["abc"] * len(record["targets"])), "'targets' must be"),
+        (lambda record: record.update(unreadable={"abc": "x"}), "'unreadable' must be"),
+        (lambda record: record.update(images="abc"), "'images' must be"),
+        (lambda record: record.pop("checksum"), "'checksum' must be"),
+        (lambda record: record.update(samples=[0, "x"]), "'samples' must be"),
+    ],
+)
+def test_a_hand_edited_sidecar_names_the_file_the_problem_and_the_fix(folder, tmp_path, edit, problem):
+    _cache(folder, tmp_path / "cache")
+    [sidecar] = (tmp_path / "cache").glob("*.json")
+    record = json.loads(sidecar.read_text())
+    edit(record)
+    sidecar.write_text(json.dumps(record))
+    with pytest.raises(CacheError) as error:
+        _cache(folder, tmp_path / "cache")
+    message = str(error.value)
+    assert str(sidecar) in message and problem in message and "to rebuild it" in message
+    assert "invalid literal" not in message
+
+
+def test_the_cache_holds_only_the_images_a_run_uses_and_says_its_size(folder, tmp_path):
+    messages = []
+    images = build_dataset(folder, "train")
+    subset = open_or_build(images, tmp_path / "cache", "train", SMALL, log=messages.append, samples=[1, 4, 8])
+    assert subset.pixels.shape == (3, 3, 16, 16)
+    [message] = messages
+    assert "3 of 9 images" in message and "at 16x16 px, 6 kB (once)" in message
+    full, _ = _cache(folder, tmp_path / "full")
+    batch = subset.batch([8, 1])
+    assert torch.equal(batch.images, full.batch([8, 1]).images) and batch.targets.tolist() == [2, 0]
+    with pytest.raises(CacheError, match="does not hold image 0"):
+        subset.batch([0])
+    # A full cache serves every subset: nothing more is built.
+    messages.clear()
+    open_or_build(images, tmp_path / "full", "train", SMALL, log=messages.append, samples=[1, 4, 8])
+    assert messages == [] and len(list((tmp_path / "full").glob("*.npy"))) == 1

@@ -1,4 +1,5 @@
-"""ONNX and TorchScript export: round trips within tolerance (dense and pruned), checks that fail loudly."""
+"""ONNX export (torch.export-based): round trips within tolerance (dense and pruned), checks that fail loudly.
+AOTInductor packages are tested in test_aoti.py, OpenVINO IRs in test_openvino.py."""
 
 from __future__ import annotations
 
@@ -64,30 +65,15 @@ def test_onnx_round_trip(dense, tmp_path, dynamic):
     torch.testing.assert_close(actual, expected, rtol=0, atol=RELATIVE_TOLERANCE * float(expected.abs().max()))
 
 
-def test_torchscript_round_trip_is_frozen(dense, tmp_path):
-    path = tmp_path / "model.torchscript.pt"
-    checks = export_model(dense, path, "torchscript")
-    assert len(checks) == 2 and all(check.passed for check in checks)  # export size and another batch/size
-    loaded = torch.jit.load(path)
-    assert list(loaded.parameters()) == []  # frozen: weights are constants, BatchNorm folded away
-    x = torch.randn(2, 3, 80, 48)
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(x), dense(x), rtol=0, atol=1e-5)
-
-
-@pytest.mark.parametrize("format", ["onnx", "torchscript"])
-def test_pruned_checkpoint_exports_and_matches_the_dense_model(pruned_checkpoint, tmp_path, format):
+def test_pruned_checkpoint_exports_and_matches_the_dense_model(pruned_checkpoint, tmp_path):
     dense, path = pruned_checkpoint
-    out = tmp_path / f"pruned.{format}"
-    assert main(["export", str(path), "--format", format, "--out", str(out)]) == 0
+    out = tmp_path / "pruned.onnx"
+    assert main(["export", str(path), "--format", "onnx", "--out", str(out)]) == 0
     x = torch.randn(1, *SIZE)
     with torch.no_grad():
         expected = dense(x)
-    if format == "onnx":
-        session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-        actual = torch.from_numpy(session.run(None, {"input": x.numpy()})[0])
-    else:
-        actual = torch.jit.load(out)(x)
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    actual = torch.from_numpy(session.run(None, {"input": x.numpy()})[0])
     torch.testing.assert_close(actual, expected, rtol=0, atol=RELATIVE_TOLERANCE * float(expected.abs().max()))
 
 
@@ -130,13 +116,11 @@ def test_a_mismatching_export_fails_and_writes_nothing(dense, tmp_path, monkeypa
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--format", "torchscript", "--dynamic"], "--dynamic applies to ONNX and OpenVINO"),
-        (
-            ["--format", "torchscript", "--int8", "--calibration", "data"],
-            "--int8 produces an ONNX model or an OpenVINO IR",
-        ),
-        (["--format", "openvino"], "--format openvino writes NAME.xml and NAME.bin: give --out ending in .xml"),
+        (["--format", "openvino"], "--format openvino writes NAME.xml and NAME.bin: give --output ending in .xml"),
         (["--format", "onnx", "--int8"], "--int8 needs --calibration DATA"),
+        (["--format", "aoti", "--dynamic"], "--dynamic applies to ONNX and OpenVINO"),
+        (["--format", "aoti", "--int8", "--calibration", "data"], "--int8 produces an ONNX model or an OpenVINO IR"),
+        (["--format", "aoti"], "--format aoti writes a .pt2 package: give --output ending in .pt2"),
         (["--format", "onnx", "--images", "missing.jpg"], "image missing.jpg does not exist"),
     ],
 )
@@ -144,6 +128,13 @@ def test_cli_rejects_bad_options_in_one_line(tmp_path, capsys, extra, message):
     assert main(["export", "model.pt", "--out", str(tmp_path / "x"), *extra]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err
+
+
+def test_torchscript_export_is_named_as_dropped(capsys):
+    with pytest.raises(SystemExit):
+        main(["export", "model.pt", "--out", "x.pt", "--format", "torchscript"])
+    err = capsys.readouterr().err
+    assert "TorchScript export was dropped" in err and "use --format aoti" in err
 
 
 def test_cli_reports_a_checkpoint_model_mismatch(tmp_path, capsys):

@@ -42,7 +42,7 @@ def checkpoint(tmp_path):
 def test_predict_prints_topk_with_training_class_names(checkpoint, image, capsys):
     assert main(["predict", str(image), "--checkpoint", str(checkpoint), "--topk", "2"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == "backend: onnxruntime"  # auto: the fastest correct backend
+    assert lines[0] == "backend: frozen"  # auto: selecsls.freeze on the CPU
     assert lines[1] == str(image)
     assert lines[2].split()[:2] == ["1.", "dog"] and float(lines[2].split()[-1].rstrip("%")) > 99.0
     assert len(lines) == 4 and lines[3].split()[0] == "2."
@@ -171,28 +171,28 @@ def test_predict_benchmark_rejects_bad_folders_in_one_line(checkpoint, image, tm
     assert message.format(**fill) in err and "\n" not in err
 
 
-@pytest.mark.parametrize("network, fallback", [("selecsls", "fused"), ("resnet50", "fused_channels_last")])
-def test_auto_falls_back_to_the_fastest_pytorch_path_of_the_network(monkeypatch, image, network, fallback):
-    """Without ONNX Runtime: SelecSLS folded as it is (its convs keep their weights reordered, which
-    channels-last would undo), other networks folded and channels-last; a warning says so."""
-
-    def unavailable(self, model, example):
-        raise BackendUnavailable("onnxruntime is not installed")
-
-    monkeypatch.setattr(
-        Backend,
-        "build",
-        lambda self, *args, build=Backend.build: (
-            unavailable(self, *args) if self.name == "onnxruntime" else build(self, *args)
-        ),
-    )
+@pytest.mark.parametrize("network", ["selecsls", "resnet50"])
+def test_auto_freezes_the_network_and_falls_back_to_eager_with_a_warning(monkeypatch, image, network):
+    """auto runs the frozen model (selecsls.freeze); where it cannot be built, eager, and a warning says so."""
     if network == "selecsls":
         model = biased_model(3, favourite=2, label_names=CLASSES)
     else:
         model = selecsls.create_model(network, num_classes=3)
         model.card = replace(model.card.with_image_size(64, 64), label_names=CLASSES)
-    with pytest.warns(UserWarning, match=f"onnxruntime backend unavailable .*; trying {fallback}"):
+    assert Predictor.from_model(model.eval()).backend == "frozen"
+
+    def unavailable(self, model, example):
+        raise BackendUnavailable("torch.fx cannot trace it")
+
+    monkeypatch.setattr(
+        Backend,
+        "build",
+        lambda self, *args, build=Backend.build: (
+            unavailable(self, *args) if self.name == "frozen" else build(self, *args)
+        ),
+    )
+    with pytest.warns(UserWarning, match="frozen backend unavailable .*; trying eager"):
         predictor = Predictor.from_model(model.eval())
-    assert predictor.backend == fallback
+    assert predictor.backend == "eager"
     (prediction,) = predictor.predict([image], topk=1)
     assert prediction.classes[0][0] in CLASSES and (network != "selecsls" or prediction.classes[0][0] == "fox")

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import selecsls
-from selecsls.data.datasets import TransformedDataset, build_dataset, build_loader
+from selecsls.data.batching import TransformedDataset, build_loader
+from selecsls.data.datasets import build_dataset
 from selecsls.data.transforms import build_eval_transform
 from selecsls.deploy import openvino_ir
 from selecsls.deploy.export import onnx_session, session_runner

@@ -35,13 +35,13 @@ def test_vovnet39_has_the_published_parameter_count_and_keys():
 
 
 @pytest.mark.parametrize("name", list_baselines())
-def test_baselines_classify_odd_sizes_and_script(name):
+def test_baselines_classify_odd_sizes_and_export(name):
     model = create_baseline(name, num_classes=7).eval()
     images = torch.randn(2, 3, 67, 67)
     with torch.no_grad():
         out = model(images)
         assert out.shape == (2, 7)
-        torch.testing.assert_close(torch.jit.script(model)(images), out)
+        torch.testing.assert_close(torch.export.export(model, (images,)).module()(images), out)
 
 
 def test_resnet50_falls_back_when_torchvision_is_broken(monkeypatch):

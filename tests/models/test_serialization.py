@@ -95,17 +95,17 @@ def test_safetensors_file_keeps_the_description_in_its_metadata(tmp_path):
         assert set(handle.keys()) == set(model.state_dict())
 
 
-def test_loaded_model_keeps_preprocessing_and_scripts(tmp_path):
+def test_loaded_model_keeps_preprocessing_and_exports(tmp_path):
     model = MODELS["fused"]()
     preprocessing = replace(model.card.preprocessing, interpolation="bicubic", input_size=(1, 96, 96))
     model.card = replace(model.card, preprocessing=preprocessing)
     selecsls.save(model, tmp_path / "model.pt")
     loaded = selecsls.load(tmp_path / "model.pt").eval()
     assert loaded.pretrained_cfg == model.pretrained_cfg
-    scripted = torch.jit.script(loaded)
     x = inputs_for(model)
     with torch.no_grad():
-        torch.testing.assert_close(scripted(x), model.eval()(x))
+        exported = torch.export.export(loaded, (x,)).module()
+        torch.testing.assert_close(exported(x), model.eval()(x))
 
 
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])

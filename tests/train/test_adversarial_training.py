@@ -100,8 +100,7 @@ def test_a_lock_left_by_a_dead_run_is_taken_over(folder, init, tmp_path):
     output.mkdir()
     (output / LOCK_NAME).write_text(json.dumps({"pid": 999_999_999, "host": "gone"}))
     assert main(_args(folder, init, output)) == 0
-    assert json.loads((output / LOCK_NAME).read_text())["pid"] == os.getpid()
-    written = {path.name for path in output.iterdir()} - {LOCK_NAME}
+    written = {path.name for path in output.iterdir()}  # the run took the dead run's lock and deleted it at the end
     assert written == set(RUN_OUTPUTS), "RUN_OUTPUTS must list every file a run writes"
 
 
@@ -196,7 +195,7 @@ def test_overwrite_can_fine_tune_from_the_run_it_replaces(folder, init, tmp_path
     assert main(_args(folder, init, output, "--init", output / "best.pt", "--overwrite")) == 0
     assert "moved the earlier run's results (last.pt, best.pt, metrics.jsonl) aside" in capsys.readouterr().out
     assert [json.loads(line)["epoch"] for line in (output / "metrics.jsonl").read_text().splitlines()] == [1]
-    assert {path.name for path in output.iterdir()} == {LOCK_NAME, *RUN_OUTPUTS}
+    assert {path.name for path in output.iterdir()} == set(RUN_OUTPUTS)
 
 
 def test_a_run_killed_while_earlier_results_were_aside_is_settled_by_the_next(folder, init, tmp_path, capsys):
@@ -264,3 +263,14 @@ def test_an_output_inside_the_data_folder_is_refused_as_such(folder, init, capsy
 def test_in_chans_that_the_init_file_does_not_have_is_refused(folder, init, tmp_path, capsys):
     err = _error(capsys, _args(folder, init, tmp_path / "run", "--in-chans", 1))
     assert f"--in-chans 1 does not apply with --init: the model reads the 3 input channel(s) of {init}" in err
+
+
+def test_the_divergence_message_says_what_the_output_directory_holds(folder, init, tmp_path, capsys):
+    # It said "last.pt and best.pt keep the last finite state" when nothing had been saved.
+    err = _error(capsys, _args(folder, init, tmp_path / "run", "--epochs", 2, "--lr", "1e9"))
+    assert not (tmp_path / "run" / "last.pt").exists()
+    assert "last.pt and best.pt keep" not in err and "nothing was saved" in err and "--lr" in err
+    output = tmp_path / "earlier"
+    _earlier_run(output)
+    err = _error(capsys, [*_args(folder, init, output), "--overwrite", "--lr", "1e9"])
+    assert f"nothing of this run was saved; {output} holds the earlier run's results as before" in err

@@ -1,7 +1,8 @@
 """Real images: a short training on a class-balanced CIFAR-10 subset learns well above chance (10%).
 
-The archive is not part of the project: the ``cifar10`` fixture (tests/conftest.py) unpacks it once
-per session and the test skips cleanly where that is not possible.
+The archive is not part of the project: the ``cifar10`` fixture (tests/conftest.py) reads the folder
+``SELECSLS_CIFAR10`` names (an unpacked CIFAR-10: ``train/<class>/`` and ``val/<class>/`` or ``test/<class>/``),
+or unpacks the archive once per session; the test skips cleanly where neither is possible.
 
 The run: selecsls42b's topology at a quarter of its widths (``narrow_spec(4)``, 2.0 M parameters;
 the full selecsls42b trains at under 20 images/s at 32 px on the 2-core CPU, far too slow here),
@@ -20,12 +21,15 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
+import pytest
 import torch
 
 import selecsls
 from selecsls.cli import main
-from training_fixtures import SUBPROCESS_ENV, narrow_spec
+from selecsls.data.datasets import build_dataset
+from training_fixtures import CIFAR10_ENV, SUBPROCESS_ENV, make_image_folder, narrow_spec, unpacked_cifar10
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 TOP1_BAR = 20.0
@@ -65,7 +69,14 @@ def test_short_training_on_a_balanced_cifar10_subset_learns_well_above_chance(ci
     assert final["val_images"] == 1000
     assert final["val_top1"] >= TOP1_BAR, f"val top-1 {final['val_top1']:.1f}% (chance 10%)"
     assert selecsls.load(run / "best.pt").pretrained_cfg["label_names"] == CIFAR10_CLASSES
-    images = sorted((cifar10 / "val" / "cat").iterdir())[:2]
+    images = sorted((Path(build_dataset(cifar10, "val").source) / "cat").iterdir())[:2]
     assert main(["predict", *map(str, images), "--checkpoint", str(run / "best.pt"), "--backend", "eager"]) == 0
     top_names = [line.split()[1] for line in capsys.readouterr().out.splitlines() if line.lstrip().startswith("1.")]
     assert len(top_names) == 2 and set(top_names) <= set(CIFAR10_CLASSES)
+
+
+def test_an_unpacked_cifar10_is_named_by_an_environment_variable(tmp_path):
+    make_image_folder(tmp_path / "cifar", per_class=1, splits=("train", "test"))
+    assert unpacked_cifar10(str(tmp_path / "cifar")) == tmp_path / "cifar"
+    with pytest.raises(ValueError, match=f"{CIFAR10_ENV}=.*missing is not an unpacked CIFAR-10"):
+        unpacked_cifar10(str(tmp_path / "missing"))

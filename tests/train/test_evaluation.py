@@ -8,7 +8,7 @@ import torch
 
 import selecsls
 from selecsls.cli import main
-from selecsls.data.datasets import open_image
+from selecsls.data.images import open_image
 from selecsls.data.transforms import build_eval_transform
 from selecsls.train.evaluation import autocast_for, topk_correct
 from training_fixtures import corrupt_image, make_image_folder, narrow_spec, write_image

@@ -1,6 +1,6 @@
 """Memory a network needs: saved activations (exact), CUDA training peak, CPU inference RSS.
 
-Three measures, from most to least portable:
+Four measures, from most to least portable:
 
 - :func:`saved_tensor_bytes` counts the tensors autograd keeps for backward in one training
   forward pass. It runs on the ``meta`` device (no data, no compute), so it is exact, instant
@@ -8,26 +8,37 @@ Three measures, from most to least portable:
 - :func:`cuda_training_peak_bytes` is what a GPU really allocates for a training step.
 - :func:`inference_memory_bytes` is what a CPU process really grows by for one inference, and the
   tensor memory live at once during it.
+- :func:`process_memory_bytes` is the user's view: what a whole fresh process holds to serve a
+  model on one engine (eager, frozen, ONNX Runtime, OpenVINO), weights and runtime included.
 """
 
 from __future__ import annotations
 
 import copy
+import gc
 import io
 import itertools
 import json
 import os
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 
 import torch
 from torch import nn
 
-from selecsls.models.conv import packed_weight_bytes
+from selecsls.deploy.freeze import freeze
 
-__all__ = ["MemoryUnavailable", "cuda_training_peak_bytes", "inference_memory_bytes", "saved_tensor_bytes"]
+__all__ = [
+    "PROCESS_ENGINES",
+    "MemoryUnavailable",
+    "cuda_training_peak_bytes",
+    "inference_memory_bytes",
+    "process_memory_bytes",
+    "saved_tensor_bytes",
+]
 
 
 class MemoryUnavailable(RuntimeError):
@@ -102,8 +113,13 @@ def _proc_status_kib(field: str) -> int:
     raise MemoryUnavailable(f"/proc/self/status has no {field}")
 
 
-#: Untimed calls before measuring: the first makes one-time workspaces and the model's eval-mode
-#: conv choices (:class:`selecsls.models.conv.SmallMapConv2d`), which a steady call does not.
+def _reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")  # reset the peak (VmHWM) to the current RSS
+
+
+#: Untimed calls before measuring: the first makes one-time workspaces (oneDNN primitives), which a
+#: steady call does not.
 STEADY_WARMUP_CALLS = 2
 
 
@@ -125,33 +141,25 @@ def _inference_memory(
     models: Mapping[str, nn.Module], input_shapes: Sequence[Sequence[int]], threads: int
 ) -> dict[str, dict[str, list[int]]]:
     """Per measure, model and input shape: one steady inference call's peak RSS above the RSS just
-    before it, its live tensor peak (:func:`_allocated_peak_bytes`), and the reordered weights the
-    model keeps between calls (:func:`selecsls.models.conv.packed_weight_bytes`)."""
+    before it, and its live tensor peak (:func:`_allocated_peak_bytes`)."""
     torch.set_num_threads(threads)
     growth: dict[str, list[int]] = {}
     live: dict[str, list[int]] = {}
-    kept: dict[str, list[int]] = {}
     with torch.inference_mode():
         for name, model in models.items():
             model.eval()
-            growth[name], live[name], kept[name] = [], [], []
+            growth[name], live[name] = [], []
             for shape in input_shapes:
                 images = torch.randn(*shape)
                 for _ in range(STEADY_WARMUP_CALLS):
                     model(images)
                 before = _proc_status_kib("VmRSS")
-                with open("/proc/self/clear_refs", "w") as clear_refs:
-                    clear_refs.write("5")  # reset the peak (VmHWM) to the current RSS
+                _reset_peak()
                 model(images)
                 growth[name].append((_proc_status_kib("VmHWM") - before) * 1024)
                 live[name].append(_allocated_peak_bytes(partial(model, images)))
-                kept[name].append(packed_weight_bytes(model))
                 del images
-    return {
-        "inference_rss_growth_bytes": growth,
-        "inference_live_peak_bytes": live,
-        "inference_kept_weight_bytes": kept,
-    }
+    return {"inference_rss_growth_bytes": growth, "inference_live_peak_bytes": live}
 
 
 def _measure_in_child() -> None:
@@ -165,27 +173,144 @@ def inference_memory_bytes(
 ) -> dict[str, dict[str, list[int]]]:
     """Memory of one steady-state CPU inference call, per model and input shape, under two measures:
     ``inference_rss_growth_bytes``, the peak resident-memory growth of the process, and
-    ``inference_live_peak_bytes``, the peak of live tensor memory (activations, workspaces, weight copies),
-    and ``inference_kept_weight_bytes``, the weight copies in oneDNN's layout kept between calls.
+    ``inference_live_peak_bytes``, the peak of live tensor memory (activations, workspaces, weight copies).
 
     Measured in a fresh process (one for all models: starting Python with torch is the slow
     part) whose allocator returns every large block to the system on free (glibc's mmap
     threshold pinned at 128 KiB): otherwise memory freed by an earlier call or model is
     reused unseen and the growth reads near zero. Linux only (needs the /proc peak-RSS reset).
     """
-    if not sys.platform.startswith("linux"):
-        raise MemoryUnavailable(f"RSS peak reset needs Linux /proc, this is {sys.platform}")
     job = io.BytesIO()
     shapes = [tuple(shape) for shape in input_shapes]
     torch.save(dict(models=dict(models), input_shapes=shapes, threads=threads or torch.get_num_threads()), job)
+    return _run_child("_measure_in_child", job.getvalue(), {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)})
+
+
+def _run_child(entry: str, job: bytes, env: Mapping[str, str]) -> dict:
+    """Run ``entry`` of this module in a fresh Python process on ``job`` (stdin); its JSON result (last line)."""
+    if not sys.platform.startswith("linux"):
+        raise MemoryUnavailable(f"RSS peak reset needs Linux /proc, this is {sys.platform}")
     child = subprocess.run(
-        [sys.executable, "-c", "from selecsls.bench.memory import _measure_in_child; _measure_in_child()"],
-        input=job.getvalue(),
+        [sys.executable, "-c", f"from selecsls.bench.memory import {entry}; {entry}()"],
+        input=job,
         capture_output=True,
         check=False,
-        env=os.environ | {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)},
+        env=os.environ | dict(env),
     )
     if child.returncode != 0:
         last_line = (child.stderr.decode(errors="replace").strip().splitlines() or ["no output"])[-1]
         raise MemoryUnavailable(f"RSS measuring process failed: {last_line}")
     return json.loads(child.stdout.decode().splitlines()[-1])
+
+
+#: The engines :func:`process_memory_bytes` serves a model on, as a user runs each: the model called
+#: eagerly, :func:`selecsls.freeze`'s snapshot (the original dropped), and the files ``selecsls export``
+#: writes (ONNX, OpenVINO IR) loaded by their runtimes.
+PROCESS_ENGINES = ("eager", "frozen", "onnxruntime", "openvino")
+#: Inference calls before the steady memory is read.
+PROCESS_CALLS = 3
+_EXPORT_FORMATS = {"onnxruntime": ("onnx", "model.onnx"), "openvino": ("openvino", "model.xml")}
+
+
+def _serve(engine: str, source: str, input_shape: Sequence[int], threads: int) -> Callable[[torch.Tensor], object]:
+    """In the measuring process: the model file ``source`` loaded and made ready to serve on ``engine``."""
+    if engine == "onnxruntime":
+        from selecsls.deploy.export import onnx_session, session_runner
+
+        return session_runner(onnx_session(source, threads))
+    if engine == "openvino":
+        from selecsls.deploy import openvino_ir
+
+        return openvino_ir.compiled_runner(openvino_ir.read_ir(source), threads)
+    model = torch.load(source, weights_only=False).eval()
+    if engine == "frozen":
+        return freeze(model)  # the original is dropped on return
+    return model
+
+
+def _process_memory_in_child() -> None:
+    """Entry point of one whole-process measurement: job as JSON on stdin, bytes as JSON on stdout.
+
+    The baseline is the RSS once torch and this package are imported (what ``import selecsls``
+    and any use of torch cost every engine alike); each figure is above it.
+    """
+    job = json.loads(sys.stdin.read())
+    torch.set_num_threads(job["threads"])
+    gc.collect()
+    baseline = _proc_status_kib("VmRSS")
+    _reset_peak()
+    run = _serve(job["engine"], job["source"], job["input_shape"], job["threads"])
+    gc.collect()
+    load_peak = _proc_status_kib("VmHWM")
+    _reset_peak()
+    images = torch.randn(*job["input_shape"])
+    with torch.inference_mode():
+        for _ in range(job["calls"]):
+            run(images)
+    result = dict(
+        load_peak=load_peak - baseline,
+        run_peak=_proc_status_kib("VmHWM") - baseline,
+        steady=_proc_status_kib("VmRSS") - baseline,
+    )
+    print(json.dumps({key: kib * 1024 for key, kib in result.items()}))
+
+
+def _model_file(model: nn.Module, engine: str, folder: str, input_shape: Sequence[int]) -> str:
+    """The file a user would serve ``model`` from on ``engine``: the pickled module, or its export."""
+    if engine not in _EXPORT_FORMATS:
+        path = os.path.join(folder, "model.pt")
+        if not os.path.exists(path):
+            torch.save(model, path)
+        return path
+    from selecsls.deploy.export import export_model
+
+    export_format, name = _EXPORT_FORMATS[engine]
+    path = os.path.join(folder, name)
+    export_model(model, path, export_format, input_size=tuple(input_shape[1:]))
+    return path
+
+
+def process_memory_bytes(
+    models: Mapping[str, nn.Module],
+    engines: Sequence[str] = PROCESS_ENGINES,
+    input_shape: Sequence[int] = (1, 3, 224, 224),
+    threads: int | None = None,
+    calls: int = PROCESS_CALLS,
+) -> dict[str, dict[str, dict[str, int]]]:
+    """Whole-process memory of serving each model on each engine, as a user sees it: per measure,
+    model and engine, bytes above a fresh process's RSS with torch and selecsls imported:
+
+    - ``process_load_peak_bytes``: the peak while loading the model file and readying the engine
+      (for ``frozen``: loading, then freezing; the original is dropped once frozen);
+    - ``process_run_peak_bytes``: the peak during ``calls`` inference calls on ``input_shape``, the
+      model ready (the load peak forgotten);
+    - ``process_steady_bytes``: the resident memory after those calls;
+    - ``weight_bytes`` (engine ``weights``): the model's parameters and buffers, for scale.
+
+    One fresh process per model and engine, the default allocator (as a user runs it); an engine
+    whose package is missing is left out and named in ``process_memory_skipped``. Linux only.
+    """
+    unknown = [engine for engine in engines if engine not in PROCESS_ENGINES]
+    if unknown:
+        raise ValueError(f"unknown engines {unknown}; choose from {', '.join(PROCESS_ENGINES)}")
+    threads = threads or torch.get_num_threads()
+    measures = ("process_load_peak_bytes", "process_run_peak_bytes", "process_steady_bytes")
+    result: dict[str, dict] = {measure: {} for measure in (*measures, "weight_bytes")}
+    skipped: dict[str, str] = {}
+    for name, model in models.items():
+        tensors = itertools.chain(model.parameters(), model.buffers())
+        result["weight_bytes"][name] = {"weights": sum(t.numel() * t.element_size() for t in tensors)}
+        with tempfile.TemporaryDirectory(prefix="selecsls-memory-") as folder:
+            for engine in engines:
+                try:
+                    source = _model_file(model, engine, folder, input_shape)
+                except ImportError as exc:  # the engine's optional package (its extra is named)
+                    skipped[engine] = str(exc).strip().splitlines()[0]
+                    continue
+                job = dict(engine=engine, source=source, input_shape=list(input_shape), threads=threads, calls=calls)
+                measured = _run_child("_process_memory_in_child", json.dumps(job).encode(), {})
+                for key, measure in zip(("load_peak", "run_peak", "steady"), measures):
+                    result[measure].setdefault(name, {})[engine] = measured[key]
+    if skipped:
+        result["process_memory_skipped"] = skipped
+    return result

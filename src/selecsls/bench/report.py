@@ -14,10 +14,10 @@ from collections.abc import Sequence
 
 from selecsls._io import atomic_path, atomic_write
 from selecsls._optional import require
+from selecsls.bench.reliability import advice, assess, row_key
 from selecsls.bench.runner import size_label
-from selecsls.models.conv import EVAL_CONV_MARGIN
 
-__all__ = ["format_report", "write_json", "write_plot"]
+__all__ = ["format_report", "plot_figure", "write_json", "write_plot"]
 
 MIB = 2**20
 # Memory measures in the result, with their table titles.
@@ -27,7 +27,12 @@ MEMORY_MEASURES = {
     "inference_rss_growth_bytes": "Peak process RSS growth of one steady-state CPU inference call",
     "inference_live_peak_bytes": "Peak live tensor memory of one steady-state CPU inference call "
     "(activations, workspaces, per-call weight copies)",
-    "inference_kept_weight_bytes": "Weights kept in oneDNN's layout between CPU inference calls (eager SelecSLS)",
+    "weight_bytes": "Weights (parameters and buffers)",
+    "process_load_peak_bytes": "Whole process serving the model (above a fresh process with torch and selecsls "
+    "imported), peak while loading the model file and readying the engine",
+    "process_run_peak_bytes": "Whole process, peak during 3 batch-1 calls at the first --memory-sizes size, the "
+    "model ready (the original dropped)",
+    "process_steady_bytes": "Whole process, resident memory after those 3 calls",
 }
 
 
@@ -56,10 +61,16 @@ def _machine_line(result: dict) -> str:
     )
 
 
-def _latency_table(result: dict) -> str:
-    """Medians (IQR) per model and backend; speed-up vs the reference's eager run and, with several
-    backends, vs the reference on the same backend (equal footing: same runtime and precision)."""
-    records = {(r["model"], r["backend"], r["batch"], r["height"], r["width"]): r for r in result["latency"]}
+def _row_label(row: dict) -> str:
+    """'resnet50 eager b1 224px': one latency row of one cell."""
+    return f"{row['model']} {row['backend']} b{row['batch']} {size_label(row['height'], row['width'])}px"
+
+
+def _latency_table(result: dict, unreliable: set[tuple]) -> str:
+    """Medians (IQR) per model and backend, ``!`` after the ``unreliable`` ones; speed-up vs the reference's
+    eager run and, with several backends, vs the reference on the same backend (equal footing: same runtime
+    and precision)."""
+    records = {row_key(r): r for r in result["latency"]}
     cells = list(dict.fromkeys(key[2:] for key in records))
     several_backends = len(result["settings"]["backends"]) > 1
     reference = result["reference"]
@@ -78,7 +89,8 @@ def _latency_table(result: dict) -> str:
                 continue
             median, iqr = record["summary"]["median"], record["summary"]["iqr"]
             row += [
-                f"{median * 1e3:.1f} ({iqr * 1e3:.1f})",
+                f"{median * 1e3:.1f} ({iqr * 1e3:.1f})"
+                + (" !" if (model, backend, batch, height, width) in unreliable else ""),
                 _ratio(reference_median("eager", batch, height, width), median, "x"),
             ]
             if several_backends:
@@ -119,29 +131,16 @@ def _best_table(result: dict) -> str:
     return _table(header, table)
 
 
-def _conv_choice_lines(result: dict) -> str:
-    """What eager ``model(x)`` ran for each large SelecSLS conv (``SmallMapConv2d.eval_algorithm``)."""
-    algorithm = result["eval_conv_algorithm"]
-    if algorithm != "auto":
-        return f"Eager SelecSLS convs: SELECSLS_CONV_ALGORITHM={algorithm} (see `selecsls info selecsls42b`)."
-    lines = [
-        f"  {model} {conv}: " + "; ".join(f"{key} {choice}" for key, choice in per_input.items())
-        for model, per_conv in result["eval_conv_choices"].items()
-        for conv, per_input in per_conv.items()
-    ]
-    return (
-        "Eager SelecSLS convs (SELECSLS_CONV_ALGORITHM=auto; conv turns it off): oneDNN's conv on weights kept in "
-        "its layout; the large ones that or the exact im2col matmul, whichever the first call timed faster "
-        f"(with autograd recording: the plain conv only when {EVAL_CONV_MARGIN:g}x faster):\n"
-        + "\n".join(lines or ["  none timed"])
-    )
+def _giga(macs: int | None) -> str:
+    """MACs in billions; '-' at a size a model was not counted at (a compiled package has one size)."""
+    return "-" if macs is None else f"{macs / 1e9:.2f}"
 
 
 def _models_table(result: dict) -> str:
     sizes = list(dict.fromkeys(size for info in result["models"].values() for size in info["macs_per_image"]))
     header = ["model", "params (M)", *(f"GMACs {size}px" for size in sizes)]
     rows = [
-        [name, f"{info['params'] / 1e6:.2f}", *(f"{info['macs_per_image'][size] / 1e9:.2f}" for size in sizes)]
+        [name, f"{info['params'] / 1e6:.2f}", *(_giga(info["macs_per_image"].get(size)) for size in sizes)]
         for name, info in result["models"].items()
     ]
     return _table(header, rows)
@@ -162,13 +161,18 @@ def _memory_table(measure: str, values: dict[str, dict[str, int]], reference: st
 
 
 def format_report(result: dict) -> str:
-    """The terminal report: machine, models, latency with speed-ups, memory with fractions."""
+    """The terminal report: machine, models, latency with speed-ups, memory with fractions, and last
+    whether the timings can be trusted (:mod:`selecsls.bench.reliability`)."""
+    reliability = assess(result)
+    unreliable = {row_key(row) for row in reliability["unreliable"]}
     parts = [
         _machine_line(result),
         _models_table(result),
         "Latency, median of interleaved rounds in ms (inter-quartile range); speed-up vs "
-        f"{result['reference']} at the same batch and size:\n" + _latency_table(result),
-        _conv_choice_lines(result),
+        f"{result['reference']} at the same batch and size"
+        + ("; ! marks an unreliable row (see the end)" if unreliable else "")
+        + ":\n"
+        + _latency_table(result, unreliable),
     ]
     if len(result["settings"]["backends"]) > 1 and result.get("best_vs_best"):
         parts.append(
@@ -181,12 +185,16 @@ def format_report(result: dict) -> str:
     ]
     if "skipped" in memory:
         parts.append(f"memory measure skipped: {memory['skipped']}")
+    for engine, reason in memory.get("process_memory_skipped", {}).items():
+        parts.append(f"whole-process memory on {engine} skipped: {reason}")
+    parts.append(advice(reliability, _row_label))
     return "\n\n".join(parts)
 
 
 def write_json(result: dict, path: str | os.PathLike) -> None:
+    """The result with its reliability assessment (which rows to distrust, and why)."""
     with atomic_write(path, "w") as handle:
-        json.dump(result, handle, indent=1)
+        json.dump({**result, "reliability": assess(result)}, handle, indent=1)
         handle.write("\n")
 
 
@@ -199,35 +207,50 @@ def _grouped_bars(axes, groups: list[str], series: dict[str, list[float]]) -> No
     axes.legend(fontsize="small")
 
 
-def write_plot(result: dict, path: str | os.PathLike) -> None:
-    """Eager median latency vs image size per model (one line style per batch size); with several
-    backends, best-vs-best frames/s per shape and precision; saved-activation memory per model."""
+def _plot_latency(axes, result: dict, unreliable: set[tuple]) -> None:
+    """Eager time per image (median batch latency / batch, so batch 16 shares the axis) vs image size, one
+    line per model and batch with IQR error bars; unreliable points ringed red; the legend below the axes."""
+    eager = [r for r in result["latency"] if r["backend"] == "eager" and r["status"] == "ok"]
+    batches = sorted({r["batch"] for r in eager})
+    styles = ["-o", "--s", ":^", "-.v"]
+    flagged = []
+    for index, model in enumerate(result["models"]):
+        for batch, style in zip(batches, styles * len(batches)):
+            rows = sorted(
+                (r for r in eager if r["model"] == model and r["batch"] == batch),
+                key=lambda r: r["height"] * r["width"],
+            )
+            if not rows:
+                continue
+            sides = [(r["height"] * r["width"]) ** 0.5 for r in rows]
+            median, q1, q3 = ([r["summary"][q] * 1e3 / batch for r in rows] for q in ("median", "q1", "q3"))
+            spread = [[m - low for m, low in zip(median, q1)], [high - m for m, high in zip(median, q3)]]
+            axes.errorbar(
+                sides, median, spread, fmt=style, color=f"C{index % 10}", capsize=3, label=f"{model} b{batch}"
+            )
+            flagged += [(side, m) for side, m, r in zip(sides, median, rows) if row_key(r) in unreliable]
+    if flagged:
+        axes.plot(*zip(*flagged), "o", ms=14, mfc="none", mec="red", mew=1.5, label="unreliable (see the report)")
+    axes.set(
+        xlabel="image size, sqrt(height x width) (px)",
+        ylabel="ms per image (median batch latency / batch)",
+        yscale="log",
+        title="Eager inference time per image (bars: IQR)",
+    )
+    if axes.lines:  # eager may not be among the timed backends
+        axes.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2)
+
+
+def plot_figure(result: dict):
+    """The benchmark figure: eager time per image vs image size per model and batch; with several backends,
+    best-vs-best frames/s per shape and precision; saved-activation memory per model."""
     require("matplotlib", "to plot benchmark results").use("Agg")
     plt = require("matplotlib.pyplot", "to plot benchmark results")
 
     show_best = len(result["settings"]["backends"]) > 1 and bool(result.get("best_vs_best"))
-    figure, axes = plt.subplots(1, 3 if show_best else 2, figsize=(18 if show_best else 12, 4.5))
-    latency_axes, memory_axes = axes[0], axes[-1]
-    eager = [r for r in result["latency"] if r["backend"] == "eager" and r["status"] == "ok"]
-    batches = sorted({r["batch"] for r in eager})
-    styles = ["-o", "--s", ":^", "-.v"]
-    for index, model in enumerate(result["models"]):
-        for batch, style in zip(batches, styles * len(batches)):
-            points = sorted(
-                ((r["height"] * r["width"]) ** 0.5, r["summary"]["median"] * 1e3)
-                for r in eager
-                if r["model"] == model and r["batch"] == batch
-            )
-            if points:
-                latency_axes.plot(*zip(*points), style, color=f"C{index % 10}", label=f"{model} b{batch}")
-    latency_axes.set(
-        xlabel="image size, sqrt(height x width) (px)",
-        ylabel="median latency (ms)",
-        yscale="log",
-        title="Eager inference latency",
-    )
-    if latency_axes.lines:  # eager may not be among the timed backends
-        latency_axes.legend(fontsize="small")
+    figure, axes = plt.subplots(1, 3 if show_best else 2, figsize=(18 if show_best else 12, 6))
+    memory_axes = axes[-1]
+    _plot_latency(axes[0], result, {row_key(row) for row in assess(result)["unreliable"]})
 
     if show_best:
         best = result["best_vs_best"]
@@ -252,6 +275,12 @@ def write_plot(result: dict, path: str | os.PathLike) -> None:
     )
     memory_axes.set(ylabel="MiB", yscale="log", title="Activations saved for backward")
     figure.tight_layout()
+    return figure
+
+
+def write_plot(result: dict, path: str | os.PathLike) -> None:
+    """:func:`plot_figure` as a PNG."""
+    figure = plot_figure(result)
     with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png", dpi=120)
-    plt.close(figure)
+    require("matplotlib.pyplot", "to plot benchmark results").close(figure)

@@ -26,14 +26,17 @@ from torch import nn
 
 from selecsls._timing import Clock, time_interleaved, wall_clock
 from selecsls.bench.memory import (
+    PROCESS_ENGINES,
     MemoryUnavailable,
     cuda_training_peak_bytes,
     inference_memory_bytes,
+    process_memory_bytes,
     saved_tensor_bytes,
 )
+from selecsls.bench.reliability import load_average
+from selecsls.deploy.aoti import PackagedModel, load_package
 from selecsls.deploy.backends import BACKENDS, BackendUnavailable, predict_backends
 from selecsls.models.complexity import count_macs, count_params
-from selecsls.models.conv import SmallMapConv2d, eval_conv_choices
 from selecsls.models.factory import create_model, list_models
 from selecsls.models.files import MODEL_FILE_SUFFIXES
 from selecsls.models.loading import load
@@ -71,6 +74,8 @@ PRESETS = {
 MEMORY_SHAPES = ((1, 224, 224), (8, 512, 512))
 # Inference memory (RSS growth, live tensor peak) where the published batch-1 claim applies.
 INFERENCE_MEMORY_SHAPES = ((1, 224, 224), (1, 320, 512))
+#: A ``--models`` entry ending so is an AOTInductor package (``selecsls export --format aoti``), timed as compiled.
+PACKAGE_SUFFIX = ".pt2"
 
 
 def summarize(samples: Sequence[float]) -> dict[str, float]:
@@ -142,6 +147,8 @@ class BenchSettings:
     repeats: int = 7
     memory_shapes: tuple[tuple[int, int, int], ...] = field(default=MEMORY_SHAPES)
     inference_memory_shapes: tuple[tuple[int, int, int], ...] = field(default=INFERENCE_MEMORY_SHAPES)
+    #: Engines whose whole-process memory is measured (CPU, at the first inference memory shape; none: skipped).
+    process_memory_engines: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         known = list_models(baselines=True)
@@ -149,7 +156,7 @@ class BenchSettings:
         if unknown or not self.models:
             raise ValueError(
                 f"unknown or no models {unknown}; choose from {', '.join(known)}, or name model files "
-                f"({', '.join(MODEL_FILE_SUFFIXES)})"
+                f"({', '.join((*MODEL_FILE_SUFFIXES, PACKAGE_SUFFIX))})"
             )
         missing = [m for m in self.models if is_model_file(m) and not os.path.isfile(m)]
         if missing:
@@ -168,6 +175,9 @@ class BenchSettings:
         for batch, height, width in self.shapes:
             for side in {height, width}:
                 check_img_size(side, "image size", batch, batch_name="--batch-sizes")
+        unknown = [e for e in self.process_memory_engines if e not in PROCESS_ENGINES]
+        if unknown:
+            raise ValueError(f"unknown process memory engines {unknown}; choose from {', '.join(PROCESS_ENGINES)}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
         if self.warmup < 0 or self.repeats < 1:
@@ -189,7 +199,7 @@ def machine_description(device: str) -> dict[str, object]:
         device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
         cuda=torch.version.cuda if device == "cuda" else None,
         cudnn=torch.backends.cudnn.version() if device == "cuda" else None,
-        load_average=os.getloadavg() if hasattr(os, "getloadavg") else None,
+        load_average=load_average(),
         time=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     )
 
@@ -214,6 +224,8 @@ def _time_cell(models: Mapping[str, nn.Module], shape: tuple[int, int, int], set
         for backend in settings.backends:
             record = dict(model=model_name, backend=backend, batch=batch, height=height, width=width)
             try:
+                if isinstance(model, PackagedModel):
+                    model.check_runnable(backend, example)
                 calls[(model_name, backend)] = _inference(
                     BACKENDS[backend](model, example), settings.device, settings.amp
                 )
@@ -238,7 +250,11 @@ def _time_cell(models: Mapping[str, nn.Module], shape: tuple[int, int, int], set
 
 
 def _model_info(model: nn.Module, settings: BenchSettings) -> dict[str, object]:
-    """Implementation, parameters and MACs per image at each benchmarked size (counted on meta: free)."""
+    """Implementation, parameters and MACs per image at each benchmarked size (counted on meta: free;
+    a compiled package's were counted when it was exported, at its one size)."""
+    if isinstance(model, PackagedModel):
+        macs = {size_label(*model.image_shape[1:]): model.macs}
+        return dict(implementation=f"AOTInductor package {model.source}", params=model.params, macs_per_image=macs)
     meta = copy.deepcopy(model).to("meta")
     return dict(
         implementation=f"{type(model).__module__}.{type(model).__qualname__}",
@@ -252,7 +268,10 @@ def _model_info(model: nn.Module, settings: BenchSettings) -> dict[str, object]:
 
 def _memory(models: Mapping[str, nn.Module], settings: BenchSettings) -> dict[str, object]:
     """Saved activations (exact) at the memory shapes; CUDA training peak, or CPU inference RSS growth
-    and live tensor peak at the inference memory shapes."""
+    and live tensor peak at the inference memory shapes, and the whole-process memory of serving each
+    model on ``process_memory_engines`` at the first. Not of compiled packages: they run at one size, and
+    never train."""
+    models = {name: model for name, model in models.items() if not isinstance(model, PackagedModel)}
     memory: dict[str, object] = {
         "saved_tensor_bytes": {
             name: {shape_key(b, h, w): saved_tensor_bytes(model, (b, 3, h, w)) for b, h, w in settings.memory_shapes}
@@ -276,6 +295,11 @@ def _memory(models: Mapping[str, nn.Module], settings: BenchSettings) -> dict[st
                     name: {shape_key(*cell): value for cell, value in zip(cells, values)}
                     for name, values in per_model.items()
                 }
+            if settings.process_memory_engines:
+                batch, height, width = cells[0]
+                memory |= process_memory_bytes(
+                    models, settings.process_memory_engines, (batch, 3, height, width), settings.threads
+                )
     except MemoryUnavailable as exc:
         memory["skipped"] = str(exc)
     return memory
@@ -295,15 +319,16 @@ def _benchmark_mode(settings: BenchSettings) -> Iterator[None]:
 
 
 def is_model_file(entry: str) -> bool:
-    """Whether a ``--models`` entry names a model file (a trained or pruned network) rather than a name."""
-    return entry.endswith(MODEL_FILE_SUFFIXES)
+    """Whether a ``--models`` entry names a model file (a trained or pruned network, or an AOTInductor
+    package) rather than a name."""
+    return entry.endswith((*MODEL_FILE_SUFFIXES, PACKAGE_SUFFIX))
 
 
 def _bench_model(entry: str) -> nn.Module:
     """A network by name, or the one a model file holds (which must take RGB images, as the bench feeds)."""
     if not is_model_file(entry):
         return create_model(entry)
-    model = load(entry)
+    model = load_package(entry) if entry.endswith(PACKAGE_SUFFIX) else load(entry)
     if model.card.in_chans != 3:
         raise ValueError(f"{entry} takes {model.card.in_chans} input channel(s); the bench feeds RGB images")
     return model
@@ -328,14 +353,12 @@ def run_benchmark(settings: BenchSettings, log: Callable[[str], None] = lambda m
                 f"timing batch {batch} at {width}x{height} (width x height): "
                 f"{settings.warmup} warm-up + {settings.repeats} interleaved rounds"
             )
-            result["latency"] += _time_cell(models, (batch, height, width), settings)
+            cell, load = _time_cell(models, (batch, height, width), settings), load_average()
+            result["latency"] += [{**record, "load_average": load} for record in cell]  # read by bench.reliability
         result["best_vs_best"] = best_vs_best(result)
-        # The eager runner is the model itself: what its large convs chose is what model(x) runs.
-        result["eval_conv_algorithm"] = SmallMapConv2d.eval_algorithm
-        result["eval_conv_choices"] = {name: eval_conv_choices(model) for name, model in models.items()}
         log("measuring memory")
         result["memory"] = _memory(models, settings)
-        result["machine"]["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+        result["machine"]["load_average_end"] = load_average()
     return result
 
 

@@ -8,6 +8,10 @@ import sys
 from selecsls._io import check_output
 from selecsls.deploy.backends import BACKENDS, device_backends
 
+#: What ``--process-memory`` accepts (``selecsls.bench.memory.PROCESS_ENGINES``; named here so the
+#: parser imports no torch).
+PROCESS_ENGINES = ("eager", "frozen", "onnxruntime", "openvino")
+
 
 def _int_list(text: str) -> tuple[int, ...]:
     try:
@@ -44,8 +48,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="latency, memory and MACs of SelecSLS vs ResNet-50 and VoVNet-39, as ratios to ResNet-50",
         description=(
             "Quick default (a few minutes on 2 CPU cores): selecsls42b, selecsls60, resnet50, vovnet39 at "
-            "224px and 512px batch 1 and 224px batch 16, eager fp32. Models are timed round-robin so "
-            "machine drift hits all alike; medians and inter-quartile ranges are reported."
+            "224px and 512px batch 1 and 224px batch 16, eager and frozen (selecsls.freeze; CPU), fp32. Models "
+            "are timed round-robin so machine drift hits all alike; medians and inter-quartile ranges are reported."
         ),
     )
     preset = p.add_mutually_exclusive_group()
@@ -60,7 +64,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--models",
         type=_name_list,
         help="comma-separated SelecSLS variants, baselines (resnet50, vovnet39) or model files (.pt, .pth, "
-        ".safetensors: a trained or pruned network, timed as saved)",
+        ".safetensors: a trained or pruned network, timed as saved; .pt2: an AOTInductor package from "
+        "selecsls export, timed as compiled, in the eager row at its one size)",
     )
     p.add_argument(
         "--sizes",
@@ -79,8 +84,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--backends",
         type=_name_list,
-        help="comma-separated: " + ", ".join(BACKENDS) + " (default eager; with --realtime every one that can run). "
-        "eager, plain model.eval()(x), is always timed and reported first",
+        help="comma-separated: " + ", ".join(BACKENDS) + " (default eager and, on the CPU, frozen; with --realtime "
+        "every one that can run). eager, plain model.eval()(x), is always timed and reported first, frozen "
+        "(selecsls.freeze) next on the CPU",
+    )
+    p.add_argument(
+        "--process-memory",
+        type=_name_list,
+        metavar="ENGINES",
+        help="CPU: engines whose whole-process memory (peak while loading, peak over 3 calls, steady) is measured, "
+        "one fresh process each, at the first --memory-sizes size: " + ", ".join(PROCESS_ENGINES) + " or none "
+        "(default: eager and frozen, and onnxruntime / openvino when among --backends)",
     )
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice, printed)")
@@ -103,9 +117,15 @@ def run_bench(args: argparse.Namespace) -> int:
     for suffix in (".json", ".png"):
         check_output(f"{args.output}{suffix}")
     preset = "full" if args.full else "realtime" if args.realtime else "quick"
-    backends = args.backends or (tuple(device_backends(args.device)) if args.realtime else ("eager",))
-    # What a newcomer's model(x) gives comes first, and every speed-up is against resnet50's eager run.
-    backends = ("eager", *(name for name in backends if name != "eager"))
+    backends = args.backends or (tuple(device_backends(args.device)) if args.realtime else ())
+    # What a newcomer's model(x) gives comes first, then (CPU) the frozen model predict and eval run;
+    # every speed-up is against resnet50's eager run.
+    first = ("eager", "frozen") if args.device == "cpu" else ("eager",)
+    backends = (*first, *(name for name in backends if name not in first))
+    if args.process_memory is None:
+        engines = tuple(e for e in PROCESS_ENGINES if e in backends) if args.device == "cpu" else ()
+    else:
+        engines = () if args.process_memory == ("none",) else args.process_memory
     memory_shapes = tuple((1, *size) for size in args.memory_sizes) if args.memory_sizes else INFERENCE_MEMORY_SHAPES
     settings = BenchSettings(
         models=QUICK_MODELS if args.models is None else args.models,
@@ -117,6 +137,7 @@ def run_bench(args: argparse.Namespace) -> int:
         warmup=args.warmup,
         repeats=args.repeats,
         inference_memory_shapes=memory_shapes,
+        process_memory_engines=engines,
     )
     result = run_benchmark(settings, log=lambda message: print(message, file=sys.stderr, flush=True))
     print(format_report(result))

@@ -1,33 +1,51 @@
-"""``selecsls export`` (ONNX / TorchScript / OpenVINO / int8, checked) and ``selecsls predict`` (top-k on image
+"""``selecsls export`` (ONNX / AOTInductor / OpenVINO / int8, checked) and ``selecsls predict`` (top-k on image
 files, or the frame rate of the whole pipeline)."""
 
 from __future__ import annotations
 
 import argparse
+import json
+from dataclasses import asdict
 from pathlib import Path
 
-from selecsls._io import check_output
+from selecsls._io import atomic_write, check_output
 from selecsls.cli import CLIError
 from selecsls.deploy.backends import predict_backends
 
 #: Files ``selecsls predict --checkpoint`` runs as exported graphs, by suffix, with the backend that runs them.
-EXPORTED_SUFFIXES = {".onnx": "onnxruntime", ".xml": "openvino"}
+EXPORTED_SUFFIXES = {".onnx": "onnxruntime", ".xml": "openvino", ".pt2": "aoti"}
+#: What ``--format`` writes, and the suffix ``--output`` must have where predict tells files apart by it.
+EXPORT_SUFFIXES = {"onnx": None, "aoti": ".pt2", "openvino": ".xml"}
+
+
+def _export_format(text: str) -> str:
+    """``--format``; TorchScript, dropped, is named with what replaces it."""
+    if text == "torchscript":
+        raise argparse.ArgumentTypeError(
+            "TorchScript export was dropped (PyTorch deprecates TorchScript): use --format aoti, a .pt2 package "
+            "that PyTorch runs without the model's code"
+        )
+    return text
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "export",
-        help="export a checkpoint to ONNX, frozen TorchScript or an OpenVINO IR, checked against PyTorch",
+        help="export a checkpoint to ONNX, an AOTInductor package (.pt2) or an OpenVINO IR, checked against PyTorch",
         description="Export a model and verify the file: it is run on random inputs (and on --images) and must "
-        "match PyTorch within 1e-4 relative, or nothing is written.",
+        "match PyTorch within 1e-4 relative (an aoti package: 1e-5), or nothing is written.",
     )
     p.add_argument("checkpoint", help="any checkpoint: selecsls.save / training / pruned files, or a state dict")
     p.add_argument("--model", help="variant name, needed only for a state dict whose shapes fit several variants")
-    p.add_argument("--format", choices=("onnx", "torchscript", "openvino"), required=True)
+    p.add_argument("--format", type=_export_format, choices=tuple(EXPORT_SUFFIXES), required=True)
     p.add_argument(
+        "--output",
         "--out",
+        dest="out",
         required=True,
-        help="file to write (atomically, only once the check passed); openvino: NAME.xml, with NAME.bin beside it",
+        metavar="FILE",
+        help="file to write (atomically, only once the check passed); aoti: NAME.pt2; openvino: NAME.xml, "
+        "with NAME.bin beside it",
     )
     p.add_argument("--fuse", action="store_true", help="fold BatchNorm into the convolutions first")
     p.add_argument(
@@ -56,6 +74,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--eval-images", type=int, default=1000, help="validation images scored fp32 vs int8 (default 1000)")
     p.add_argument("--max-drop", type=float, metavar="POINTS", help="fail if int8 loses more top-1 points than this")
+    p.add_argument(
+        "--json-out",
+        metavar="FILE",
+        help="also write the checks (and with --int8 the fp32 vs int8 accuracy) as JSON to FILE (atomically)",
+    )
     p.set_defaults(func=run_export)
 
     p = subparsers.add_parser(
@@ -64,7 +87,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("images", nargs="*", metavar="IMAGE")
     p.add_argument(
         "--checkpoint",
-        help="checkpoint, or a .onnx / OpenVINO .xml file from `selecsls export` "
+        help="checkpoint, or a .onnx / OpenVINO .xml / AOTInductor .pt2 file from `selecsls export` "
         "(default: published weights of --model)",
     )
     p.add_argument("--model", help="variant name (with no --checkpoint: its published ImageNet weights)")
@@ -73,8 +96,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--backend",
         choices=("auto", *predict_backends()),
         default="auto",
-        help="inference path; auto takes the fastest correct one (onnxruntime, else fused: BN folded; "
-        "channels-last too for networks other than SelecSLS)",
+        help="inference path; auto runs the model frozen (selecsls.freeze: BN folded, weights packed once; eager "
+        "for a network it cannot trace); eager runs model.eval()(x) as loaded",
     )
     p.add_argument(
         "--benchmark",
@@ -89,26 +112,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _check_export_args(args: argparse.Namespace) -> None:
-    from selecsls.models.validation import check_img_size, check_int, check_number
+    from selecsls.models.validation import check_img_size, check_int, check_number, check_threshold
 
     if args.img_size is not None:
         check_img_size(args.img_size)
     if args.prune is not None:
-        check_number("--prune", args.prune, 0.0)
+        check_threshold("--prune", args.prune)
     if args.max_drop is not None:
         check_number("--max-drop", args.max_drop, 0.0)
     check_int("--calibration-images", args.calibration_images)
     check_int("--eval-images", args.eval_images)
-    if args.int8 and args.format == "torchscript":
+    if args.int8 and args.format == "aoti":
         raise CLIError("--int8 produces an ONNX model or an OpenVINO IR: use --format onnx or --format openvino")
     if args.int8 and not args.calibration:
         raise CLIError("--int8 needs --calibration DATA: real images to calibrate on and to measure the accuracy drop")
     if args.calibration and not args.int8:
         raise CLIError("--calibration is for --int8 only")
-    if args.dynamic and args.format == "torchscript":
-        raise CLIError("--dynamic applies to ONNX and OpenVINO: TorchScript already accepts any batch and image size")
-    if args.format == "openvino" and not args.out.endswith(".xml"):
-        raise CLIError(f"--format openvino writes NAME.xml and NAME.bin: give --out ending in .xml, got {args.out}")
+    if args.dynamic and args.format == "aoti":
+        raise CLIError("--dynamic applies to ONNX and OpenVINO: an AOTInductor package is compiled for one image size")
+    suffix = EXPORT_SUFFIXES[args.format]
+    if suffix and not args.out.endswith(suffix):
+        written = "NAME.xml and NAME.bin" if args.format == "openvino" else f"a {suffix} package"
+        raise CLIError(f"--format {args.format} writes {written}: give --output ending in {suffix}, got {args.out}")
     _require_files(args.images)
 
 
@@ -140,6 +165,8 @@ def _prepare_model(args: argparse.Namespace):
 def run_export(args: argparse.Namespace) -> int:
     _check_export_args(args)
     check_output(args.out, [args.checkpoint, *args.images])
+    if args.json_out:
+        check_output(args.json_out, [args.checkpoint, *args.images, args.out])
     from selecsls.data.transforms import eval_transform_for
     from selecsls.deploy.export import export_model
     from selecsls.deploy.inference import load_images
@@ -173,6 +200,10 @@ def run_export(args: argparse.Namespace) -> int:
         print(f"  {check}")
     if args.int8:
         print(f"int8 vs fp32: {comparison}")
+    if args.json_out:
+        result = {"checks": [str(check) for check in checks], "int8": asdict(comparison) if args.int8 else None}
+        with atomic_write(args.json_out, "w") as handle:
+            handle.write(json.dumps(result, indent=1) + "\n")
     written = f"{args.out} and {Path(args.out).with_suffix('.bin')}" if args.format == "openvino" else args.out
     print(f"wrote {written}")
     return 0
@@ -185,16 +216,16 @@ def _int8_data(args: argparse.Namespace, model, transform):
     """
     import torch
 
-    from selecsls.data.datasets import TransformedDataset, balanced_subset, build_dataset, build_loader
+    from selecsls.data.batching import TransformedDataset, balanced_subset, build_loader
+    from selecsls.data.datasets import build_dataset
     from selecsls.train.evaluation import VAL_SUBSET_SEED, validation_data
 
     def loader(dataset, count: int):
         indices = balanced_subset(dataset.targets, count, VAL_SUBSET_SEED)
         return build_loader(TransformedDataset(dataset, transform), indices, batch_size=64, workers=0)
 
-    calibration = torch.cat(
-        [batch.images for batch in loader(build_dataset(args.calibration, "train"), args.calibration_images)]
-    )
+    images = build_dataset(args.calibration, "train", label_gaps=True)  # calibration reads images only
+    calibration = torch.cat([batch.images for batch in loader(images, args.calibration_images)])
     return calibration, loader(validation_data(args.calibration, model), args.eval_images)
 
 
@@ -233,7 +264,8 @@ def _predict_images(args: argparse.Namespace) -> list[str]:
         if not any(Path(image).is_file() for image in args.images):
             _require_files(args.images)  # nothing to predict: fail before loading the model
         return args.images
-    from selecsls.data.datasets import IMAGE_EXTENSIONS, image_files
+    from selecsls.data.folders import image_files
+    from selecsls.data.images import IMAGE_EXTENSIONS
 
     if args.images:
         raise CLIError("--benchmark takes its images from FOLDER: drop the IMAGE arguments")

@@ -36,7 +36,7 @@ def run_models(args: argparse.Namespace) -> int:
 
 
 def run_info(args: argparse.Namespace) -> int:
-    from selecsls import get_spec
+    from selecsls import create_model, get_spec
     from selecsls.models.files import MODEL_FILE_SUFFIXES
 
     if args.name.endswith(MODEL_FILE_SUFFIXES) or Path(args.name).is_file():
@@ -45,26 +45,35 @@ def run_info(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(spec.to_dict(), indent=2))
     else:
-        _print_spec(spec)
+        _print_spec(spec, create_model(spec))
     return 0
 
 
 def _file_info(path: str, as_json: bool) -> int:
-    """What the model file at ``path`` holds, whether its content is verified against its hash and its spec."""
+    """What the model file at ``path`` holds, whether its content is verified against its hash and its spec.
+
+    The file passes the checks ``eval`` makes (the loading pipeline, the model built and its weights loaded), so
+    info never describes a model that does not load."""
     from selecsls._io import printable
+    from selecsls.models.complexity import count_params
     from selecsls.models.files import read_model_file
     from selecsls.models.layouts import fitting_variants
+    from selecsls.models.loading import card_for, materialize
     from selecsls.models.spec import ModelSpec
 
     file = read_model_file(path)  # a damaged file fails here: "file is damaged: ..."
     card = file.card
+    fits = fitting_variants(file.state) if card is None else []
+    model = materialize(card_for(file), file) if card is not None or fits else None
     spec = card.architecture if card is not None and isinstance(card.architecture, ModelSpec) else None
     if card is None:
-        fits = fitting_variants(file.state)
         what = f"a state dict without a model card; its shapes fit {', '.join(fits) or 'no published variant'}"
     else:
         size = "x".join(map(str, card.preprocessing.input_size))
         what = f"{card.name}, {card.num_classes} classes, input {size}{', BN-fused' if file.fused else ''}"
+    params = None if model is None else count_params(model)
+    if params is not None:
+        what += f", {params:,} parameters"
     if file.content_hash is None:
         content = (
             "unverified (it carries no content hash: written by another tool or by selecsls 0.1, so damage "
@@ -73,22 +82,22 @@ def _file_info(path: str, as_json: bool) -> int:
     else:
         content = f"verified (sha256 {file.content_hash})"
     if as_json:
-        facts = dict(file=path, model=what, verified=file.content_hash is not None, sha256=file.content_hash)
+        facts = dict(
+            file=path, model=what, params=params, verified=file.content_hash is not None, sha256=file.content_hash
+        )
         print(json.dumps({**facts, "spec": spec.to_dict() if spec else None}, indent=2))
         return 0
     print(f"{printable(path)}: {what}")
     print(f"content: {content}")
     if spec is not None:
-        _print_spec(spec)
+        _print_spec(spec, model)
     return 0
 
 
-def _print_spec(spec) -> None:
-    """The convs, feature levels and eval-mode conv algorithm of the network ``spec`` describes."""
-    from selecsls import create_model
-    from selecsls.models.conv import EVAL_ALGORITHM_ENV, EVAL_ALGORITHMS, EVAL_CONV_MARGIN, SmallMapConv2d
+def _print_spec(spec, model) -> None:
+    """The convs, feature levels and eval-mode conv algorithm of ``model``, the network ``spec`` describes."""
+    from selecsls.models.conv import SmallMapConv2d
 
-    model = create_model(spec)
     print(
         f"{spec.name}: stem {spec.stem_chs}, {len(spec.blocks)} blocks in {len(spec.stages())} stages, "
         f"{len(spec.head)} head convs, {spec.num_features} features"
@@ -99,18 +108,13 @@ def _print_spec(spec) -> None:
     print("feature levels (features_only=True):")
     for level, info in enumerate(model.feature_info):
         print(f"  {level}: {info['module']:<12} {info['num_chs']:>5} channels, stride {info['reduction']}")
-    large = [name for name, m in model.named_modules() if isinstance(m, SmallMapConv2d) and m.large()]
-    algorithm = SmallMapConv2d.eval_algorithm
-    kept = "oneDNN's conv on its weight kept in oneDNN's layout (made on the first call after eval())"
-    how = {
-        "auto": f"every conv runs {kept}; {', '.join(large) or 'no conv'} that or an exact im2col matmul, whichever "
-        "their first call per input shape times faster",
-        "packed": f"every conv runs {kept}",
-        "matmul": f"{', '.join(large) or 'no conv'} run as an exact im2col matmul, the others {kept}",
-        "conv": "every conv runs oneDNN's conv, reordering its weight on each call",
-    }[algorithm]
+    large = [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, SmallMapConv2d) and m.large() and m.kernel_size != (1, 1)
+    ]
     print(
-        f"eval mode on the CPU without autograd: {how}; {EVAL_ALGORITHM_ENV}={algorithm} "
-        f"({', '.join(EVAL_ALGORITHMS)}); with autograd the large ones time the plain conv against the matmul "
-        f"(the conv kept only {EVAL_CONV_MARGIN:g}x faster)"
+        f"eval mode on the CPU: {', '.join(large) or 'no conv'} run as an exact im2col matmul on maps of at most "
+        f"{SmallMapConv2d.gemm_max_eval_positions} output positions (batch x pixels), the others as oneDNN's conv; "
+        "nothing is kept between calls (selecsls.freeze packs the weights once)"
     )

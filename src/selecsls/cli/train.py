@@ -6,7 +6,7 @@ import argparse
 import json
 from dataclasses import MISSING, fields
 
-from selecsls._io import printable
+from selecsls._io import atomic_write, check_output, printable
 from selecsls.cli import CLIError
 from selecsls.train.config import SettingError, TrainConfig
 
@@ -52,7 +52,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--data", required=True, help=DATA_HELP)
     p.add_argument(
-        "--checkpoint", required=True, metavar="FILE", help="model file: best.pt, last.pt or one saved by selecsls.save"
+        "--checkpoint",
+        required=True,
+        metavar="FILE",
+        help="model file: best.pt, last.pt or one saved by selecsls.save, or an AOTInductor .pt2 package "
+        "from selecsls export",
     )
     p.add_argument("--model", help="architecture name when the file holds weights only")
     p.add_argument("--img-size", type=int, help="default: the size the model records (its training size)")
@@ -66,7 +70,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="N",
         help="score N validation images, class-balanced (the same draw as train --val-limit N)",
     )
+    p.add_argument(
+        "--eager",
+        action="store_true",
+        help="score the model as loaded (model.eval()(x)) instead of frozen (selecsls.freeze: BatchNorm folded, "
+        "weights packed once; the same outputs within 1e-5, faster on the CPU)",
+    )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--json-out", metavar="FILE", help="also write the result as JSON to FILE (atomically)")
     p.set_defaults(func=run_eval)
 
 
@@ -86,6 +97,20 @@ def run_eval(args: argparse.Namespace) -> int:
 
     if args.limit is not None and args.limit < 1:
         raise CLIError(f"--limit must be >= 1, got {args.limit}")
+    if args.json_out:
+        check_output(args.json_out, [args.checkpoint])
+    loaded = None  # what evaluate_checkpoint scores instead of loading the file itself (train cannot import deploy)
+    if args.checkpoint.endswith(".pt2"):  # an AOTInductor package
+        from selecsls.deploy.aoti import load_package
+
+        if args.model:
+            raise CLIError(f"{args.checkpoint} is an AOTInductor package, which records its model: drop --model")
+        loaded = load_package(args.checkpoint)
+    elif not args.eager:  # the fast path: BatchNorm folded, weights packed once (selecsls.freeze)
+        from selecsls.deploy.freeze import freeze
+        from selecsls.models.loading import load
+
+        loaded = freeze(load(args.checkpoint, args.model))
     result = evaluate_checkpoint(
         args.data,
         args.checkpoint,
@@ -96,7 +121,11 @@ def run_eval(args: argparse.Namespace) -> int:
         args.batch_size,
         args.workers,
         args.limit,
+        loaded=loaded,
     )
+    if args.json_out:
+        with atomic_write(args.json_out, "w") as handle:
+            handle.write(json.dumps(result, indent=1) + "\n")
     if args.json:
         print(json.dumps(result))
         return 0

@@ -5,14 +5,16 @@ dict along the channel flow of :mod:`selecsls.models.channel_flow` (a producer's
 columns in every consumer at the producer's offset) and builds the same
 :class:`~selecsls.models.network.SelecSLS` class from ``spec.with_widths(...)`` with ``fused=True``.
 
-Exactness rules of :func:`prune` (free pruning):
+Free pruning (:func:`prune`) removes what :func:`~selecsls.compress.fixpoint.exact_fixpoint`
+finds, with its exactness rules:
 
-* An inactive channel whose output is zero is removed everywhere (exact).
-* An inactive channel with a non-zero constant output ReLU(bias) (gamma ~ 0, beta > 0) is
-  removed only when every consumer is a 1x1 conv or the classifier: its constant is then
-  folded into their biases (exact). A 3x3 consumer zero-pads, so at the border the
-  constant is not constant there; such channels are kept (no output change at all).
-* Every layer keeps at least its most important channel; the classifier's outputs and
+* A channel whose fused filter is negligible and whose output is zero is removed everywhere (exact).
+* One with a non-zero constant output ReLU(bias) is removed only when every consumer is a 1x1
+  conv or the classifier: its constant is then folded into their biases (exact). A 3x3 consumer
+  zero-pads, so at the border the constant is not constant there; such channels are kept.
+* A channel no consumer reads (negligible columns in all of them) is removed.
+* These tests repeat until nothing changes, so pruning the result again removes nothing.
+* Every layer keeps at least its strongest channel; the classifier's outputs and
   any layer whose output the model returns (feature maps of ``features_only`` models,
   the last layer of a ``num_classes=0`` model) keep every channel.
 """
@@ -26,13 +28,13 @@ from dataclasses import replace
 import torch
 from torch import Tensor, nn
 
-from selecsls.compress.sparsity import LayerSparsity, analyze_sparsity, calibration_batches
+from selecsls.compress.fixpoint import output_layers
+from selecsls.compress.sparsity import SparsityReport, analyze_sparsity, calibration_batches
 from selecsls.models.build import build
 from selecsls.models.channel_flow import CLASSIFIER, Consumer, channel_flow, consumers_of
 from selecsls.models.compare import check_finite_outputs, relative_difference
-from selecsls.models.fusion import fused_state_dict
-from selecsls.models.network import SelecSLS, SelecSLSFeatures
-from selecsls.models.validation import check_number
+from selecsls.models.network import SelecSLS
+from selecsls.models.validation import check_threshold
 
 __all__ = ["OUTPUT_TOLERANCE", "OutputChangeError", "output_change", "prune", "prune_to_budget"]
 
@@ -57,10 +59,12 @@ def prune(
 ) -> SelecSLS:
     """A new fused model without the channels that do not change the output.
 
-    A channel is inactive when its |gamma| (for a model without BatchNorm: the L2 norm of
-    its fused filter) is below ``threshold``, or, given a calibration ``loader``, when its
-    post-ReLU output is zero on every calibration image (exact on that data only). The
-    input model is not modified. See the module docstring for the exactness rules.
+    A channel is inactive when the L2 norm of its fused filter (gamma / sqrt(var + eps) times
+    the conv filter; the same with or without BatchNorm) is below ``threshold``, or, given a
+    calibration ``loader``, when its post-ReLU output is zero on every calibration image (exact
+    on that data only); a channel is unread when its columns in every consumer are below
+    ``threshold``. The tests repeat until nothing changes: ``prune(prune(m))`` removes nothing.
+    The input model is not modified. See the module docstring for the exactness rules.
 
     The result is checked, not assumed: its outputs are compared with the input model's
     (:func:`output_change`, on the calibration images, else on a seeded random batch) and the
@@ -68,8 +72,9 @@ def prune(
     ``max_output_change`` (a threshold that cuts live channels) raises
     :class:`OutputChangeError`; pass ``max_output_change=None`` to accept any change.
     """
-    check_number("threshold", threshold, 0.0)
-    pruned = _build_pruned(model, _ExactPlan(model, threshold, loader))
+    check_threshold("threshold", threshold)
+    report = _report(model, threshold, loader)
+    pruned = _build_pruned(model, report.fixpoint.keep, report.fixpoint.state)
     pruned.output_change = output_change(model, pruned, loader)
     if max_output_change is not None and pruned.output_change > max_output_change:
         where = "the calibration images" if loader is not None else "a seeded random batch"
@@ -134,54 +139,19 @@ def prune_to_budget(
     fraction, metric = (macs, "macs") if macs is not None else (params, "params")
     if not 0 < fraction <= 1:
         raise ValueError(f"{metric} must be a fraction in (0, 1] of the input model's cost, got {fraction}")
-    check_number("threshold", threshold, 0.0)
-    plan = _ExactPlan(model, threshold, loader)
-    _remove_to_budget(plan, _CostModel(model, plan.flow, metric, input_size), fraction)
-    pruned = _build_pruned(model, plan)
+    check_threshold("threshold", threshold)
+    report = _report(model, threshold, loader)
+    flow = channel_flow(model.spec, with_classifier=isinstance(model.fc, nn.Linear))
+    keep = _remove_to_budget(report, output_layers(model), _CostModel(model, flow, metric, input_size), fraction)
+    pruned = _build_pruned(model, keep, report.fixpoint.narrowed(keep))
     pruned.output_change = output_change(model, pruned, loader)
     return pruned
 
 
-def _output_layers(model: SelecSLS) -> set[str]:
-    """Layers whose output channels the model returns (never pruned)."""
-    if isinstance(model, SelecSLSFeatures):
-        return {
-            info["module"] + (".conv6" if info["module"].startswith("features.") else "") for info in model.feature_info
-        }
-    if not isinstance(model.fc, nn.Linear):
-        return {list(model.spec.conv_layers())[-1][0]}
-    return set()
-
-
-class _ExactPlan:
-    """What free pruning decides for one model: the channel flow, the fused weights, each
-    channel's constant output, and the channels every layer keeps (``keep``, sorted indices)."""
-
-    def __init__(self, model: SelecSLS, threshold: float, loader: Iterable | None) -> None:
-        if not isinstance(model, SelecSLS):
-            raise TypeError(f"pruning expects a SelecSLS model, got {type(model).__name__}")
-        self.report = analyze_sparsity(model, threshold, loader)
-        self.flow = channel_flow(model.spec, with_classifier=isinstance(model.fc, nn.Linear))
-        self.state = fused_state_dict(model)
-        self.outputs = _output_layers(model)
-        self.constants = {layer.name: self._constant(layer) for layer in self.report.layers}
-        readers = consumers_of(self.flow)
-        self.keep = {}
-        for layer in self.report.layers:
-            if layer.name in self.outputs:
-                self.keep[layer.name] = torch.arange(layer.channels)
-                continue
-            foldable = all(consumer.kernel_size == 1 for consumer, _ in readers[layer.name])
-            removable = layer.inactive & ((self.constants[layer.name] == 0) | foldable)
-            kept = (~removable).nonzero().flatten()
-            self.keep[layer.name] = kept if kept.numel() else layer.importance.argmax().reshape(1)
-
-    def _constant(self, layer: LayerSparsity) -> Tensor:
-        """Each channel's value where it is input-independent: ReLU(fused bias) if its scale is
-        below the threshold and it was not seen to be always zero; otherwise 0 (so a removed
-        active channel is simply dropped)."""
-        constant = torch.relu(self.state[f"{layer.name}.conv.bias"]).cpu()
-        return torch.where(layer.low_scale & ~layer.dead, constant, torch.zeros_like(constant))
+def _report(model: SelecSLS, threshold: float, loader: Iterable | None) -> SparsityReport:
+    if not isinstance(model, SelecSLS):
+        raise TypeError(f"pruning expects a SelecSLS model, got {type(model).__name__}")
+    return analyze_sparsity(model, threshold, loader)
 
 
 class _CostModel:
@@ -247,9 +217,12 @@ class _CostModel:
         return saved + sum(self.unit[c.name] * self._out_chs(c.name, widths) for c, _ in self.readers[layer])
 
 
-def _remove_to_budget(plan: _ExactPlan, cost: _CostModel, fraction: float) -> None:
-    """Drop the least important kept channels, network-wide, until the cost is within budget (edits ``plan.keep``)."""
-    keep, report = plan.keep, plan.report
+def _remove_to_budget(
+    report: SparsityReport, protected: set[str], cost: _CostModel, fraction: float
+) -> dict[str, Tensor]:
+    """The channels each layer keeps (indices in the input model) once the least important ones the
+    exact pruning kept are dropped, network-wide, until the cost is within budget."""
+    keep = dict(report.fixpoint.keep)
     dense = {layer.name: layer.channels for layer in report.layers}
     target = fraction * cost.total(dense)
     widths = {name: len(kept) for name, kept in keep.items()}
@@ -257,7 +230,7 @@ def _remove_to_budget(plan: _ExactPlan, cost: _CostModel, fraction: float) -> No
     candidates = sorted(
         (float(layer.importance[c]), layer.name, int(c))
         for layer in report.layers
-        if layer.name not in plan.outputs
+        if layer.name not in protected
         for c in keep[layer.name]
     )
     removed: dict[str, set[int]] = {name: set() for name in keep}
@@ -276,36 +249,14 @@ def _remove_to_budget(plan: _ExactPlan, cost: _CostModel, fraction: float) -> No
     for name, channels in removed.items():
         if channels:
             keep[name] = torch.tensor([c for c in keep[name].tolist() if c not in channels], dtype=torch.long)
+    return keep
 
 
 @torch.no_grad()
-def _build_pruned(model: SelecSLS, plan: _ExactPlan) -> SelecSLS:
-    """Slice the fused weights to ``plan.keep`` and build the smaller fused model.
-
-    In each consumer, a removed input channel's constant times its weights (summed over
-    the kernel) moves into the bias before its column is dropped.
-    """
-    keep, sliced = plan.keep, {}
-    dropped = {}
-    for name, kept in keep.items():
-        mask = torch.ones(len(plan.constants[name]), dtype=torch.bool)
-        mask[kept] = False
-        dropped[name] = mask.nonzero().flatten()
-    for consumer in plan.flow:
-        prefix = "fc" if consumer.name == CLASSIFIER else f"{consumer.name}.conv"
-        weight, bias = plan.state[f"{prefix}.weight"].cpu(), plan.state[f"{prefix}.bias"].cpu().clone()
-        if consumer.inputs:
-            for segment in consumer.inputs:
-                gone = dropped[segment.producer]
-                bias += torch.einsum(
-                    "oi...,i->o", weight[:, segment.offset + gone], plan.constants[segment.producer][gone]
-                )
-            weight = weight[:, torch.cat([segment.offset + keep[segment.producer] for segment in consumer.inputs])]
-        if consumer.name in keep:
-            weight, bias = weight[keep[consumer.name]], bias[keep[consumer.name]]
-        sliced[f"{prefix}.weight"], sliced[f"{prefix}.bias"] = weight.contiguous(), bias
+def _build_pruned(model: SelecSLS, keep: dict[str, Tensor], state: dict[str, Tensor]) -> SelecSLS:
+    """The smaller fused model: ``model``'s card with the widths of ``keep`` and the sliced fused ``state``."""
     name = model.spec.name if model.spec.name.endswith(PRUNED_SUFFIX) else model.spec.name + PRUNED_SUFFIX
     spec = model.spec.with_widths({layer: len(kept) for layer, kept in keep.items()}, name=name)
     pruned = build(replace(model.card, architecture=spec, fused=True))
-    pruned.load_state_dict(sliced)
+    pruned.load_state_dict(state)
     return pruned.to(next(model.parameters()).device).train(model.training)

@@ -3,10 +3,10 @@
 Adam with L2 regularisation coupled into the gradient drives the BatchNorm scale (gamma)
 of unused channels to zero ("implicit filter-level sparsity", Mehta et al., CVPR 2019).
 Such a channel's output no longer depends on the input: it is the constant ReLU(beta').
-This module measures that per layer; :mod:`selecsls.compress.pruning` acts on it.
-
-A model without BatchNorm (fused or already pruned) has no gamma; there the per-channel
-L2 norm of the fused filter plays its role (it is exactly zero when gamma was zero).
+The same holds when the conv filter itself decayed to ~0 under a live gamma, so the criterion is
+the L2 norm of the fused filter, gamma / sqrt(var + eps) * W: zero in either case, and the same
+number before and after BN fusion. This module measures it per layer and reports what exact
+pruning (:mod:`selecsls.compress.fixpoint`) removes, and why; :mod:`selecsls.compress.pruning` acts on it.
 """
 
 from __future__ import annotations
@@ -20,8 +20,10 @@ from torch import Tensor, nn
 
 from selecsls._io import atomic_path
 from selecsls._optional import require
+from selecsls.compress.fixpoint import REASONS, Fixpoint, exact_fixpoint
 from selecsls.models.fusion import fold_bn
 from selecsls.models.network import ConvNormAct, SelecSLS
+from selecsls.models.validation import check_threshold
 
 __all__ = [
     "SCALE_HISTOGRAM_LOG10_EDGES",
@@ -80,12 +82,14 @@ def scale_statistics(scales: Tensor, thresholds: tuple[str, ...] = ("1e-3", "1e-
 class LayerSparsity:
     """Per-channel measurements of one conv layer (all tensors have one entry per output channel).
 
-    ``scale`` is |gamma| (or the fused filter norm). ``importance`` ranks channels for budgeted
+    ``scale`` is the L2 norm of the fused filter (gamma / sqrt(var + eps) times the conv filter:
+    the pruning criterion). ``importance`` ranks channels for budgeted
     pruning: |gamma| times the BN-normalised filter norm (that is, the fused filter's norm, the
     same number before and after fusion) or, with calibration, the mean activation; divided by
     the layer's mean so that layers of different scale compare fairly (1 = an average channel
     of its layer). ``activation_max`` is the largest post-ReLU value seen on calibration images
-    (None without a calibration loader).
+    (None without a calibration loader). ``removed`` counts, per reason of
+    :data:`~selecsls.compress.fixpoint.REASONS`, the channels exact pruning removes (at its fixpoint).
     """
 
     name: str
@@ -94,14 +98,20 @@ class LayerSparsity:
     importance: Tensor
     activation_max: Tensor | None
     threshold: float
+    removed: dict[str, int]
 
     @property
     def channels(self) -> int:
         return self.scale.numel()
 
     @property
+    def kept(self) -> int:
+        """Channels exact pruning keeps."""
+        return self.channels - sum(self.removed.values())
+
+    @property
     def low_scale(self) -> Tensor:
-        """Channels whose output is (nearly) constant: scale below the threshold."""
+        """Channels whose output is (nearly) constant in the input model: fused filter norm below the threshold."""
         return self.scale < self.threshold
 
     @property
@@ -116,14 +126,26 @@ class LayerSparsity:
         return self.low_scale | self.dead
 
 
+#: The table's column title of each reason a channel is removed for.
+REASON_TITLES = {
+    "gamma": "gamma~0",
+    "filter": "filter~0",
+    "dead": "never fired",
+    "constant": "const folded",
+    "unread": "unread",
+}
+
+
 @dataclass(frozen=True)
 class SparsityReport:
-    """The per-layer analysis of one model; ``criterion`` names what ``scale`` measures."""
+    """The per-layer analysis of one model; ``criterion`` names what ``scale`` measures; ``fixpoint``
+    is what exact pruning removes (:func:`~selecsls.compress.fixpoint.exact_fixpoint`)."""
 
     criterion: str
     threshold: float
     calibrated: bool
     layers: tuple[LayerSparsity, ...]
+    fixpoint: Fixpoint
 
     def layer(self, name: str) -> LayerSparsity:
         for layer in self.layers:
@@ -139,17 +161,28 @@ class SparsityReport:
     def inactive_channels(self) -> int:
         return sum(int(layer.inactive.sum()) for layer in self.layers)
 
+    @property
+    def removed_channels(self) -> int:
+        """Channels exact pruning removes, for every reason, at its fixpoint."""
+        return sum(layer.channels - layer.kept for layer in self.layers)
+
+    def removals(self) -> dict[str, dict[str, int]]:
+        """Layer -> reason (:data:`~selecsls.compress.fixpoint.REASONS`) -> channels exact pruning removes for it."""
+        return {layer.name: dict(layer.removed) for layer in self.layers}
+
     def table(self, kept: dict[str, int] | None = None) -> str:
-        """A text table, one row per layer; ``kept`` (layer -> width after pruning) adds a column."""
+        """A text table, one row per layer: its channels, how many are below the threshold in the input
+        model, how many exact pruning removes for each reason, and how many it keeps (or, given ``kept``,
+        layer -> width, those: e.g. after pruning to a budget)."""
         columns = [
             ("channels", lambda layer: layer.channels),
             (f"{self.criterion}<{self.threshold:g}", lambda layer: int(layer.low_scale.sum())),
         ]
         if self.calibrated:
             columns.append(("dead on calib", lambda layer: int(layer.dead.sum())))
-        columns.append(("inactive", lambda layer: int(layer.inactive.sum())))
-        if kept is not None:
-            columns.append(("kept", lambda layer: kept[layer.name]))
+        reasons = [reason for reason in REASONS if self.calibrated or reason != "dead"]
+        columns += [(REASON_TITLES[reason], lambda layer, r=reason: layer.removed[r]) for reason in reasons]
+        columns.append(("kept", lambda layer: layer.kept if kept is None else kept[layer.name]))
         rows = [[layer.name] + [value(layer) for _, value in columns] for layer in self.layers]
         rows.append(["total"] + [sum(row[i] for row in rows) for i in range(1, len(columns) + 1)])
         header = ["layer"] + [title for title, _ in columns]
@@ -226,32 +259,33 @@ def calibration_activations(model: SelecSLS, loader: Iterable) -> dict[str, tupl
 
 @torch.no_grad()
 def analyze_sparsity(model: SelecSLS, threshold: float = 1e-3, loader: Iterable | None = None) -> SparsityReport:
-    """Per layer, which channels are inactive: |gamma| below ``threshold`` (or, for a model
-    without BatchNorm, fused filter L2 norm below it) and, with a calibration ``loader``,
-    post-ReLU output zero on every calibration image.
+    """Per layer, which channels are inactive: fused filter L2 norm below ``threshold`` (the same
+    number with or without BatchNorm) and, with a calibration ``loader``, post-ReLU output zero on
+    every calibration image; and how many channels exact pruning removes, for each reason, when
+    it repeats its tests until nothing changes (:func:`~selecsls.compress.fixpoint.exact_fixpoint`).
     """
     if not isinstance(model, SelecSLS):
         raise TypeError(f"analyze_sparsity expects a SelecSLS model, got {type(model).__name__}")
-    if not threshold >= 0:
-        raise ValueError(f"threshold must be >= 0, got {threshold}")
+    check_threshold("threshold", threshold)
     activations = calibration_activations(model, loader) if loader is not None else {}
     stages = _stage_names(model)
+    dead = {name: maximum <= 0 for name, (maximum, _) in activations.items()}
+    fixpoint = exact_fixpoint(model, threshold, dead if loader is not None else None)
     layers = []
     for name, module in _conv_layers(model).items():
         has_bn = isinstance(module.bn, nn.BatchNorm2d)
         fused_weight = fold_bn(module.conv, module.bn)[0] if has_bn else module.conv.weight
-        fused_norm = fused_weight.detach().flatten(1).norm(dim=1).cpu()
-        scale = bn_scale(module.bn) if has_bn else fused_norm
+        fused_norm = fused_weight.detach().float().flatten(1).norm(dim=1).cpu()
         activation_max, activation_mean = activations.get(name, (None, None))
         score = fused_norm if activation_mean is None else activation_mean
         importance = score / score.mean().clamp_min(torch.finfo(score.dtype).tiny)
-        layers.append(LayerSparsity(name, stages[name], scale, importance, activation_max, threshold))
-    criterion = "fused filter norm" if model.fused else "|gamma|"
-    return SparsityReport(criterion, threshold, loader is not None, tuple(layers))
+        removed = {reason: fixpoint.removed[name][reason] for reason in REASONS}
+        layers.append(LayerSparsity(name, stages[name], fused_norm, importance, activation_max, threshold, removed))
+    return SparsityReport("fused filter norm", threshold, loader is not None, tuple(layers), fixpoint)
 
 
 def save_scale_histogram(report: SparsityReport, path: str) -> None:
-    """Write a PNG with one histogram of per-channel scale (|gamma|) per stage; needs matplotlib."""
+    """Write a PNG with one histogram of the per-channel criterion (fused filter norm) per stage; needs matplotlib."""
     Figure = require("matplotlib.figure", "to plot the scale histogram").Figure
 
     stages: dict[str, list[Tensor]] = {}

@@ -9,15 +9,28 @@ resumed run sees exactly the crops an uninterrupted one would.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, ImageEnhance
 
 from selecsls.models.card import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
-from selecsls.models.validation import check_crop_pct, check_img_side
+from selecsls.models.validation import INTERPOLATIONS as INTERPOLATION_NAMES
+from selecsls.models.validation import (
+    InvalidInput,
+    check_area_fraction,
+    check_color_jitter,
+    check_crop_pct,
+    check_image_channels,
+    check_img_side,
+    check_interpolation,
+    check_normalization,
+    check_number,
+    check_sequence,
+)
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -33,7 +46,7 @@ __all__ = [
 ]
 
 #: Resampling filters accepted by the pipelines, by the names timm's ``pretrained_cfg`` uses.
-INTERPOLATIONS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+INTERPOLATIONS = {name: Image.Resampling[name.upper()] for name in INTERPOLATION_NAMES}
 
 
 class ToUint8Tensor:
@@ -44,9 +57,7 @@ class ToUint8Tensor:
     """
 
     def __init__(self, in_chans: int) -> None:
-        if in_chans not in (1, 3):
-            raise ValueError(f"image pipelines produce 1 (grayscale) or 3 (RGB) channels, got in_chans={in_chans}")
-        self.mode = "L" if in_chans == 1 else "RGB"
+        self.mode = "L" if check_image_channels("in_chans", in_chans) == 1 else "RGB"
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         pixels = np.asarray(image.convert(self.mode), dtype=np.uint8)
@@ -59,10 +70,8 @@ class Normalize:
     """uint8 pixels (C, H, W) or (N, C, H, W), on any device -> float32 scaled to [0, 1], then by mean/std."""
 
     def __init__(self, in_chans: int, mean: Sequence[float], std: Sequence[float]) -> None:
-        self.mean = _per_channel("mean", mean, in_chans)
-        self.std = _per_channel("std", std, in_chans)
-        if (self.std <= 0).any():
-            raise ValueError(f"std must be positive, got {tuple(std)}")
+        in_chans, (mean, std) = check_image_channels("in_chans", in_chans), check_normalization(mean, std)
+        self.mean, self.std = _per_channel(mean, in_chans), _per_channel(std, in_chans)
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
         mean, std = self.mean.to(pixels.device), self.std.to(pixels.device)
@@ -80,23 +89,16 @@ class _ToNormalizedTensor:
         return self.normalize(self.to_uint8(image))
 
 
-def _per_channel(name: str, values: Sequence[float], in_chans: int) -> torch.Tensor:
-    """Statistics as a (C, 1, 1) tensor; RGB statistics collapse to their average for grayscale."""
-    values = tuple(float(v) for v in values)
-    if len(values) == 3 and in_chans == 1:
-        values = (sum(values) / 3,)
-    if len(values) == 1:
-        values = values * in_chans
+def _per_channel(values: tuple[float, ...], in_chans: int) -> torch.Tensor:
+    """Statistics (1 or 3 values) for 1 or 3 channels as a (C, 1, 1) tensor: one value serves every channel, RGB
+    statistics collapse to their average for grayscale."""
     if len(values) != in_chans:
-        raise ValueError(f"{name} has {len(values)} values but the model takes {in_chans} channels")
+        values = (sum(values) / len(values),) * in_chans
     return torch.tensor(values, dtype=torch.float32).reshape(-1, 1, 1)
 
 
 def _resampling(interpolation: str) -> Image.Resampling:
-    try:
-        return INTERPOLATIONS[interpolation]
-    except KeyError:
-        raise ValueError(f"interpolation must be one of {sorted(INTERPOLATIONS)}, got {interpolation!r}") from None
+    return INTERPOLATIONS[check_interpolation("interpolation", interpolation)]
 
 
 @dataclass(frozen=True)
@@ -228,24 +230,26 @@ def build_train_transform(
     in_chans: int = 3,
 ) -> TrainTransform:
     """The training pipeline: random-resized crop, flip, optional colour jitter, normalise."""
-    if not 0 < scale[0] <= scale[1] <= 1:
-        raise ValueError(f"scale must satisfy 0 < min <= max <= 1 (fractions of the image area), got {scale}")
-    if not 0 < ratio[0] <= ratio[1]:
-        raise ValueError(f"ratio must satisfy 0 < min <= max, got {ratio}")
-    if not 0 <= hflip <= 1:
-        raise ValueError(f"hflip is a probability in [0, 1], got {hflip}")
-    if color_jitter < 0:
-        raise ValueError(f"color_jitter must be >= 0, got {color_jitter}")
+    scale = _ordered("scale", scale, check_area_fraction)
+    ratio = _ordered("ratio", ratio, lambda name, end: check_number(name, end, 0.0, low_open=True))
     _resampling(interpolation)
     return TrainTransform(
         check_img_side("img_size", img_size),
-        (float(scale[0]), float(scale[1])),
-        (float(ratio[0]), float(ratio[1])),
-        float(hflip),
-        float(color_jitter),
+        scale,
+        ratio,
+        check_number("hflip", hflip, 0.0, 1.0),
+        check_color_jitter("color_jitter", color_jitter),
         interpolation,
         _ToNormalizedTensor(in_chans, mean, std),
     )
+
+
+def _ordered(name: str, ends: Any, check: Callable[[str, Any], float]) -> tuple[float, float]:
+    """A (min, max) range: two values, each passing ``check``, the first at most the second."""
+    low, high = (check(name, end) for end in check_sequence(name, ends, (2,), "numbers (min, max)"))
+    if low > high:
+        raise InvalidInput(f"{name} must be (min, max) with min <= max, got ({low:g}, {high:g})")
+    return low, high
 
 
 def eval_transform_for(

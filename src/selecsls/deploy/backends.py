@@ -93,8 +93,14 @@ BACKENDS: dict[str, Backend] = {
     backend.name: backend
     for backend in (
         Backend("eager", "plain PyTorch, NCHW memory layout", f"{_TORCH}:eager"),
+        Backend(
+            "frozen",
+            "selecsls.freeze: BatchNorm folded, each conv's weight packed once in oneDNN's layout, ReLU fused "
+            "(an inference-only snapshot, one copy of the weights)",
+            f"{_TORCH}:frozen",
+            device="cpu",
+        ),
         Backend("channels_last", "eager, weights and input in NHWC (channels-last) layout", f"{_TORCH}:channels_last"),
-        Backend("script", "TorchScript (torch.jit.script)", f"{_TORCH}:script"),
         Backend(
             "compile",
             "torch.compile (inductor), weights frozen, compiled at the example's shape before timing",
@@ -117,6 +123,14 @@ BACKENDS: dict[str, Backend] = {
             "onnxruntime",
             "ONNX Runtime (CPU, fp32) on the model exported at the example's shape, checked against PyTorch",
             "selecsls.deploy.export:onnxruntime_backend",
+            device="cpu",
+            fixed_shape=True,
+        ),
+        Backend(
+            "aoti",
+            "AOTInductor package (torch.export, frozen), compiled at the example's shape (batch 1; tens of "
+            "seconds per model and shape), checked against PyTorch",
+            "selecsls.deploy.export:aoti_backend",
             device="cpu",
             fixed_shape=True,
         ),

@@ -1,25 +1,25 @@
-"""Export a model to ONNX, frozen TorchScript or an OpenVINO IR, and prove the file computes what the model does.
+"""Export a model to ONNX, an AOTInductor package or an OpenVINO IR, and prove the file computes what the model does.
 
 Every export is checked before it lands on disk: the written file is loaded back (ONNX
-Runtime for ONNX, ``torch.jit.load`` for TorchScript, OpenVINO's CPU plugin for the IR) and
-run on random inputs and on any real images given, and its outputs are compared with the
-PyTorch model's. The file (the IR's .xml and .bin together) is only moved into place when the
-largest difference is within :data:`RELATIVE_TOLERANCE` of the output's scale.
+Runtime for ONNX, AOTInductor's loader for a ``.pt2`` package, OpenVINO's CPU plugin for the
+IR) and run on random inputs and on any real images given, and its outputs are compared with
+the PyTorch model's. The file (the IR's .xml and .bin together) is only moved into place when
+the largest difference is within the format's tolerance (:data:`TOLERANCES`) of the output's scale.
 
-ONNX is produced by torch's TorchScript-based exporter (``dynamo=False``): this network is
-only convs, ReLUs, additions and pooling, which that exporter handles completely, and it
-needs no extra package (the torch.export-based exporter needs ``onnxscript``). ONNX
-Runtime folds the BatchNorms into the convs when it loads the graph. docs/deployment.md has
-the measured speed of the exported graphs. The OpenVINO IR is converted from that ONNX graph
+ONNX is produced by torch's ``torch.export``-based exporter (``dynamo=True``, with
+``onnxscript``): the TorchScript-based one is deprecated, as TorchScript is (the ``aoti``
+package replaces TorchScript's frozen file; :mod:`selecsls.deploy.aoti`). ONNX Runtime folds
+the BatchNorms into the convs when it loads the graph. docs/deployment.md has the measured
+speed of the exported graphs. The OpenVINO IR is converted from that ONNX graph
 (:mod:`selecsls.deploy.openvino_ir` says why and how its precision is kept fp32).
 """
 
 from __future__ import annotations
 
-import io
 import json
+import logging
 import os
-import warnings
+import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -30,8 +30,8 @@ from torch import Tensor, nn
 
 from selecsls._io import PathLike, atomic_path, check_output, one_line, printable
 from selecsls._optional import require
-from selecsls.deploy import openvino_ir
-from selecsls.deploy.backends import BackendUnavailable, Runner
+from selecsls.deploy import aoti, openvino_ir
+from selecsls.deploy.backends import BackendUnavailable, Runner, first_line
 from selecsls.models.compare import check_finite_outputs, relative_difference
 from selecsls.models.files import CheckpointError
 
@@ -39,8 +39,10 @@ __all__ = [
     "EXPORT_FORMATS",
     "ONNX_OPSET",
     "RELATIVE_TOLERANCE",
+    "TOLERANCES",
     "ExportCheck",
     "ExportMismatchError",
+    "aoti_backend",
     "checked_session",
     "compare_outputs",
     "export_model",
@@ -52,15 +54,16 @@ __all__ = [
     "session_runner",
     "to_onnx",
     "to_openvino",
-    "to_torchscript",
 ]
 
-EXPORT_FORMATS = ("onnx", "torchscript", "openvino")
+EXPORT_FORMATS = ("onnx", "aoti", "openvino")
 #: Formats whose graph can be exported with free batch and spatial size.
 DYNAMIC_FORMATS = ("onnx", "openvino")
 ONNX_OPSET = 18
 #: An export fails when max |exported - pytorch| exceeds this fraction of max |pytorch output|.
 RELATIVE_TOLERANCE = 1e-4
+#: Per format, where it differs: an AOTInductor package is PyTorch's own kernels, held to 1e-5.
+TOLERANCES = {"aoti": 1e-5}
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 #: Key under which exported files carry the preprocessing and class names (``pretrained_cfg``).
 METADATA_KEY = "selecsls.pretrained_cfg"
@@ -77,26 +80,29 @@ class ExportCheck:
     inputs: str
     max_abs_diff: float
     relative_diff: float  # :func:`selecsls.models.compare.relative_difference`
+    tolerance: float = RELATIVE_TOLERANCE
 
     @property
     def passed(self) -> bool:
-        return self.relative_diff <= RELATIVE_TOLERANCE
+        return self.relative_diff <= self.tolerance
 
     def __str__(self) -> str:
-        verdict = "ok" if self.passed else f"FAILED (tolerance {RELATIVE_TOLERANCE:g})"
+        verdict = "ok" if self.passed else f"FAILED (tolerance {self.tolerance:g})"
         return f"{self.inputs}: max abs diff {self.max_abs_diff:.3g}, relative {self.relative_diff:.3g} {verdict}"
 
 
 @contextmanager
-def _quiet_deprecations() -> Iterator[None]:
-    """TorchScript and the TorchScript-based ONNX exporter warn that they are deprecated on every
-    call; the choice is deliberate (module docstring), so the warning is noise to users."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.(jit|onnx)")
-        warnings.filterwarnings(
-            "ignore", message=r".*legacy TorchScript-based ONNX export", category=DeprecationWarning
-        )
-        yield
+def _quiet_onnx_exporter() -> Iterator[None]:
+    """The ONNX exporter logs that torchvision's operators cannot be registered (torchvision is not
+    installed, and this network needs none of them): noise to users."""
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    registration.setLevel(logging.ERROR)
+    try:
+        with aoti.quiet_torch_internals():
+            yield
+    finally:
+        registration.setLevel(level)
 
 
 def _example_input(model: nn.Module, input_size: Sequence[int] | None, batch: int = 1) -> Tensor:
@@ -147,20 +153,22 @@ def to_onnx(model: nn.Module, example: Tensor, dynamic: bool = False) -> bytes:
     ``example``'s shape (which lets ONNX Runtime plan memory once).
     """
     onnx = require("onnx", "to export to ONNX")
-    buffer = io.BytesIO()
-    dynamic_axes = {INPUT_NAME: {0: "batch", 2: "height", 3: "width"}, OUTPUT_NAME: {0: "batch"}} if dynamic else None
-    with _quiet_deprecations(), torch.no_grad():
-        torch.onnx.export(
+    require("onnxscript", "to export to ONNX")
+    free = {0: torch.export.Dim("batch"), 2: torch.export.Dim("height"), 3: torch.export.Dim("width")}
+    with _quiet_onnx_exporter(), torch.no_grad():
+        program = torch.onnx.export(
             model.eval(),
             (example,),
-            buffer,
-            dynamo=False,
+            dynamo=True,
+            verbose=False,
             opset_version=ONNX_OPSET,
             input_names=[INPUT_NAME],
             output_names=[OUTPUT_NAME],
-            dynamic_axes=dynamic_axes,
+            dynamic_shapes=(free,) if dynamic else None,
         )
-    proto = onnx.load_from_string(buffer.getvalue())
+    proto = program.model_proto
+    for node in proto.graph.node:  # the exporter's provenance (FX node text, module scopes): half the file
+        del node.metadata_props[:]
     onnx.helper.set_model_props(proto, {METADATA_KEY: _metadata(model, example)})
     return proto.SerializeToString()
 
@@ -168,12 +176,6 @@ def to_onnx(model: nn.Module, example: Tensor, dynamic: bool = False) -> bytes:
 def to_openvino(model: nn.Module, example: Tensor, dynamic: bool = False):
     """The ``openvino.Model`` of :func:`to_onnx`'s graph, with ``pretrained_cfg`` as runtime info."""
     return openvino_ir.from_onnx(to_onnx(model, example, dynamic), _metadata(model, example))
-
-
-def to_torchscript(model: nn.Module) -> torch.jit.ScriptModule:
-    """The model scripted and frozen: weights become constants, BatchNorm is folded into convs."""
-    with _quiet_deprecations():
-        return torch.jit.freeze(torch.jit.script(model.eval()))
 
 
 def onnx_session(model: PathLike | bytes, threads: int | None = None):
@@ -191,11 +193,13 @@ def onnx_session(model: PathLike | bytes, threads: int | None = None):
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 
-def _require_match(model: nn.Module, run: Runner, example: Tensor, what: str) -> None:
+def _require_match(
+    model: nn.Module, run: Runner, example: Tensor, what: str, tolerance: float = RELATIVE_TOLERANCE
+) -> None:
     """Raise :class:`ExportMismatchError` unless ``run`` reproduces ``model`` on ``example``."""
-    check = compare_outputs(model, run, [("example", example)])[0]
+    check = compare_outputs(model, run, [("example", example)], tolerance)[0]
     if not check.passed:
-        raise ExportMismatchError(f"the {what} export is not exact: {check} (tolerance {RELATIVE_TOLERANCE:g})")
+        raise ExportMismatchError(f"the {what} export is not exact: {check}")
 
 
 def checked_session(model: nn.Module, example: Tensor, dynamic: bool = False):
@@ -224,6 +228,26 @@ def openvino_backend(model: nn.Module, example: Tensor) -> Runner:
     return run
 
 
+def aoti_backend(model: nn.Module, example: Tensor) -> Runner:
+    """An AOTInductor package of the model compiled at the example's shape (batch 1), checked against PyTorch."""
+    try:
+        package = aoti.compile_package(model, example, _metadata(model, example))
+    except ValueError as exc:
+        raise BackendUnavailable(str(exc)) from exc
+    except Exception as exc:  # inductor needs a working C++ toolchain; export rejects some Python
+        raise BackendUnavailable(f"AOTInductor compilation failed: {first_line(exc)}") from exc
+    with tempfile.TemporaryDirectory(prefix="selecsls-aoti-") as folder:
+        path = os.path.join(folder, "model.pt2")
+        with open(path, "wb") as file:
+            file.write(package)
+        run = aoti.load_package(path)  # the C++ loader keeps what it needs; the file can go
+    try:
+        _require_match(model, run, example, "AOTInductor", TOLERANCES["aoti"])
+    except ExportMismatchError as exc:
+        raise BackendUnavailable(str(exc)) from exc
+    return run
+
+
 def session_runner(session) -> Runner:
     """``session`` as a function Tensor -> Tensor."""
     input_name = session.get_inputs()[0].name
@@ -236,14 +260,16 @@ def one_image_at_a_time(run: Runner) -> Runner:
     return lambda batch: torch.cat([run(image[None]) for image in batch])
 
 
-def compare_outputs(model: nn.Module, run: Runner, inputs: Sequence[tuple[str, Tensor]]) -> list[ExportCheck]:
+def compare_outputs(
+    model: nn.Module, run: Runner, inputs: Sequence[tuple[str, Tensor]], tolerance: float = RELATIVE_TOLERANCE
+) -> list[ExportCheck]:
     """Run ``model`` and the exported ``run`` on each labelled input batch and measure the gap."""
     checks = []
     with torch.no_grad():
         for label, batch in inputs:
             expected, exported = check_finite_outputs(model(batch), f"the check inputs ({label})"), run(batch)
             max_abs_diff = float((exported - expected).abs().max())
-            checks.append(ExportCheck(label, max_abs_diff, relative_difference(expected, exported)))
+            checks.append(ExportCheck(label, max_abs_diff, relative_difference(expected, exported), tolerance))
     return checks
 
 
@@ -271,15 +297,15 @@ def export_model(
     """Write ``model`` to ``path`` as ``format`` (one of :data:`EXPORT_FORMATS`) and return the checks.
 
     ``input_size`` (C, H, W) defaults to the model card's; the file's metadata records it; ``images``
-    is a preprocessed batch of real images at that size. ``dynamic`` (ONNX and OpenVINO;
-    TorchScript always accepts any shape) frees batch and spatial size, and is then checked at a
-    second shape. An OpenVINO IR is ``path`` (.xml) and the .bin beside it. Raises
-    :class:`ExportMismatchError` (leaving ``path`` untouched) if any check fails.
+    is a preprocessed batch of real images at that size. ``dynamic`` (ONNX and OpenVINO) frees batch
+    and spatial size, and is then checked at a second shape. An OpenVINO IR is ``path`` (.xml) and
+    the .bin beside it; an AOTInductor package (``.pt2``) runs one image at a time at the export size.
+    Raises :class:`ExportMismatchError` (leaving ``path`` untouched) if any check fails.
     """
     if format not in EXPORT_FORMATS:
         raise ValueError(f"format must be one of {EXPORT_FORMATS}, got {format!r}")
     if dynamic and format not in DYNAMIC_FORMATS:
-        raise ValueError("dynamic applies to ONNX and OpenVINO: TorchScript already accepts any batch and image size")
+        raise ValueError("dynamic applies to ONNX and OpenVINO: an AOTInductor package is compiled for the export size")
     model.card.require_outputs("export", class_scores=False)
     for output in openvino_ir.ir_files(path) if format == "openvino" else (path,):
         check_output(output)
@@ -296,22 +322,20 @@ def export_model(
             openvino_ir.save_ir(to_openvino(model, example, dynamic), tmp)
             run = openvino_ir.compiled_runner(openvino_ir.read_ir(tmp))
         else:
-            # Serialised in memory and written by Python: torch.jit.save's own file writer aborts the
-            # process on a full disk, Python's raises an error that leaves the previous file in place.
-            buffer = io.BytesIO()
-            with _quiet_deprecations():
-                torch.jit.save(to_torchscript(model), buffer, _extra_files={METADATA_KEY: _metadata(model, example)})
-            tmp.write_bytes(buffer.getvalue())
-            with _quiet_deprecations():
-                run = torch.jit.load(tmp)
-        any_shape = format == "torchscript" or dynamic
+            # Compiled in memory and written by Python: a full disk is an error that keeps the previous file.
+            tmp.write_bytes(aoti.compile_package(model, example, _metadata(model, example)))
+            run = aoti.load_package(tmp)
+        tolerance = TOLERANCES.get(format, RELATIVE_TOLERANCE)
         checks = compare_outputs(
-            model, run if any_shape else one_image_at_a_time(run), _check_inputs(model, example, any_shape, images)
+            model,
+            run if dynamic else one_image_at_a_time(run),
+            _check_inputs(model, example, dynamic, images),
+            tolerance,
         )
         failed = [check for check in checks if not check.passed]
         if failed:
             raise ExportMismatchError(
-                f"exported {format} model differs from PyTorch beyond {RELATIVE_TOLERANCE:g} relative "
+                f"exported {format} model differs from PyTorch beyond {tolerance:g} relative "
                 f"({'; '.join(map(str, failed))}); {os.fspath(path)!r} was not written"
             )
     return checks

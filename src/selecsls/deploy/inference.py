@@ -2,9 +2,10 @@
 
 Any backend of :data:`selecsls.deploy.backends.BACKENDS` that keeps the model's function
 runs predictions (see :func:`~selecsls.deploy.backends.predict_backends`); an ``.onnx`` file
-exported by ``selecsls export`` runs on ONNX Runtime, an OpenVINO IR (``.xml``) on OpenVINO.
-``auto`` takes the fastest per image that is available and correct: onnxruntime, else the
-BN-folded PyTorch model (:func:`auto_order`; docs/deployment.md has the measurements behind it).
+exported by ``selecsls export`` runs on ONNX Runtime, an OpenVINO IR (``.xml``) on OpenVINO, an
+AOTInductor package (``.pt2``) on PyTorch without the model's code.
+``auto`` takes the frozen model (:func:`selecsls.freeze`: BN folded, weights packed once), else
+eager (:data:`AUTO_ORDER`; docs/deployment.md has the measurements behind it).
 :meth:`Predictor.benchmark` measures the whole pipeline's frame rate: decoding and
 preprocessing in threads, overlapped with inference, as a video or camera application runs.
 """
@@ -25,14 +26,14 @@ import torch
 from torch import Tensor, nn
 
 from selecsls._io import PathLike, one_line, printable
-from selecsls.data.datasets import UnreadableImageError, open_image
+from selecsls.data.images import UnreadableImageError, open_image
 from selecsls.data.transforms import EvalTransform, eval_transform_for
 from selecsls.deploy import openvino_ir
+from selecsls.deploy.aoti import load_package
 from selecsls.deploy.backends import BACKENDS, BackendUnavailable, Runner, predict_backends
 from selecsls.deploy.export import one_image_at_a_time, onnx_session, read_metadata, session_runner
 from selecsls.models.card import ModelCard
 from selecsls.models.compare import check_finite_outputs
-from selecsls.models.conv import SmallMapConv2d
 from selecsls.models.files import CheckpointError
 from selecsls.models.validation import InvalidInput, check_int
 
@@ -40,7 +41,7 @@ __all__ = [
     "PipelineRate",
     "Prediction",
     "Predictor",
-    "auto_order",
+    "AUTO_ORDER",
     "class_names",
     "imagenet_class_names",
     "load_images",
@@ -49,12 +50,9 @@ __all__ = [
 IMAGENET_CLASSES = 1000
 
 
-def auto_order(model: nn.Module) -> tuple[str, str]:
-    """What ``backend="auto"`` tries for ``model``, fastest first: ONNX Runtime, else BN folded in
-    PyTorch, as it is for SelecSLS (its convs keep their weights in oneDNN's layout: selecsls42b at
-    224, batch 1, 83 ms against 160 ms channels-last) and channels-last for other networks."""
-    keeps_weights = any(isinstance(module, SmallMapConv2d) for module in model.modules())
-    return ("onnxruntime", "fused" if keeps_weights else "fused_channels_last")
+#: What ``backend="auto"`` tries, in order: the frozen model (BN folded, weights packed once: one copy
+#: of them, ready in about a second, any image size), else eager (a network ``torch.fx`` cannot trace).
+AUTO_ORDER = ("frozen", "eager")
 
 
 @lru_cache(maxsize=1)
@@ -124,7 +122,7 @@ class Predictor:
         model = model.eval()
         example = torch.randn(1, *card.preprocessing.input_size, generator=torch.Generator().manual_seed(0))
         transform, names = eval_transform_for(card.preprocessing), class_names(card)
-        candidates = auto_order(model) if backend == "auto" else (backend,)
+        candidates = AUTO_ORDER if backend == "auto" else (backend,)
         for name in candidates[:-1]:
             try:
                 return cls(_runner(name, model, example), transform, names, name)
@@ -134,9 +132,13 @@ class Predictor:
 
     @classmethod
     def from_exported(cls, path: PathLike) -> Predictor:
-        """Wrap a file written by ``selecsls export``: ``.onnx`` (ONNX Runtime) or an OpenVINO IR ``.xml``
-        (OpenVINO). Its metadata holds the preprocessing and class names; a graph exported at a fixed
-        batch size runs one image at a time."""
+        """Wrap a file written by ``selecsls export``: ``.onnx`` (ONNX Runtime), an OpenVINO IR ``.xml``
+        (OpenVINO) or an AOTInductor package ``.pt2``. Its metadata holds the preprocessing and class
+        names; a graph exported at a fixed batch size runs one image at a time."""
+        if os.fspath(path).endswith(".pt2"):
+            package = load_package(path)
+            package.card.require_outputs("predict")
+            return cls(package, eval_transform_for(package.card.preprocessing), class_names(package.card), "aoti")
         metadata, shown = read_metadata(path), printable(os.fspath(path))
         if os.fspath(path).endswith(".xml"):
             model = openvino_ir.read_ir(path)

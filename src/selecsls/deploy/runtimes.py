@@ -1,5 +1,5 @@
-"""PyTorch backends of :data:`selecsls.deploy.backends.BACKENDS` (eager, channels-last, TorchScript,
-inductor, BN-fused, GEMM-tuned, CUDA graphs, pruned): each turns a model and an example into a runner."""
+"""PyTorch backends of :data:`selecsls.deploy.backends.BACKENDS` (eager, frozen, channels-last, inductor,
+BN-fused, GEMM-tuned, CUDA graphs, pruned): each turns a model and an example into a runner."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from torch.fx.experimental.optimization import fuse as fx_fuse
 from selecsls._timing import fastest_seconds
 from selecsls.compress.pruning import prune_to_budget
 from selecsls.deploy.backends import BACKENDS, BackendUnavailable, Runner, first_line
+from selecsls.deploy.freeze import freeze
 from selecsls.models.conv import conv2d_as_matmul
 from selecsls.models.fusion import fuse
 from selecsls.models.network import SelecSLS
@@ -28,19 +29,20 @@ def eager(model: nn.Module, example: Tensor) -> Runner:
     return model
 
 
+def frozen(model: nn.Module, example: Tensor) -> Runner:
+    """:func:`selecsls.freeze`, its weights packed for the example's shape (by a first call on it)."""
+    try:
+        snapshot = freeze(model)
+    except TypeError as exc:  # a network torch.fx cannot trace, or one reading tensors outside its modules
+        raise BackendUnavailable(first_line(exc)) from exc
+    snapshot(example)
+    return snapshot
+
+
 def channels_last(model: nn.Module, example: Tensor) -> Runner:
     """Eager with weights and input in NHWC (channels-last) memory layout."""
     converted = copy.deepcopy(model).to(memory_format=torch.channels_last)
     return lambda x: converted(x.contiguous(memory_format=torch.channels_last))
-
-
-def script(model: nn.Module, example: Tensor) -> Runner:
-    """TorchScript (``torch.jit.script``)."""
-    try:
-        scripted = torch.jit.script(model)
-    except Exception as exc:  # scripting rejects unsupported Python in many distinct ways
-        raise BackendUnavailable(f"torch.jit.script failed: {first_line(exc)}") from exc
-    return scripted
 
 
 #: Inductor settings of the ``compile`` backend (``benchmarks/inductor_settings.py`` measures the
@@ -130,9 +132,9 @@ class GemmConv2d(nn.Module):
     PyTorch's eager conv copies its weight into oneDNN's blocked layout on every call; for large
     weights at batch 1 that copy outweighs the arithmetic, and this product reads the weight in
     place (selecsls60's head.2 on the development EPYC: 36 ms as a conv, 7 ms as this product).
-    SelecSLS's own convs avoid the copy in eval mode (they keep their weights reordered, the large
-    ones may run as this product: :class:`~selecsls.models.conv.SmallMapConv2d`); :func:`tuned`
-    times conv and product for every spatial conv of any model.
+    SelecSLS's own large convs run as this product on small maps in eval mode
+    (:class:`~selecsls.models.conv.SmallMapConv2d`); :func:`tuned` times conv and product for every
+    spatial conv of any model; :func:`frozen` packs every weight once instead.
     """
 
     def __init__(self, conv: nn.Conv2d) -> None:

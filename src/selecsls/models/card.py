@@ -25,7 +25,6 @@ from selecsls.models.baselines import DENSE_WIDTHS, list_baselines, narrowed_wid
 from selecsls.models.spec import ModelSpec
 from selecsls.models.validation import (
     GLOBAL_POOLS,
-    MAX_CLASSES,
     MAX_FEATURE_LEVELS,
     MAX_NAME,
     MAX_WIDTH,
@@ -34,9 +33,13 @@ from selecsls.models.validation import (
     check_bool,
     check_choice,
     check_crop_pct,
+    check_drop_rate,
     check_fields,
     check_img_side,
     check_int,
+    check_interpolation,
+    check_normalization,
+    check_num_classes,
     check_number,
     check_sequence,
     check_text,
@@ -85,13 +88,11 @@ class Preprocessing:
         channels, *sides = check_sequence("input_size", self.input_size, (3,), "integers")
         sides = [check_img_side("input_size", side) for side in sides]  # the limits of --img-size
         object.__setattr__(self, "input_size", (check_int("input_size", channels, 1, MAX_WIDTH), *sides))
-        for name in ("mean", "std"):
-            values = check_sequence(name, getattr(self, name), (1, 3), "numbers")
-            object.__setattr__(self, name, tuple(check_number(name, value, -1e6, 1e6) for value in values))
-        if min(self.std) <= 0:
-            raise InvalidInput("std must be positive")
+        mean, std = check_normalization(self.mean, self.std)
+        object.__setattr__(self, "mean", mean)
+        object.__setattr__(self, "std", std)
         object.__setattr__(self, "crop_pct", check_crop_pct("crop_pct", self.crop_pct))
-        object.__setattr__(self, "interpolation", check_text("interpolation", self.interpolation))
+        object.__setattr__(self, "interpolation", check_interpolation("interpolation", self.interpolation))
 
 
 @dataclass(frozen=True)
@@ -140,8 +141,8 @@ class ModelCard:
     def __post_init__(self) -> None:
         if not isinstance(self.architecture, ModelSpec):
             check_text("architecture", self.architecture, MAX_NAME)
-        check_int("num_classes", self.num_classes, 0, MAX_CLASSES)
-        check_number("drop_rate", self.drop_rate, 0.0, 0.999)
+        check_num_classes("num_classes", self.num_classes)
+        check_drop_rate("drop_rate", self.drop_rate)
         check_choice("global_pool", self.global_pool, GLOBAL_POOLS)
         check_choice("output_stride", self.output_stride, OUTPUT_STRIDES)
         check_bool("fused", self.fused)
@@ -312,7 +313,7 @@ class ModelCard:
             for side in check_sequence("pool_size", cfg["pool_size"], (2,), "integers"):
                 check_int("pool_size", side, 1, MAX_WIDTH)
         if "num_classes" in cfg:
-            check_int("num_classes", cfg["num_classes"], 0, MAX_CLASSES)
+            check_num_classes("num_classes", cfg["num_classes"])
         # A null value means the default.
         preprocessing, provenance = (
             {f.name: cfg[f.name] for f in fields(kind) if cfg.get(f.name) is not None}

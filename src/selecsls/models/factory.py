@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from fnmatch import fnmatch
 
+from selecsls._io import printable
 from selecsls.models.baselines import list_baselines
 from selecsls.models.build import build, describe, refuse_baseline_options, resolve_spec
 from selecsls.models.files import read_model_file
-from selecsls.models.loading import materialize
+from selecsls.models.loading import card_for, materialize
 from selecsls.models.spec import ModelSpec, list_variants
-from selecsls.models.weights import download, get_weights
+from selecsls.models.weights import cache_dir, default_weights, download, get_weights
 
 __all__ = ["create_model", "list_models", "resolve_spec"]
 
@@ -44,9 +46,11 @@ def create_model(
 
     ``pretrained=True`` downloads the variant's published ImageNet weights (a tag picks
     another entry: ``'selecsls60.xnect_original'``, see :mod:`selecsls.models.weights`);
-    ``checkpoint_path`` loads a local file of any layout. Either way the weights go through the one
-    loading pipeline (:mod:`selecsls.models.loading`): with ``fused=True`` and unfused weights,
-    BatchNorm is folded after loading.
+    ``checkpoint_path`` loads a local file of any layout as :func:`selecsls.load` does, with these
+    arguments as its overrides: a file with a saved description keeps its preprocessing, class names
+    and provenance (and must be of the named architecture), a plain state dict builds the named
+    model. Either way the weights go through the one loading pipeline (:mod:`selecsls.models.loading`):
+    with ``fused=True`` and unfused weights, BatchNorm is folded after loading.
     """
     if isinstance(name_or_spec, str) and name_or_spec in list_baselines():
         refuse_baseline_options(name_or_spec, dict(pretrained=pretrained, checkpoint_path=checkpoint_path))
@@ -58,8 +62,7 @@ def create_model(
             "load a custom or pruned model with checkpoint_path or selecsls.load"
         )
     weights = get_weights(name_or_spec) if pretrained else None
-    card = describe(
-        name_or_spec,
+    options = dict(
         num_classes=num_classes,
         in_chans=in_chans,
         drop_rate=drop_rate,
@@ -69,8 +72,28 @@ def create_model(
         output_stride=output_stride,
         fused=fused,
     )
+    card = describe(name_or_spec, **options)  # the options are checked before any file is read
     if weights is not None:
         return materialize(weights.describe(card), read_model_file(download(weights)))
     if checkpoint_path is not None:
-        return materialize(card, read_model_file(checkpoint_path))
+        if not os.path.exists(checkpoint_path):
+            raise _missing_checkpoint(checkpoint_path, name_or_spec)
+        file = read_model_file(checkpoint_path)
+        return materialize(card_for(file, name_or_spec, **options), file)
     return build(card)
+
+
+def _missing_checkpoint(path: str, name_or_spec: str | ModelSpec | dict) -> FileNotFoundError:
+    """A missing ``checkpoint_path``, with where it was looked for and the ways to weights that exist."""
+    published = default_weights(name_or_spec) if isinstance(name_or_spec, str) else None
+    where = "" if os.path.isabs(path) else f" (looked for in {printable(os.getcwd())})"
+    other = (
+        f"create_model({name_or_spec!r}, pretrained=True) downloads the published ImageNet weights once into "
+        f"{printable(str(cache_dir()))}, then works offline"
+        if published is not None
+        else "without checkpoint_path the model gets random weights"
+    )
+    return FileNotFoundError(
+        f"checkpoint_path {printable(path)} does not exist{where}: give the path of a model file (.pt, .pth, "
+        f".safetensors: ours, the reference's, timm's or a training run's best.pt); or {other}"
+    )

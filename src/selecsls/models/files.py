@@ -200,10 +200,11 @@ def _verified_hash(obj: Mapping[str, Any], source: str) -> str | None:
 
 
 def read_state_dict(path_or_state: PathLike | Mapping[str, Any]) -> StateDict:
-    """A checkpoint file (or loaded object) of any supported layout -> a state dict with our key names."""
+    """A checkpoint file (or loaded object) of any supported layout -> a state dict with our key names, identified
+    as every model file is (:func:`identify`: stored bytes, content hash, card, finite weights)."""
     if isinstance(path_or_state, Mapping):
-        return checkpoint_filter_fn(path_or_state)
-    return checkpoint_filter_fn(read_file(path_or_state), os.fspath(path_or_state))
+        return identify(path_or_state, "state dict").state
+    return read_model_file(path_or_state).state
 
 
 def to_payload(model: nn.Module) -> dict[str, Any]:

@@ -10,8 +10,9 @@
    (:func:`~selecsls.models.checkpoint.load_state`);
 5. **fold BatchNorm** if the card asks for a fused model and the weights are not (:func:`materialize`).
 
-:func:`load` runs them all; ``create_model(pretrained=/checkpoint_path=)`` (read, identify, then its own
-card), training's ``--init`` (its card edited) and ``--resume`` (a file already read) run the same steps.
+:func:`load` runs them all; ``create_model(checkpoint_path=)`` (its arguments as :func:`card_for`'s overrides),
+``create_model(pretrained=True)`` (the published entry's card), training's ``--init`` (its card edited) and
+``--resume`` (a file already read) run the same steps.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from typing import Any
 from torch import nn
 
 from selecsls._io import PathLike, one_line
-from selecsls.models.build import build, describe
+from selecsls.models.baselines import list_baselines
+from selecsls.models.build import build, describe, resolve_spec
 from selecsls.models.card import ModelCard
 from selecsls.models.checkpoint import load_state
 from selecsls.models.files import ModelFile, read_model_file
@@ -53,11 +55,21 @@ def load(path: PathLike, name: str | ModelSpec | None = None, **overrides: Any) 
     return materialize(card_for(file, name, **overrides), file)
 
 
-def card_for(file: ModelFile, name: str | ModelSpec | None = None, **overrides: Any) -> ModelCard:
-    """The card of the model to build from ``file``: its own with ``overrides``, or the one its shapes imply."""
+def card_for(file: ModelFile, name: str | ModelSpec | dict | None = None, **overrides: Any) -> ModelCard:
+    """The card of the model to build from ``file``: its own with ``overrides``, or the one its shapes imply.
+
+    ``name`` builds a plain state dict; a file with a card builds what its card says, and a ``name`` naming another
+    architecture is refused (the file's weights would not be the named model's)."""
     if file.card is None:
         return describe(name or _fitting_variant(file), **_implied_args(file) | overrides)
     card = file.card
+    if name is not None and not _names(name, card):
+        raise CheckpointError(
+            f"{file.source} holds a {card.name} model (its saved description), not {_shown(name)}: "
+            "load it without a model name (selecsls.load(path))"
+        )
+    if overrides.get("in_chans", card.in_chans) in (None, card.in_chans):  # a saved model keeps its channels
+        overrides.pop("in_chans", None)
     if not overrides:
         return card
     if isinstance(card.architecture, str):
@@ -80,6 +92,18 @@ def card_for(file: ModelFile, name: str | ModelSpec | None = None, **overrides: 
     rebuilt = describe(card.architecture, features_only=features_only, **args)
     labels = card.label_names if rebuilt.num_classes == card.num_classes else None  # else a new classifier
     return replace(rebuilt, preprocessing=card.preprocessing, label_names=labels, provenance=card.provenance)
+
+
+def _names(name: str | ModelSpec | dict, card: ModelCard) -> bool:
+    """Whether ``name`` (a variant, a tagged variant, a spec or a baseline) is the architecture ``card`` describes."""
+    if isinstance(card.architecture, str) or name in list_baselines():
+        return name == card.architecture
+    spec = resolve_spec(name.partition(".")[0] if isinstance(name, str) else name)
+    return spec.with_in_chans(card.in_chans) == card.architecture
+
+
+def _shown(name: str | ModelSpec | dict) -> str:
+    return name if isinstance(name, str) else f"the given spec {resolve_spec(name).name!r}"
 
 
 def _fitting_variant(file: ModelFile) -> str:

@@ -6,7 +6,8 @@ convs carry a bias and no BatchNorm), classifier or feature pyramid, stride 32/1
 
 from __future__ import annotations
 
-from typing import Any, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +16,13 @@ from torch.utils.checkpoint import checkpoint
 
 from selecsls.models.conv import SmallMapConv2d
 from selecsls.models.spec import BlockSpec, ModelSpec
-from selecsls.models.validation import GLOBAL_POOLS, OUTPUT_STRIDES
+from selecsls.models.validation import (
+    GLOBAL_POOLS,
+    OUTPUT_STRIDES,
+    check_choice,
+    check_drop_rate,
+    check_num_classes,
+)
 
 __all__ = [
     "ConvNormAct",
@@ -56,13 +63,12 @@ class ConcatConvNormAct(ConvNormAct):
     def __init__(self, part_widths: Sequence[int], out_chs: int, fused: bool = False) -> None:
         super().__init__(sum(part_widths), out_chs, 1, fused=fused)
         # Python ints, so tracing sees constant slices.
-        self.part_offsets: List[int] = [sum(part_widths[:i]) for i in range(len(part_widths) + 1)]
+        self.part_offsets: list[int] = [sum(part_widths[:i]) for i in range(len(part_widths) + 1)]
 
-    def forward(self, parts: List[Tensor]) -> Tensor:  # type: ignore[override]
+    def forward(self, parts: list[Tensor]) -> Tensor:  # type: ignore[override]
         if not self.training:
             return self.act(self.bn(self.conv(torch.cat(parts, 1))))
-        # Slices, not ``weight.split``: a list of views would stop torch.jit.freeze from
-        # turning the weight into a constant (list elements may alias anything).
+        # Slices of the one weight: the trained tensor stays the one the optimiser and the state dict see.
         weight, offsets = self.conv.weight, self.part_offsets
         out = F.conv2d(parts[0], weight[:, offsets[0] : offsets[1]], self.conv.bias)
         for i in range(1, len(parts)):
@@ -128,31 +134,25 @@ class SelecSLS(nn.Module):
         fused: build convs with a bias and no BatchNorm (see :func:`selecsls.fuse`).
     """
 
-    # Python-side metadata; TorchScript must not try to compile it.
-    __jit_unused_properties__ = ["build_args", "pretrained_cfg"]
     # ``card`` (a ModelCard: build, preprocessing, class names, provenance) is set by the builder,
     # :func:`selecsls.models.build.build`, which every model of the package comes from.
-    __jit_ignored_attributes__ = ["card"]
 
     def __init__(
         self,
         spec: ModelSpec,
         num_classes: int = 1000,
-        in_chans: Optional[int] = None,
+        in_chans: int | None = None,
         drop_rate: float = 0.0,
         global_pool: str = "avg",
-        output_stride: Optional[int] = None,
+        output_stride: int | None = None,
         fused: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(spec, ModelSpec):
             raise TypeError(f"spec must be a selecsls ModelSpec, got {type(spec).__name__}")
-        if output_stride not in OUTPUT_STRIDES:
-            raise ValueError(f"output_stride must be None (the published stride 64), 32, 16 or 8, got {output_stride}")
-        if num_classes < 0:
-            raise ValueError(f"num_classes must be >= 0, got {num_classes}")
-        if not 0.0 <= drop_rate < 1.0:
-            raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate}")
+        check_choice("output_stride", output_stride, OUTPUT_STRIDES)
+        check_num_classes("num_classes", num_classes)
+        check_drop_rate("drop_rate", drop_rate)
         spec = spec.with_in_chans(in_chans) if in_chans is not None else spec
         self.spec = spec
         self.num_classes = num_classes
@@ -169,7 +169,7 @@ class SelecSLS(nn.Module):
         feature_info.append(dict(num_chs=spec.stem_chs, reduction=schedule.reduction, module="stem"))
 
         blocks = []
-        self._block_taps: List[int] = [stage[-1] for stage in spec.stages()]
+        self._block_taps: list[int] = [stage[-1] for stage in spec.stages()]
         for i, block in enumerate(spec.blocks):
             stride, first_dil, dil = schedule.step(2 if block.first else 1)
             blocks.append(SelecSLSBlock(block, stride, dil, first_dil, fused))
@@ -179,7 +179,7 @@ class SelecSLS(nn.Module):
 
         head = []
         # Tap the last head conv at each resolution (stride 32 and 64 in the published head).
-        self._head_taps: List[int] = [
+        self._head_taps: list[int] = [
             i for i in range(len(spec.head)) if i + 1 == len(spec.head) or spec.head[i + 1].stride > 1
         ]
         in_chs = spec.blocks[-1].out_chs
@@ -231,17 +231,14 @@ class SelecSLS(nn.Module):
         """timm's view of :attr:`card`; edit the card (``dataclasses.replace``), not this dict."""
         return self.card.pretrained_cfg()
 
-    @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
         return self.fc
 
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """Replace the classifier (freshly initialised) for ``num_classes`` outputs."""
         if global_pool is not None:
-            if global_pool not in GLOBAL_POOLS:
-                raise ValueError(f"global_pool must be one of {GLOBAL_POOLS}, got {global_pool!r}")
-            self.global_pool = global_pool
-        if self.global_pool == "" and num_classes > 0:
+            self.global_pool = check_choice("global_pool", global_pool, GLOBAL_POOLS)
+        if check_num_classes("num_classes", num_classes) and self.global_pool == "":
             raise ValueError("global_pool='' returns unpooled feature maps; it needs num_classes=0")
         self.num_classes = num_classes
         self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
@@ -251,22 +248,21 @@ class SelecSLS(nn.Module):
             nn.init.normal_(self.fc.weight, std=0.01)
             nn.init.zeros_(self.fc.bias)
 
-    @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block in backward instead of storing its activations (less memory, same result)."""
         self.grad_checkpointing = enable
 
     # ----------------------------------------------------------------- forward
-    def _trunk(self, x: Tensor, tap_levels: List[int]) -> Tuple[Tensor, List[Tensor]]:
+    def _trunk(self, x: Tensor, tap_levels: list[int]) -> tuple[Tensor, list[Tensor]]:
         """Run stem, blocks and head; also return the outputs at the feature levels in ``tap_levels``."""
-        taps: List[Tensor] = []
+        taps: list[Tensor] = []
         x = self.stem(x)
         if 0 in tap_levels:
             taps.append(x)
         level = 1
         skip = x
         for i, block in enumerate(self.features):
-            if self.grad_checkpointing and not torch.jit.is_scripting():
+            if self.grad_checkpointing:
                 x = checkpoint(block, x, skip, use_reentrant=False)
             else:
                 x = block(x, skip)
@@ -286,7 +282,7 @@ class SelecSLS(nn.Module):
 
     def forward_features(self, x: Tensor) -> Tensor:
         """Input image batch -> last head feature map (``num_features`` channels, stride 64)."""
-        return self._trunk(x, [])[0].contiguous()  # eval's reordered convs return channels-last maps
+        return self._trunk(x, [])[0].contiguous()  # frozen convs (selecsls.freeze) return channels-last maps
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         if self.global_pool == "avg":
@@ -306,7 +302,7 @@ class SelecSLSFeatures(SelecSLS):
     Levels: 0 stem (stride 2), one per stage (4, 8, 16), then the head at 32 and 64.
     """
 
-    def __init__(self, spec: ModelSpec, out_indices: Optional[Sequence[int]] = None, **kwargs: Any) -> None:
+    def __init__(self, spec: ModelSpec, out_indices: Sequence[int] | None = None, **kwargs: Any) -> None:
         kwargs["num_classes"] = 0
         super().__init__(spec, **kwargs)
         levels = len(self.feature_info)
@@ -320,7 +316,7 @@ class SelecSLSFeatures(SelecSLS):
                 "each at most once"
             )
         self.out_indices = tuple(sorted(out_indices))
-        self.tap_levels: List[int] = list(self.out_indices)
+        self.tap_levels: list[int] = list(self.out_indices)
         self.feature_info = [self.feature_info[i] for i in self.out_indices]  # type: ignore[assignment]
 
     @property
@@ -329,5 +325,5 @@ class SelecSLSFeatures(SelecSLS):
         del args["num_classes"], args["global_pool"]
         return args | {"out_indices": self.out_indices}
 
-    def forward(self, x: Tensor) -> List[Tensor]:  # type: ignore[override]
+    def forward(self, x: Tensor) -> list[Tensor]:  # type: ignore[override]
         return [tap.contiguous() for tap in self._trunk(x, self.tap_levels)[1]]  # see forward_features

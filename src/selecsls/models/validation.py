@@ -22,14 +22,22 @@ __all__ = [
     "InvalidInput",
     "check_bool",
     "check_choice",
+    "check_area_fraction",
+    "check_color_jitter",
     "check_crop_pct",
+    "check_drop_rate",
     "check_fields",
+    "check_image_channels",
     "check_img_side",
     "check_img_size",
     "check_int",
+    "check_interpolation",
+    "check_normalization",
+    "check_num_classes",
     "check_number",
     "check_sequence",
     "check_text",
+    "check_threshold",
     "estimated_activation_bytes",
     "json_object",
 ]
@@ -60,6 +68,12 @@ MAX_IMG_SIZE = 4096
 MIN_CROP_PCT = 0.25
 OUTPUT_STRIDES = (None, 8, 16, 32)
 GLOBAL_POOLS = ("avg", "max", "")
+#: Resampling filters the image pipelines offer, by the names timm's ``pretrained_cfg`` uses.
+INTERPOLATIONS = ("bilinear", "bicubic")
+#: Channels an image pipeline produces: grayscale or RGB (a network may read others; images do not have them).
+IMAGE_CHANNELS = (1, 3)
+#: Largest magnitude of a normalisation mean or std (ImageNet's are below 1, 0-255 pixel statistics below 256).
+MAX_STATISTIC = 1e6
 #: Activation bytes per input pixel (batch 1) of an inference forward pass, an upper estimate
 #: from the published widths: the stem's 32 float32 maps at half resolution (32 bytes per input
 #: pixel) and the first stage's ~600 channels at a quarter (~150 if all were alive at once).
@@ -222,5 +236,56 @@ def check_img_size(
 
 
 def check_crop_pct(name: str, value: Any) -> float:
-    """A centre-crop fraction in [:data:`MIN_CROP_PCT`, 1], for a model file's ``crop_pct`` and ``--crop-pct``."""
+    """A centre-crop fraction in [:data:`MIN_CROP_PCT`, 1], for a model file's ``crop_pct``, ``--crop-pct`` and a
+    tensor cache's geometry."""
     return check_number(name, value, MIN_CROP_PCT, 1.0)
+
+
+# ------------------------------------------------------------------ models and image pipelines
+def check_num_classes(name: str, value: Any) -> int:
+    """Classifier outputs: 0 (no classifier) to :data:`MAX_CLASSES`."""
+    return check_int(name, value, 0, MAX_CLASSES)
+
+
+def check_drop_rate(name: str, value: Any) -> float:
+    """Dropout before the classifier: a probability below 1 (at 1 every feature would be zeroed)."""
+    return check_number(name, value, 0.0, 1.0, high_open=True)
+
+
+def check_threshold(name: str, value: Any) -> float:
+    """A pruning threshold on filter norms (or BN scales): >= 0 (0 removes only exactly-dead channels)."""
+    return check_number(name, value, 0.0)
+
+
+def check_area_fraction(name: str, value: Any) -> float:
+    """A random crop's share of the image area, in (0, 1]: ``--min-crop-area`` and each end of ``scale``."""
+    return check_number(name, value, 0.0, 1.0, low_open=True)
+
+
+def check_color_jitter(name: str, value: Any) -> float:
+    """Colour jitter in [0, :data:`MAX_COLOR_JITTER`]."""
+    return check_number(name, value, 0.0, MAX_COLOR_JITTER)
+
+
+def check_interpolation(name: str, value: Any) -> str:
+    """A resampling filter the image pipelines offer (:data:`INTERPOLATIONS`)."""
+    return check_choice(name, value, INTERPOLATIONS)
+
+
+def check_image_channels(name: str, value: Any) -> int:
+    """Channels of a model's images: 1 (grayscale) or 3 (RGB) (:data:`IMAGE_CHANNELS`)."""
+    return check_choice(name, value, IMAGE_CHANNELS)
+
+
+def check_normalization(mean: Any, std: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel normalisation statistics, 1 or 3 finite numbers each, ``std`` positive: for a model file's
+    card and the image pipelines alike."""
+    mean, std = _statistics("mean", mean), _statistics("std", std)
+    if min(std) <= 0:
+        raise InvalidInput(f"std must be positive, got {std}")
+    return mean, std
+
+
+def _statistics(name: str, values: Any) -> tuple[float, ...]:
+    values = check_sequence(name, values, (1, 3), "numbers")
+    return tuple(check_number(name, value, -MAX_STATISTIC, MAX_STATISTIC) for value in values)

@@ -4,7 +4,7 @@
 (seeded by seed, epoch, index). :class:`CachedBatches` reads uint8 rows of the tensor caches
 (:mod:`selecsls.data.tensor_cache`, built on first use) and augments whole batches on the
 training device (seeded by seed, epoch, step, process). Both yield
-:class:`~selecsls.data.datasets.Batch` tuples over the same indices, so the loop, resumption
+:class:`~selecsls.data.batching.Batch` tuples over the same indices, so the loop, resumption
 and validation subsets are the same for either.
 """
 
@@ -15,7 +15,9 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 import torch
 
 from selecsls.data.batch_augment import BatchTrainAugment
-from selecsls.data.datasets import Batch, IdxDataset, ImageFolder, TransformedDataset, build_loader
+from selecsls.data.batching import Batch, TransformedDataset, build_loader
+from selecsls.data.folders import ImageFolder
+from selecsls.data.idx import IdxDataset
 from selecsls.data.tensor_cache import CacheError, CacheGeometry, TensorCache, open_or_build
 from selecsls.data.transforms import EvalTransform, TrainTransform, seeded_generator
 from selecsls.train.config import SettingError, TrainConfig
@@ -87,9 +89,11 @@ def build_batches(
     eval_transform: EvalTransform,
     workers: Workers,
     log: Callable[[str], None],
+    samples: dict[str, Sequence[int]] | None = None,
 ) -> FileBatches | CachedBatches:
     """The run's batch source: the tensor caches in ``config.data_cache`` (built by the main
-    process on first use while the others wait), else the image files."""
+    process on first use while the others wait; of the ``samples`` a split's batches draw from,
+    default all), else the image files."""
     if not config.data_cache:
         return FileBatches(train_data, val_data, train_transform, eval_transform, config)
     if not isinstance(train_data, ImageFolder) or not isinstance(val_data, ImageFolder):
@@ -100,11 +104,14 @@ def build_batches(
         "val": CacheGeometry(eval_transform.img_size, eval_transform.crop_pct, eval_transform.interpolation, in_chans),
     }
     folders = {"train": train_data, "val": val_data}
+    samples = samples or {}
 
     def open_caches() -> dict[str, TensorCache]:
         try:
             return {
-                split: open_or_build(folders[split], config.data_cache, split, geometry, config.workers, log)
+                split: open_or_build(
+                    folders[split], config.data_cache, split, geometry, config.workers, log, samples.get(split)
+                )
                 for split, geometry in geometries.items()
             }
         except CacheError as exc:

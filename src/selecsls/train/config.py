@@ -16,9 +16,11 @@ from typing import Any
 
 from selecsls.train.recipes import RECIPES, get_recipe
 
-__all__ = ["DEFAULT_MODEL", "SettingError", "TrainConfig", "resolved_path"]
+__all__ = ["DEFAULT_IMG_SIZE", "DEFAULT_MODEL", "SettingError", "TrainConfig", "resolved_path"]
 
 DEFAULT_MODEL = "selecsls42b"
+#: The training image side of a new model (the published models' size).
+DEFAULT_IMG_SIZE = 224
 
 
 class SettingError(ValueError):
@@ -60,7 +62,11 @@ class TrainConfig:
     init: str | None = _setting(
         help="fine-tune from this model file (a new class count re-initialises the classifier)", metavar="CHECKPOINT"
     )
-    img_size: int = _setting(224)
+    img_size: int | None = _setting(
+        help=f"training image side in pixels (default {DEFAULT_IMG_SIZE}; with --init, the size the file records, "
+        "as eval and predict use)",
+        metavar="PIXELS",
+    )
     in_chans: int = _setting(
         3, "input channels of a new model: 3 (grayscale is expanded) or 1; with --init, the file's"
     )
@@ -82,8 +88,10 @@ class TrainConfig:
     color_jitter: float = _setting(0.0, "brightness/contrast/saturation jitter strength")
     min_crop_area: float = _setting(0.08, "smallest random-resized-crop area fraction")
     data_cache: str | None = _setting(
-        help="decode the image folders once into uint8 tensor caches in DIR (built on first use, refused when the "
-        "images change) and augment whole batches on the training device: for small images such as CIFAR's",
+        help="decode the images a run uses once into uint8 tensor caches in DIR (built on first use, its size said "
+        "first; refused when an image's path, size or modification time changes, a same-size edit that keeps the "
+        "modification time is not seen: delete the cache then) and augment whole batches on the training device: "
+        "for small images such as CIFAR's",
         metavar="DIR",
     )
     seed: int = _setting(0)
@@ -91,6 +99,11 @@ class TrainConfig:
     val_limit: int | None = _setting(
         help="validate on N validation images, class-balanced (the same draw for every seed and for eval --limit N)",
         metavar="N",
+    )
+    label_gaps: bool = _setting(
+        False,
+        "accept IDX training labels that skip class indices (e.g. 0-9 and a stray 255, refused otherwise): every "
+        "index up to the largest becomes a class",
     )
     # How the run is carried out, not what it computes: may change between resumptions.
     resume: bool = _setting(False, "continue the run saved in output/last.pt")
@@ -107,18 +120,30 @@ class TrainConfig:
     workers: int = _setting(2, "data-loading processes (0: load in the main process)")
     progress: bool = _setting(True, "progress bars (shown on a terminal only)")
 
-    CARRIED_OUT = frozenset({"output", "save_every", "stop_after", "workers", "resume", "overwrite", "progress"})
+    #: ``label_gaps`` only permits data that is refused without it, so it is not a setting a resumption must match.
+    CARRIED_OUT = frozenset(
+        {"output", "save_every", "stop_after", "workers", "resume", "overwrite", "progress", "label_gaps"}
+    )
     #: Settings naming files: compared (and saved) as resolved absolute paths, so a run resumes from
     #: another working directory or with the same data spelled another way.
     PATHS = frozenset({"data", "init", "data_cache"})
 
     def run_settings(self) -> dict[str, Any]:
-        """The settings a resumed run must share with the saved one (paths resolved)."""
-        return {
+        """The settings a resumed run must share with the saved one (paths resolved; without ``init``, the
+        image size a run without ``img_size`` trains at, as runs saved before that default was written)."""
+        settings = {
             f.name: resolved_path(getattr(self, f.name)) if f.name in self.PATHS else getattr(self, f.name)
             for f in fields(self)
             if f.name not in self.CARRIED_OUT
         }
+        if self.init is None:
+            settings["img_size"] = self.training_img_size(None)
+        return settings
+
+    def training_img_size(self, recorded: int | None) -> int:
+        """The side images are trained at: ``img_size``, else the size the ``init`` file records
+        (``recorded``), else :data:`DEFAULT_IMG_SIZE`."""
+        return next(size for size in (self.img_size, recorded, DEFAULT_IMG_SIZE) if size is not None)
 
     def _check_outside_the_images(self) -> None:
         """An output or a cache inside a split's folder would be read as one more class of images."""
@@ -144,9 +169,10 @@ class TrainConfig:
         from selecsls._io import OutputError, check_output
         from selecsls.models.factory import list_models
         from selecsls.models.validation import (
-            MAX_COLOR_JITTER,
             MAX_SEED,
-            check_choice,
+            check_area_fraction,
+            check_color_jitter,
+            check_image_channels,
             check_img_size,
             check_int,
             check_number,
@@ -156,15 +182,16 @@ class TrainConfig:
             for name in ("epochs", "batch_size", "limit", "val_limit", "stop_after"):
                 if getattr(self, name) is not None:
                     check_int(f"{{{name}}}", getattr(self, name))
-            check_img_size(self.img_size, "{img_size}", self.batch_size, training=True, batch_name="{batch_size}")
-            check_choice("{in_chans}", self.in_chans, (1, 3))
+            if self.img_size is not None:  # else the init file's size, checked once it is read (train.loop)
+                check_img_size(self.img_size, "{img_size}", self.batch_size, training=True, batch_name="{batch_size}")
+            check_image_channels("{in_chans}", self.in_chans)
             check_int("{save_every}", self.save_every, low=0)
             check_int("{workers}", self.workers, low=0)
             check_int("{seed}", self.seed, 0, MAX_SEED)
             check_number("{ema_decay}", self.ema_decay, 0.0, 1.0, high_open=True)
             check_number("{smoothing}", self.smoothing, 0.0, 1.0, high_open=True)
-            check_number("{color_jitter}", self.color_jitter, 0.0, MAX_COLOR_JITTER)
-            check_number("{min_crop_area}", self.min_crop_area, 0.0, 1.0, low_open=True)
+            check_color_jitter("{color_jitter}", self.color_jitter)
+            check_area_fraction("{min_crop_area}", self.min_crop_area)
             for name in ("lr", "weight_decay", "warmup_epochs", "clip_grad"):  # zero lr or clipping norm: no step
                 if getattr(self, name) is not None:
                     check_number(f"{{{name}}}", getattr(self, name), 0.0, low_open=name in ("lr", "clip_grad"))

@@ -9,7 +9,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["Workers"]
+__all__ = ["Workers", "backend_for"]
+
+
+def backend_for(device: torch.device) -> str:
+    """The process group's backends for training on ``device``: gloo for CPU tensors whatever the device (the
+    loop's sums and votes are CPU float64), NCCL for the CUDA tensors DDP reduces when training on GPUs.
+    An NCCL-only group would refuse the CPU reductions ("No backend type associated with device type cpu")."""
+    return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
 
 
 @dataclass(frozen=True)
@@ -36,7 +43,7 @@ class Workers:
         if world_size > 1:
             if device.type == "cuda":
                 torch.cuda.set_device(device)
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            dist.init_process_group(backend_for(device))
         return cls(int(os.environ.get("RANK", "0")), world_size, device)
 
     def stop(self) -> None:
@@ -57,9 +64,10 @@ class Workers:
                 dist.broadcast(tensor.data, 0)
 
     def sum(self, values: list[float]) -> list[float]:
-        """Element-wise sum over all processes."""
+        """Element-wise sum over the process group (on the CPU, in float64: counts stay exact); a lone process's
+        own values outside one."""
         tensor = torch.tensor(values, dtype=torch.float64)
-        if self.distributed:
+        if dist.is_available() and dist.is_initialized():
             dist.all_reduce(tensor)
         return tensor.tolist()
 

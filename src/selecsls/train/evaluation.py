@@ -17,16 +17,11 @@ import torch.distributed as dist
 from torch import nn
 
 from selecsls._io import printable
-from selecsls.data.datasets import (
-    IdxDataset,
-    ImageFolder,
-    TransformedDataset,
-    UnknownClassError,
-    balanced_subset,
-    build_dataset,
-    build_loader,
-    training_classes,
-)
+from selecsls.data.batching import TransformedDataset, balanced_subset, build_loader
+from selecsls.data.classes import UnknownClassError
+from selecsls.data.datasets import build_dataset
+from selecsls.data.folders import ImageFolder, training_classes
+from selecsls.data.idx import IdxDataset
 from selecsls.data.transforms import eval_transform_for
 from selecsls.models.compare import check_finite_outputs
 from selecsls.models.validation import check_crop_pct, check_img_size, check_int
@@ -155,13 +150,15 @@ def evaluate_checkpoint(
     batch_size: int = 64,
     workers: int = 0,
     limit: int | None = None,
+    loaded: nn.Module | None = None,
 ) -> dict[str, Any]:
     """Score a saved model (dense, pruned or a training checkpoint) on the val split of ``data``.
 
     Preprocessing defaults to what the model's card records (training stores
     its image size there); the arguments override it. Classes are matched as
     :func:`validation_data` says; ``limit`` scores a class-balanced subset (seed
-    :data:`VAL_SUBSET_SEED`, the one training validates on).
+    :data:`VAL_SUBSET_SEED`, the one training validates on). ``loaded`` is the model
+    ``checkpoint`` holds when a higher layer loaded it (an AOTInductor package, ``.pt2``).
     """
     from selecsls.models.loading import load
 
@@ -173,7 +170,7 @@ def evaluate_checkpoint(
     check_int("--workers", workers, low=0)
     if limit is not None:
         check_int("--limit", limit)
-    model = load(checkpoint, model_name)
+    model = load(checkpoint, model_name) if loaded is None else loaded
     transform = eval_transform_for(model.card.preprocessing, img_size, crop_pct, interpolation)
     if img_size is None:  # the size the file records meets --img-size's limits, memory at this batch included
         check_img_size(transform.img_size, f"the input size {printable(os.fspath(checkpoint))} records", batch_size)

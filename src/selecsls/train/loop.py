@@ -20,7 +20,7 @@ import math
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -28,19 +28,24 @@ from torch.utils.data.distributed import DistributedSampler
 
 from selecsls._io import atomic_write
 from selecsls.compress.sparsity import bn_scales, scale_statistics
-from selecsls.data.datasets import IdxDataset, ImageFolder, balanced_subset, build_dataset
+from selecsls.data.batching import balanced_subset
+from selecsls.data.datasets import build_dataset
+from selecsls.data.folders import ImageFolder
+from selecsls.data.idx import IdxDataset
 from selecsls.data.transforms import build_eval_transform, build_train_transform
 from selecsls.models.build import build, describe
 from selecsls.models.files import identify, read_model_file
 from selecsls.models.loading import card_for, materialize
+from selecsls.models.validation import check_img_size
 from selecsls.train.batches import build_batches
 from selecsls.train.config import DEFAULT_MODEL, SettingError, TrainConfig
 from selecsls.train.distributed import Workers
 from selecsls.train.evaluation import VAL_SUBSET_SEED, evaluate
 from selecsls.train.optimization import Optimization
 from selecsls.train.ownership import OutputDirectory, owned_output
-from selecsls.train.reporting import Reporter, check_dependencies
+from selecsls.train.reporting import Reporter, check_dependencies, epoch_line
 from selecsls.train.state import (
+    DIVERGENCE_FIX,
     Position,
     TrainingDiverged,
     check_finite_weights,
@@ -55,6 +60,19 @@ __all__ = ["TrainConfig", "TrainingInterrupted", "train"]
 #: An epoch in which more than this fraction of the training images could not be read is refused:
 #: the data is broken, and a model trained on what is left would be silently wrong.
 MAX_SKIPPED_FRACTION = 0.5
+#: Steps between checks that the loss is finite (timm's log interval): a check waits for the device once, so the
+#: steps in between queue without a host synchronisation. A check also runs before every save and at each epoch's
+#: end, so a non-finite loss stops the run before anything is saved from past it.
+LOSS_CHECK_INTERVAL = 50
+
+
+class StepLoss(NamedTuple):
+    """A step's loss, still on the device, until the next check."""
+
+    step: int  # the batch of the epoch (from 0)
+    lr: float
+    loss: torch.Tensor
+    samples: int
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -78,6 +96,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
             return run.fit()
     except KeyboardInterrupt:
         raise TrainingInterrupted(output.interrupted() if output is not None else "nothing was written") from None
+    except TrainingDiverged as exc:  # said once the directory is settled: what it holds now
+        kept = output.kept() if output is not None else "nothing was written"
+        raise TrainingDiverged(f"{exc}; {kept}. {DIVERGENCE_FIX}") from None
     finally:
         workers.stop()
 
@@ -104,7 +125,13 @@ def build_model(config: TrainConfig, data: ImageFolder | IdxDataset, saved: dict
     else:
         file, card = None, describe(config.model or DEFAULT_MODEL, num_classes=num_classes, in_chans=config.in_chans)
     labels = None if data.label_names is None else tuple(data.label_names)
-    card = replace(card.with_image_size(config.img_size, config.img_size), label_names=labels)
+    img_size = config.training_img_size(None if file is None else card.preprocessing.input_size[-1])
+    if config.img_size is None and file is not None:  # the recorded size meets {img_size}'s limits at this batch
+        try:
+            check_img_size(img_size, f"the input size {config.init} records", config.batch_size, training=True)
+        except ValueError as exc:
+            raise SettingError(f"{exc}; or give {{img_size}}") from None
+    card = replace(card.with_image_size(img_size, img_size), label_names=labels)
     return build(card) if file is None else materialize(card, file)
 
 
@@ -121,30 +148,41 @@ class Run:
             self.report.log(f"no {self.output / 'last.pt'} yet: starting the run from scratch")
         self.model = self._prepare_model(saved)
         self.optimization = Optimization(self.model, config, self.steps_per_epoch, workers.wrap)
+        self.report.log(f"learning rate: {self.optimization.schedule_note}")
         self.position = Position()
         self.history: list[dict[str, Any]] = []
         self.best_top1 = -1.0
         self.skipped_examples: list[str] = []
+        self.unchecked: list[StepLoss] = []
         if saved is not None:
             self._restore(saved)
-        in_chans = self.model.card.in_chans
+        in_chans, img_size = self.model.card.in_chans, self.model.card.preprocessing.input_size[-1]
+        self.report.log(self._size_note(img_size))
         self.batches = build_batches(
             config,
             self.train_data,
             self.val_data,
             build_train_transform(
-                config.img_size, scale=(config.min_crop_area, 1.0), color_jitter=config.color_jitter, in_chans=in_chans
+                img_size, scale=(config.min_crop_area, 1.0), color_jitter=config.color_jitter, in_chans=in_chans
             ),
-            build_eval_transform(config.img_size, in_chans=in_chans),
+            build_eval_transform(img_size, in_chans=in_chans),
             workers,
             self.report.log,
+            {"train": self.train_indices, "val": self.val_indices},
         )
+
+    def _size_note(self, img_size: int) -> str:
+        """Where the training image size comes from."""
+        if self.config.img_size is not None:
+            return f"training at {img_size}x{img_size} px"
+        source = f"the size {self.config.init} records" if self.config.init else "the default"
+        return f"training at {img_size}x{img_size} px ({source}; --img-size to change)"
 
     def _prepare_data(self) -> None:
         """Index lists into the datasets (class-balanced subsets with a limit); transforms are applied per
         (seed, epoch, index)."""
         config, workers = self.config, self.workers
-        self.train_data = build_dataset(config.data, "train")
+        self.train_data = build_dataset(config.data, "train", label_gaps=config.label_gaps)
         self.val_data = build_dataset(config.data, "val", classes=self.train_data.classes)
         self.train_indices = balanced_subset(self.train_data.targets, config.limit, config.seed)
         self.val_indices = balanced_subset(self.val_data.targets, config.val_limit, VAL_SUBSET_SEED)
@@ -187,10 +225,12 @@ class Run:
     def fit(self) -> dict[str, Any]:
         last_epoch = min(self.config.epochs, self.config.stop_after or self.config.epochs)
         while self.position.epoch < last_epoch:
+            started = time.perf_counter()
             self._train_epoch()
             record = self._training_record()
             check_finite_weights(self.model)  # diverged: said so before validation finds the outputs non-finite
             top1, best_model = self._validate_epoch(record)
+            record["epoch_seconds"] = time.perf_counter() - started
             self._end_epoch(record, top1, best_model)
         if self.position.epoch < self.config.epochs:
             self.report.log(
@@ -225,21 +265,18 @@ class Run:
             self.skipped_examples = (self.skipped_examples + [s.path for s in skipped])[:3]
             # BatchNorm needs two samples; every process must agree to step or all would hang.
             if self.workers.all_agree(len(targets) >= 2):
-                loss = optimization.step(images, targets)
-                if not self.workers.all_agree(math.isfinite(loss)):
-                    raise TrainingDiverged(
-                        f"training diverged at epoch {position.epoch + 1}, batch {position.step + 1}: the loss is "
-                        f"{loss:g} (lr {optimization.lr:.3g}); last.pt and best.pt keep the last finite state. "
-                        "Lower the learning rate (--lr) or clip the gradients (--clip-grad)"
-                    )
-                position.loss_sum += loss * len(targets)
-                position.samples += len(targets)
+                loss = optimization.step(images, targets)  # queued on the device: read at the next check
+                self.unchecked.append(StepLoss(position.step, optimization.lr, loss, len(targets)))
             optimization.scheduler.step()
             position.step += 1
             position.global_step += 1
+            checked = position.global_step % LOSS_CHECK_INTERVAL == 0 or position.step == self.steps_per_epoch
+            if checked:
+                self._check_losses()  # waits for the device: counted in the step's time
             position.seconds += time.perf_counter() - start
             if bar is not None:
                 bar.update()
+            if bar is not None and checked:  # the sums are up to date
                 bar.set_postfix(
                     loss=f"{position.loss_sum / max(position.samples, 1):.4f}",
                     lr=f"{optimization.lr:.2e}",
@@ -253,6 +290,26 @@ class Run:
                 self._save_last()
         if bar is not None:
             bar.close()
+
+    def _check_losses(self) -> None:
+        """Add the unchecked steps' losses to the epoch's sums once they are known finite in every process.
+
+        One host synchronisation for all of them. Their sums over the processes are compared, so every process
+        finds the same first non-finite step and stops alike (one stopping alone would leave the others waiting).
+        """
+        unchecked, self.unchecked = self.unchecked, []
+        if not unchecked:  # the same in every process: they agree on every step taken
+            return
+        losses = torch.stack([entry.loss for entry in unchecked]).double().cpu().tolist()
+        summed = self.workers.sum(losses)
+        for entry, loss, total in zip(unchecked, losses, summed):
+            if not math.isfinite(total):
+                raise TrainingDiverged(
+                    f"training diverged at epoch {self.position.epoch + 1}, batch {entry.step + 1}: the loss is "
+                    f"{total / self.workers.world_size:g} (lr {entry.lr:.3g})"
+                )
+            self.position.loss_sum += loss * entry.samples
+            self.position.samples += entry.samples
 
     def _training_record(self) -> dict[str, Any]:
         """The epoch's training figures summed over processes; an epoch that could not read its data stops."""
@@ -295,7 +352,7 @@ class Run:
     def _end_epoch(self, record: dict[str, Any], top1: float, best_model: nn.Module) -> None:
         """Record the epoch, move to the next one and save: ``best.pt`` if it is the best yet, ``last.pt``."""
         self.history.append(record)
-        self.report.log(json.dumps({key: value for key, value in record.items() if key != "gamma_histogram"}))
+        self.report.log(epoch_line(record, self.config.epochs))
         self.position.next_epoch()
         is_best = top1 > self.best_top1
         if is_best:
@@ -328,6 +385,7 @@ class Run:
         return evaluate(model, batches, self.workers.device, self.config.amp, self.config.channels_last)
 
     def _save_last(self) -> None:
+        self._check_losses()  # every process: nothing past a non-finite loss is saved
         if self.workers.is_main:
             state = self.optimization.state_dict()
             save_last(self.config, self.model, state, self.position, self.history, self.best_top1)

@@ -13,7 +13,11 @@ from selecsls.train.config import TrainConfig
 from selecsls.train.evaluation import autocast_for
 from selecsls.train.recipes import WarmupCosine, build_optimizer, get_recipe
 
-__all__ = ["Optimization"]
+__all__ = ["MAX_DEFAULT_WARMUP_FRACTION", "Optimization"]
+
+#: The recipe's warm-up takes at most this fraction of a run's steps: a short run (a 1-epoch fine-tune) would
+#: otherwise spend most of it at a tiny learning rate and end near chance. A given ``warmup_epochs`` is kept.
+MAX_DEFAULT_WARMUP_FRACTION = 0.1
 
 
 class Optimization:
@@ -35,9 +39,18 @@ class Optimization:
             config.lr if config.lr is not None else recipe.lr,
             config.weight_decay if config.weight_decay is not None else recipe.weight_decay,
         )
-        warmup_epochs = config.warmup_epochs if config.warmup_epochs is not None else recipe.warmup_epochs
         total_steps = config.epochs * steps_per_epoch
-        warmup_steps = min(round(warmup_epochs * steps_per_epoch), total_steps // 2)
+        if config.warmup_epochs is not None:  # validated: at most half the run
+            warmup_steps = min(round(config.warmup_epochs * steps_per_epoch), total_steps // 2)
+            self.schedule_note = f"warm-up {warmup_steps} of {total_steps} steps"
+        else:
+            cap = int(MAX_DEFAULT_WARMUP_FRACTION * total_steps)
+            warmup_steps = min(round(recipe.warmup_epochs * steps_per_epoch), cap)
+            self.schedule_note = (
+                f"warm-up {warmup_steps} of {total_steps} steps (the recipe's {recipe.warmup_epochs:g} epoch(s)"
+            )
+            self.schedule_note += f", at most {MAX_DEFAULT_WARMUP_FRACTION:.0%} of the run; --warmup-epochs to change)"
+        self.schedule_note += ", then cosine decay to 0"
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, WarmupCosine(warmup_steps, total_steps))
         self.scaler = torch.amp.GradScaler(self.device.type) if config.amp == "fp16" else None
         self.ema = (
@@ -52,8 +65,9 @@ class Optimization:
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
 
-    def step(self, images: torch.Tensor, targets: torch.Tensor) -> float:
-        """One forward/backward/update on a batch (AMP, gradient clipping, EMA); returns the loss."""
+    def step(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """One forward/backward/update on a batch (AMP, gradient clipping, EMA); returns the loss, on the device
+        (reading it would wait for the device: the loop checks losses in groups)."""
         images = images.to(self.device, non_blocking=True)
         targets = targets.to(self.device, non_blocking=True)
         if self.config.channels_last:
@@ -76,7 +90,7 @@ class Optimization:
             self.optimizer.step()
         if self.ema is not None:
             self.ema.update_parameters(self.model)
-        return float(loss.detach())
+        return loss.detach()
 
     def state_dict(self) -> dict[str, Any]:
         return {

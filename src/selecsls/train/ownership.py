@@ -5,6 +5,8 @@ This module is the one place that deletes anything in an output directory.
 * A lock (``flock`` on ``.selecsls-train.lock``, which names the holder: pid, host, start time)
   is held for the whole run; a second run into the same directory refuses, naming the holder.
   The kernel releases the lock when its process dies, so a killed run never blocks the next.
+  A run that ends deletes the lock file while it still holds the lock, so a finished run folder
+  holds only results; a run that locked a file deleted meanwhile locks the new one instead.
 * A fresh run refuses a directory holding an earlier run's results; ``resume`` continues them.
   ``overwrite`` moves them aside (into ``.selecsls-replaced/``), and only once the run has checked
   and read everything it needs (:meth:`OutputDirectory.replace_earlier`: data, model, ``init``
@@ -83,11 +85,20 @@ class OutputDirectory:
         aside.rmdir()
         return True
 
+    def kept(self) -> str:
+        """What the directory holds after a run that stopped early (once :func:`owned_output` has settled it)."""
+        if self.restored:
+            return f"nothing of this run was saved; {printable(self.path)} holds the earlier run's results as before"
+        saved = [name for name in ("last.pt", "best.pt") if (self.path / name).exists()]
+        if not saved:
+            return "nothing was saved"
+        return f"{' and '.join(saved)} in {printable(self.path)} keep the run's last save, made before it stopped"
+
     def interrupted(self) -> str:
         """What an interrupted run leaves, and how to go on."""
         last = self.path / "last.pt"
         if self.restored:
-            return f"nothing of this run was saved; {printable(self.path)} holds the earlier run's results as before"
+            return self.kept()
         if last.exists():
             return f"continue from the last save, {printable(last)}, with the same command and --resume"
         return "nothing was saved yet; run the command again to start"
@@ -138,12 +149,15 @@ def owned_output(config: TrainConfig, workers: Workers) -> Iterator[OutputDirect
             if created and [p.name for p in output.path.iterdir()] == [LOCK_NAME]:
                 (output.path / LOCK_NAME).unlink()
                 output.path.rmdir()
+                lock.close()
+                lock = None
         raise
     else:
         if lock is not None:
             output.settle()
     finally:
         if lock is not None:
+            (output.path / LOCK_NAME).unlink(missing_ok=True)  # still held: no other run can be using it
             lock.close()  # closing the descriptor releases the lock
 
 
@@ -151,20 +165,34 @@ def _lock(path: Path) -> IO:
     """The lock file, opened and locked, now naming this process; SettingError if another run holds it."""
     import fcntl  # POSIX only, like the rest of the run-directory handling
 
-    handle = open(path, "a+")  # noqa: SIM115 (held open for the whole run: closing it releases the lock)
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        holder = printable(handle.read(500).strip()) or "holder unknown"
-        handle.close()
-        raise SettingError(
-            f"another training run is using {printable(path.parent)} ({holder}); "
-            "wait for it to finish or choose another {output}"
-        ) from None
+    while True:
+        handle = open(path, "a+")  # noqa: SIM115 (held open for the whole run: closing it releases the lock)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = printable(handle.read(500).strip()) or "holder unknown"
+            handle.close()
+            raise SettingError(
+                f"another training run is using {printable(path.parent)} ({holder}); "
+                "wait for it to finish or choose another {output}"
+            ) from None
+        if _same_file(handle, path):
+            break
+        handle.close()  # the run that held it ended and deleted it: lock the file now at the path
     handle.seek(0)
     handle.truncate()
     started = datetime.datetime.now().isoformat(timespec="seconds")
     handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": started}) + "\n")
     handle.flush()
     return handle
+
+
+def _same_file(handle: IO, path: Path) -> bool:
+    """Whether ``handle`` is still the file at ``path`` (not one deleted since it was opened)."""
+    try:
+        named = path.stat()
+    except FileNotFoundError:
+        return False
+    held = os.fstat(handle.fileno())
+    return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)

@@ -1,7 +1,7 @@
 """What a run tells the user: log lines, progress bars, metrics.jsonl, the training curve, the sparsity report.
 
-Only the main process reports. Progress bars show on a terminal only; in a log file each epoch
-is one JSON line instead.
+Only the main process reports. Progress bars show on a terminal only. Each epoch ends with one line
+a person reads (epoch, loss, top-1, time); every figure of it is in metrics.jsonl.
 """
 
 from __future__ import annotations
@@ -17,7 +17,14 @@ from selecsls._optional import require
 from selecsls.compress.sparsity import analyze_sparsity, bn_scales
 from selecsls.models.network import SelecSLS
 
-__all__ = ["Reporter", "check_dependencies", "progress_bar", "write_gamma_histograms", "write_training_curve"]
+__all__ = [
+    "Reporter",
+    "check_dependencies",
+    "epoch_line",
+    "progress_bar",
+    "write_gamma_histograms",
+    "write_training_curve",
+]
 
 
 def check_dependencies(progress: bool) -> None:
@@ -30,6 +37,21 @@ def check_dependencies(progress: bool) -> None:
 def progress_bar(**options: Any):
     """A tqdm bar that shows on a terminal and stays silent otherwise (no carriage returns in logs)."""
     return require("tqdm", "for progress bars").tqdm(disable=None, dynamic_ncols=True, **options)
+
+
+def epoch_line(record: dict[str, Any], epochs: int) -> str:
+    """The end-of-epoch log line: the numbers a person reads first; the rest is in metrics.jsonl."""
+    parts = [
+        f"epoch {record['epoch']}/{epochs}",
+        f"train loss {record['train_loss']:.4f}",
+        f"val loss {record['val_loss']:.4f}",
+        f"top-1 {record['val_top1']:.2f}%",
+    ]
+    if "ema_val_top1" in record:
+        parts.append(f"EMA top-1 {record['ema_val_top1']:.2f}%")
+    minutes, seconds = divmod(round(record.get("epoch_seconds", 0.0)), 60)
+    parts += [f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s", f"lr {record['lr']:.2e}"]
+    return "  ".join(parts)
 
 
 class Reporter:
@@ -57,14 +79,15 @@ class Reporter:
         write_gamma_histograms(history, self.output / "gamma_histograms.png")
 
     def sparsity(self, model: nn.Module, threshold: float = 1e-3) -> float | None:
-        """Fraction of channels with |gamma| < threshold (pruning candidates); prints the per-layer analysis.
+        """Fraction of channels whose fused filter norm is below threshold (pruning candidates, the criterion
+        of :func:`~selecsls.compress.sparsity.analyze_sparsity`, fused or not); prints the per-layer analysis.
 
-        A fused SelecSLS (e.g. fine-tuned after pruning) is scored by fused filter norm instead;
-        a baseline without BatchNorm has nothing to report (None).
+        A baseline is scored by |gamma|; one without BatchNorm has nothing to report (None).
         """
         if isinstance(model, SelecSLS):
             report = analyze_sparsity(model, threshold)
-            self.log(report.table())
+            if report.inactive_channels:  # a table of zeros says nothing the summary line does not
+                self.log(report.table())
             low, total, criterion = report.inactive_channels, report.total_channels, report.criterion
         else:
             scales = bn_scales(model)

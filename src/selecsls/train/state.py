@@ -20,6 +20,7 @@ from selecsls.train.config import SettingError, TrainConfig, resolved_path
 
 __all__ = [
     "Position",
+    "DIVERGENCE_FIX",
     "TrainingDiverged",
     "check_finite_weights",
     "read_saved_run",
@@ -78,13 +79,17 @@ class TrainingDiverged(RuntimeError):
     """The loss or the weights became NaN or infinite: the run stops, its last saves stay as they were."""
 
 
+#: What to change after a divergence (:func:`selecsls.train.loop.train` adds it, after what the directory holds).
+DIVERGENCE_FIX = "Lower the learning rate (--lr) or clip the gradients (--clip-grad)"
+
+
 def check_finite_weights(model: nn.Module) -> None:
     """Refuse to save non-finite weights: a diverged model must never replace a good best.pt or last.pt."""
     bad = non_finite(model.state_dict())
     if bad:
         raise TrainingDiverged(
-            f"training diverged: the weights hold NaN or infinity ({bad[0]}, {len(bad)} tensor(s)); nothing was "
-            "saved, last.pt and best.pt keep the last finite state. Lower --lr, or add --clip-grad"
+            f"training diverged: the weights hold NaN or infinity ({bad[0]}, {len(bad)} tensor(s)), so they were not "
+            "saved"
         )
 
 

@@ -1,4 +1,10 @@
-"""The CIFAR-10 study's report: every finished step collected into one JSON, its plots and tables."""
+"""The study's report: every finished step collected into one JSON, its plots and tables.
+
+Results come from the JSON files the steps wrote (``selecsls eval --json-out``, ``bench``'s JSON,
+the runs' metrics.jsonl, the fair test's records). The report merges into the JSON it updates: an
+entry whose files are no longer under ``--out`` (a run folder of an earlier session) is kept as the
+earlier report recorded it, so no study result is lost when run folders are.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +13,13 @@ import os
 import shutil
 from pathlib import Path
 
-from cifar10_head_to_head import collect as head_to_head_rows
-from cifar10_runs import PUBLISHED_CHECK_IMAGES, PUBLISHED_MODEL, RUN_LISTS, Preset, run_history
+import fair_test
+import head_to_head
+import torch
+from presets import FAIR_TEST_CELLS, PUBLISHED_CHECK_IMAGES, PUBLISHED_MODEL, THRESHOLD, Preset
+from steps import Study, write_json
+
+import selecsls
 
 
 def sparsity_measures(run_dir: Path, data: str, preset: Preset, images: int = 500) -> dict:
@@ -17,41 +28,34 @@ def sparsity_measures(run_dir: Path, data: str, preset: Preset, images: int = 50
     exact pruning at 1e-3 would keep of the MACs, with the output change it causes. Cached in the run."""
     cached = run_dir / "sparsity_measures.json"
     if not cached.exists():
-        import selecsls
-        from selecsls.data.datasets import TransformedDataset, balanced_subset, build_loader
+        from selecsls.data.batching import TransformedDataset, balanced_subset, build_loader
         from selecsls.data.transforms import eval_transform_for
         from selecsls.train.evaluation import validation_data
 
         model = selecsls.load(run_dir / "best.pt").eval()
         dataset = validation_data(data, model)
-        loader = build_loader(
-            TransformedDataset(dataset, eval_transform_for(model.card.preprocessing)),
-            balanced_subset(dataset.targets, images, 0),
-            100,
-            0,
-        )
-        analysis = selecsls.analyze_sparsity(model, 1e-3, loader)
-        pruned = selecsls.prune(model, 1e-3, max_output_change=None)
+        subset = balanced_subset(dataset.targets, images, 0)
+        loader = build_loader(TransformedDataset(dataset, eval_transform_for(model.card.preprocessing)), subset, 100, 0)
+        analysis = selecsls.analyze_sparsity(model, THRESHOLD, loader)
+        pruned = selecsls.prune(model, THRESHOLD, max_output_change=None)
         size = (1, 3, preset.img_size, preset.img_size)
         result = dict(
             channels=analysis.total_channels,
             gamma_below_1e_3=sum(int(layer.low_scale.sum()) for layer in analysis.layers),
             dead_on_val=sum(int(layer.dead.sum()) for layer in analysis.layers),
-            val_images=images,
+            val_images=min(images, len(subset)),
             pruned_macs_fraction=selecsls.count_macs(pruned, size) / selecsls.count_macs(model, size),
             pruned_output_change=pruned.output_change,
         )
-        cached.write_text(json.dumps(result) + "\n")
+        write_json(result, cached)
     return json.loads(cached.read_text())
 
 
-def report(out: Path, data: str, preset: Preset, destination: Path) -> None:
-    """Collect every finished step into ``destination`` (JSON) and plots beside it; print the tables."""
-    runs = {}
-    figures = destination.with_suffix("")
-    figures.mkdir(parents=True, exist_ok=True)
-    for spec in RUN_LISTS[preset.runs]:
-        history = run_history(out / spec.name)
+def _runs(study: Study, figures: Path) -> dict:
+    """Each run with records under ``out``: its epochs, best top-1, speed, wall time, sparsity."""
+    out, preset, runs = study.out, study.preset, {}
+    for spec in study.runs:
+        history = study.history(spec.name)
         finished = (out / spec.name / "summary.json").exists()
         if not history or not (finished or preset.pilot_epochs):  # the full budget reports runs in progress
             continue
@@ -68,10 +72,22 @@ def report(out: Path, data: str, preset: Preset, destination: Path) -> None:
             wall_seconds=sum(float(line) for line in wall.read_text().split()) if wall.exists() else None,
         )
         if spec.model.startswith("selecsls") and finished:
-            runs[spec.name]["sparsity"] = sparsity_measures(out / spec.name, data, preset)
+            runs[spec.name]["sparsity"] = sparsity_measures(out / spec.name, study.data, preset)
         histograms = out / spec.name / "gamma_histograms.png"
         if spec.question == "sparsity" and histograms.exists():
             shutil.copyfile(histograms, figures / f"gamma-{spec.name}.png")
+    return runs
+
+
+def report(study: Study, destination: Path) -> None:
+    """Collect every finished step into ``destination`` (JSON) and plots beside it; print the tables."""
+    out, preset = study.out, study.preset
+    figures = destination.with_suffix("")
+    figures.mkdir(parents=True, exist_ok=True)
+    earlier = json.loads(destination.read_text()) if destination.exists() else {}
+    current = _json(preset.__dict__)
+    if any(current.get(key) != value for key, value in earlier.get("preset", {}).items()):
+        raise SystemExit(f"{destination} reports another preset ({earlier['preset']}): pass another --report")
     evaluations = {
         str(path.relative_to(out)).removesuffix(".eval.json"): json.loads(path.read_text())
         for path in sorted(out.rglob("*.eval.json"))
@@ -79,32 +95,151 @@ def report(out: Path, data: str, preset: Preset, destination: Path) -> None:
     latency = {
         path.stem.removeprefix("latency-"): json.loads(path.read_text()) for path in sorted(out.glob("latency-*.json"))
     }
-    source = out / "prune_source.txt"
-    pilots = out / "pilots.json"
-    result = dict(
-        preset=preset.__dict__,
-        runs=runs,
+    source, pilots = out / "prune_source.txt", out / "pilots.json"
+    found = dict(
+        preset=current,
+        runs=_runs(study, figures),
         pilots=json.loads(pilots.read_text()) if pilots.exists() else {},
         prune_source=source.read_text().strip() if source.exists() else None,
         evaluations=evaluations,
         latency=latency,
         pruned_vs_resnet50=pruned_vs_resnet50(out, "bench-pruned-vs-resnet50.json"),
-        head_to_head=head_to_head_rows(out),
-        cpu=_cpu(),
+        head_to_head=head_to_head.collect(out, "head-to-head"),
+        head_to_head_sparse=head_to_head.collect(out, "head-to-head-sparse"),
     )
+    timed = ("latency", "pruned_vs_resnet50", "head_to_head", "head_to_head_sparse")
+    found["cpu"] = _cpu() if any(found[key] for key in timed) else None  # the machine of the timings kept
     if "published" in evaluations:  # the committed model: where it is, its latency (the pruned network's), its checks
         examples = out / "published-examples.json"
         evaluations["published"] |= dict(
             model_file=str(PUBLISHED_MODEL),
-            latency=[row for row in result["pruned_vs_resnet50"] if row["model"] in ("pruned-1e-3.pt", "resnet50")],
+            latency=[row for row in found["pruned_vs_resnet50"] if row["model"] in ("pruned-1e-3.pt", "resnet50")],
             balanced_subset=evaluations.pop(f"published.limit-{PUBLISHED_CHECK_IMAGES}", None),
             example_predictions=json.loads(examples.read_text()) if examples.exists() else None,
         )
-    destination.write_text(json.dumps(result, indent=1) + "\n")
-    _plot(runs, figures)
-    if result["head_to_head"]:
-        _plot_pareto(result["head_to_head"], figures / "pareto.png")
+    result = _merged(earlier, found)
+    result["fair_test"] = fair_test_section(study, result)
+    write_json(result, destination)
+    if study.preset.runs == "full":
+        fair_test.removal_figure(result["fair_test"]["rows"], figures / "fair-test-removal.png")
+    _plot(result["runs"], figures)
+    if found["head_to_head"] or found["head_to_head_sparse"]:  # both sources in one plot
+        sparse = [row | dict(family=f"{row['family']} (sparse-source bench)") for row in result["head_to_head_sparse"]]
+        _plot_pareto(result["head_to_head"] + sparse, figures / "pareto.png")
     _print_tables(result)
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}%"
+
+
+def _json(value):
+    """``value`` as it reads back from JSON (tuples become lists)."""
+    return json.loads(json.dumps(value))
+
+
+def _merged(earlier: dict, found: dict) -> dict:
+    """``found`` over ``earlier``: dict sections merged key by key (what ``out`` holds wins), other
+    sections replaced where ``out`` holds them (a non-empty value)."""
+    result = dict(earlier)
+    for key, value in found.items():
+        if isinstance(value, dict) and isinstance(earlier.get(key), dict) and key != "preset":
+            result[key] = {**earlier[key], **value}
+        elif value or key not in earlier:
+            result[key] = value
+    return result
+
+
+def fair_test_section(study: Study, result: dict) -> dict:
+    """Issue 28's table: one row per (model, recipe) with top-1, channels, |gamma| < 1e-3, removable
+    channels, MACs and top-1 after, the output change; measured where the fair test ran, derived where
+    its run's records settle it (no inactive channel: nothing to remove), else pending with the commands."""
+    folder, rows = study.out / fair_test.FOLDER, []
+    earlier = {(row["model"], row["recipe"]): row for row in result.get("fair_test", {}).get("rows", [])}
+    for (model, recipe), source in FAIR_TEST_CELLS.items():
+        cell = f"{model}-{recipe}"
+        record = folder / f"{cell}.json"
+        if record.exists():
+            row = json.loads(record.read_text())
+            row |= dict(
+                status="measured",
+                top1=_top1(folder / f"{cell}.source.eval.json"),
+                top1_after=_top1(folder / f"{cell}.eval.json"),
+            )
+            if row["stand_in"]:
+                row |= _stand_in_facts(result, source, row)
+        else:
+            kept = earlier.get((model, recipe), {})  # measured or derived by an earlier report: a result
+            row = (
+                kept
+                if kept.get("status", "pending") != "pending"
+                else _derived_or_pending(study, result, model, recipe, source)
+            )
+        rows.append(row)
+    return dict(threshold=THRESHOLD, figure="fair-test-removal.png", rows=rows)
+
+
+def _stand_in_facts(result: dict, source: str, row: dict) -> dict:
+    """A stand-in row (measured on the published, already pruned model): the BN facts its source's run
+    recorded, and what the measured numbers are relative to."""
+    chosen = result.get("pilots", {}).get(source, {}).get("chosen", source)
+    recorded = result.get("runs", {}).get(chosen, {})
+    first = recorded.get("sparsity", {}).get("pruned_output_change")
+    facts = dict(
+        run=chosen,
+        gamma_below_1e_3_reconstructed=row["gamma_below_1e_3"],
+        note=f"{chosen}'s checkpoint is gone: measured on the published model ({row['source']}), the source "
+        f"pruned exactly at |gamma| < {THRESHOLD:g} (output change {first}) and since re-pruned as recorded under "
+        "evaluations.published.pruned_from; output_change is relative to that model. Per stage, inactive = the "
+        "channels those prunings removed + those whose fused filter norm is below the threshold (a fused model has "
+        "no BN); gamma_below_1e_3 is the run's record",
+    )
+    if "sparsity" in recorded:
+        facts["gamma_below_1e_3"] = recorded["sparsity"]["gamma_below_1e_3"]
+        facts["top1"] = recorded["best_top1"]
+    return facts
+
+
+def _top1(evaluation: Path) -> float | None:
+    return json.loads(evaluation.read_text())["top1"] if evaluation.exists() else None
+
+
+def _derived_or_pending(study: Study, result: dict, model: str, recipe: str, source: str) -> dict:
+    runs = [name for name, run in result.get("runs", {}).items() if (run["model"], run["recipe"]) == (model, recipe)]
+    chosen = result.get("pilots", {}).get(source, {}).get("chosen", source)
+    run = result.get("runs", {}).get(chosen if chosen in runs else "", None)
+    if run and run["finished"]:
+        best = max(run["epochs"], key=lambda record: record["val_top1"])
+        if best.get("gamma_below_1e-3") == 0.0:  # no channel below the threshold: nothing can be removed
+            size = (1, 3, study.preset.img_size, study.preset.img_size)
+            dense = selecsls.create_model(model, num_classes=10)
+            channels = sum(m.num_features for m in dense.modules() if isinstance(m, torch.nn.BatchNorm2d))
+            macs = selecsls.count_macs(dense, size)
+            return dict(
+                model=model,
+                recipe=recipe,
+                status="derived",
+                run=chosen,
+                top1=run["best_top1"],
+                channels=channels,
+                gamma_below_1e_3=0,
+                removable_channels=0,
+                macs=macs,
+                macs_after=macs,
+                top1_after=run["best_top1"],
+                output_change=0.0,
+                note=f"{chosen}'s best epoch has no |gamma| below {THRESHOLD:g} (smallest {best['gamma_min']:.2g}): "
+                "no channel is inactive, so none is removable; its checkpoint is not kept",
+            )
+    return dict(
+        model=model,
+        recipe=recipe,
+        status="pending",
+        resume=[
+            study.resume_command("train", ",".join(study.members(source))),
+            study.resume_command("fairtest", ",".join(study.members(source))),
+        ],
+    )
 
 
 def pruned_vs_resnet50(out: Path, name: str) -> list[dict]:
@@ -189,17 +324,15 @@ def _plot_pareto(rows: list[dict], path: Path) -> None:
     fig = Figure(figsize=(12, 4.6))
     for ax, precision in zip(fig.subplots(1, 2), ("fp32", "int8"), strict=True):
         accuracy = "top1" if precision == "fp32" else "int8_top1"
-        for family, color in (("selecsls42b", "tab:blue"), ("resnet50", "tab:red")):
-            points = sorted(
-                (row[f"{precision}_ms"], row[accuracy], row)
-                for row in rows
-                if row["family"] == family and f"{precision}_ms" in row
-            )
+        families = dict.fromkeys(row["family"] for row in rows)
+        for family, color in zip(families, ("tab:blue", "tab:red", "tab:orange", "tab:green"), strict=False):
+            points = [(row.get(f"{precision}_ms"), row.get(accuracy), row) for row in rows if row["family"] == family]
+            points = sorted((p for p in points if None not in p[:2]), key=lambda p: p[:2])  # timed and scored
             for latency, top1, row in points:
                 face = "none" if row["name"].endswith(" dense") else color
                 ax.scatter(latency, top1, color=color, facecolors=face, zorder=3)
                 ax.annotate(
-                    row["name"].removeprefix(f"{family} "),
+                    row["name"].removeprefix(f"{family.split(' (')[0]} "),
                     (latency, top1),
                     fontsize=6,
                     xytext=(3, 3),
@@ -217,7 +350,8 @@ def _plot_pareto(rows: list[dict], path: Path) -> None:
             ylabel="val top-1 (%)",
             title=f"CIFAR-10 at 32 px: {precision}",
         )
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:  # nothing scored in this precision: no legend
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
 
@@ -280,10 +414,21 @@ def _print_tables(result: dict) -> None:
         )
     print("\n| model | MMACs | params | top-1 pruned | top-1 | int8 top-1 | fastest fp32 | ms | fastest int8 | ms |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for row in result["head_to_head"]:
-        pruned = "-" if row["top1_after_pruning"] is None else f"{row['top1_after_pruning']:.2f}%"
+    for row in result["head_to_head"] + result.get("head_to_head_sparse", []):
+        top1 = [_percent(row.get(key)) for key in ("top1_after_pruning", "top1", "int8_top1")]
         print(
-            f"| {row['name']} | {row['macs'] / 1e6:.1f} | {row['params']:,} | {pruned} | {row['top1']:.2f}% | "
-            f"{row['int8_top1']:.2f}% | {row.get('fp32_backend', '-')} | {row.get('fp32_ms', float('nan')):.2f} | "
+            f"| {row['name']} | {row['macs'] / 1e6:.1f} | {row['params']:,} | {' | '.join(top1)} | "
+            f"{row.get('fp32_backend', '-')} | {row.get('fp32_ms', float('nan')):.2f} | "
             f"{row.get('int8_backend', '-')} | {row.get('int8_ms', float('nan')):.2f} |"
+        )
+    print("\n| model | recipe | status | top-1 | channels | |gamma| < 1e-3 | removable | MMACs | after | top-1 after |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for row in result["fair_test"]["rows"]:
+        if row["status"] == "pending":
+            print(f"| {row['model']} | {row['recipe']} | pending | | | | | | | |")
+            continue
+        print(
+            f"| {row['model']} | {row['recipe']} | {row['status']} | {row['top1']}% | {row['channels']:,} | "
+            f"{row['gamma_below_1e_3']:,} | {row['removable_channels']:,} | {row['macs'] / 1e6:.1f} | "
+            f"{row['macs_after'] / 1e6:.1f} | {row['top1_after']}% |"
         )
