@@ -249,4 +249,5 @@ def removal_figure(rows: Sequence[dict], path: Path) -> None:
         ax.set(title=title, ylabel="BN channels")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    with selecsls.atomic_write(path) as handle:  # a whole PNG or the previous one
+        fig.savefig(handle, format="png", dpi=90)

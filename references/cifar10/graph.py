@@ -128,16 +128,18 @@ def _run(step: Step, outputs: Sequence[Path]) -> None:
         step.action(outputs)
     else:
         partial = [scratch(path) for path in outputs]
-        for path in partial:
-            path.unlink(missing_ok=True)  # left by an interrupted attempt of this process
         for path in outputs:
             path.parent.mkdir(parents=True, exist_ok=True)
-        step.action(partial)
-        absent = [str(path) for path in partial if not path.exists()]
-        if absent:
-            raise StepFailed(f"step {step.name} did not write {', '.join(absent)}")
-        for source, target in zip(partial, outputs, strict=True):
-            os.replace(source, target)
+        try:
+            step.action(partial)
+            absent = [str(path) for path in partial if not path.exists()]
+            if absent:
+                raise StepFailed(f"step {step.name} did not write {', '.join(absent)}")
+            for source, target in zip(partial, outputs, strict=True):
+                os.replace(source, target)
+        finally:
+            for path in partial:  # a failed or interrupted step leaves no scratch file behind
+                path.unlink(missing_ok=True)
     absent = [str(path) for path in outputs if not path.exists()]
     if absent:
         raise StepFailed(f"step {step.name} did not make {', '.join(absent)}")

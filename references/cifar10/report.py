@@ -313,7 +313,8 @@ def _plot(runs: dict, folder: Path) -> None:
     for ax in (accuracy_ax, scale_ax, sparsity_ax):
         ax.legend(fontsize=6, loc="lower left" if ax is scale_ax else "best")
     fig.tight_layout()
-    fig.savefig(folder / "curves.png", dpi=90)
+    with selecsls.atomic_write(folder / "curves.png") as handle:
+        fig.savefig(handle, format="png", dpi=90)
 
 
 def _plot_pareto(rows: list[dict], path: Path) -> None:
@@ -353,7 +354,8 @@ def _plot_pareto(rows: list[dict], path: Path) -> None:
         if ax.get_legend_handles_labels()[0]:  # nothing scored in this precision: no legend
             ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    with selecsls.atomic_write(path) as handle:  # a whole PNG or the previous one
+        fig.savefig(handle, format="png", dpi=90)
 
 
 def _print_tables(result: dict) -> None:

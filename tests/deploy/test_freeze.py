@@ -187,3 +187,27 @@ def test_selecsls_eval_scores_the_frozen_model_unless_eager(tmp_path, capsys, mo
         assert bool(frozen) == (not extra)
         frozen.clear()
     assert scores[0]["top1"] == scores[1]["top1"] and scores[0]["loss"] == pytest.approx(scores[1]["loss"], rel=1e-5)
+
+
+class _ConvCalledTwice(nn.Module):
+    """One conv read by two different BatchNorms (and one ReLU): each call keeps its own folding."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1, self.bn2 = nn.BatchNorm2d(8), nn.BatchNorm2d(8)
+        for bn in (self.bn1, self.bn2):
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
+            nn.init.uniform_(bn.weight, 0.5, 2)
+
+    def forward(self, x):
+        return self.bn1(self.conv(x)) + torch.relu(self.bn2(self.conv(x)))
+
+
+def test_a_conv_called_twice_keeps_each_calls_batchnorm():
+    model = _ConvCalledTwice().eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        expected = model(x)
+    torch.testing.assert_close(freeze(model)(x), expected, rtol=1e-5, atol=1e-5)

@@ -186,3 +186,9 @@ def test_onnx_export_and_torch_compile_see_the_conv(tiny):
     convs = sum(isinstance(m, SmallMapConv2d) for m in tiny.modules())
     assert exported.count("Conv") == convs
     assert not any("unfold" in target or "matmul" in target for target in compiled)
+
+
+def test_an_empty_batch_runs_in_eval_mode_as_nn_conv2d_does():
+    model = trained_like(create_model(tiny_spec(), num_classes=10)).eval()
+    with torch.no_grad():
+        assert model(torch.zeros(0, 3, 64, 64)).shape == (0, 10)

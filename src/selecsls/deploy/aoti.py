@@ -61,20 +61,24 @@ def compile_package(model: nn.Module, example: Tensor, pretrained_cfg: str) -> b
     carrying ``pretrained_cfg`` (JSON). Compiling a full network takes tens of seconds (a C++ build)."""
     if example.shape[0] != 1:
         raise ValueError(f"a package is compiled for one image at a time; the example has batch {example.shape[0]}")
-    model = model.eval()
+    training = model.training
+    model.eval()
     metadata = {
         CARD_KEY: pretrained_cfg,
         PARAMS_KEY: str(count_params(model)),
         MACS_KEY: str(count_macs(model, tuple(example.shape))),
     }
     buffer = io.BytesIO()
-    with torch.no_grad(), quiet_torch_internals():
-        program = torch.export.export(model, (example,))
-        torch._inductor.aoti_compile_and_package(
-            program,
-            package_path=buffer,
-            inductor_configs={**INDUCTOR_CONFIGS, "aot_inductor.metadata": metadata},
-        )
+    try:
+        with torch.no_grad(), quiet_torch_internals():
+            program = torch.export.export(model, (example,))
+            torch._inductor.aoti_compile_and_package(
+                program,
+                package_path=buffer,
+                inductor_configs={**INDUCTOR_CONFIGS, "aot_inductor.metadata": metadata},
+            )
+    finally:
+        model.train(training)  # the caller's model keeps its mode
     return buffer.getvalue()
 
 

@@ -145,19 +145,14 @@ class FrozenModel(nn.Module):
             )
         with torch.no_grad():
             out = self.network(x)
-        if not self._memory_released and self.packed:
+        if not self._memory_released:
             self._memory_released = True
-            # The first call released every dense weight (and the caller has usually dropped the original
-            # model by now): glibc keeps such freed blocks in its heap unless asked. Selecsls60 at 224:
-            # 186 -> 144 MiB resident above the bare import.
-            if _malloc_trim() is not None:
+            # The first call packed every weight it ran and released the dense copies (and the caller has
+            # usually dropped the original model by now): glibc keeps such freed blocks in its heap unless
+            # asked. Selecsls60 at 224: 186 -> 144 MiB resident above the bare import.
+            if onednn_packing() and _malloc_trim() is not None:
                 _malloc_trim()(0)
         return out
-
-    @property
-    def packed(self) -> bool:
-        """Whether every conv holds its packed weight (after the first call)."""
-        return all(conv.packed for conv in self.network.modules() if isinstance(conv, PackedConv2d))
 
 
 class _ConvLeafTracer(torch.fx.Tracer):
@@ -211,8 +206,9 @@ def _frozen_graph(model: nn.Module) -> torch.fx.GraphModule:
         ) from exc
     modules = dict(model.named_modules())
     new_modules: dict[str, nn.Module] = {}
+    snapshots: dict[str, str] = {}  # a module outside the convs, called more than once, is copied once
     for node in list(graph.nodes):
-        if node.op != "call_module" or node.target in new_modules:
+        if node.op != "call_module":
             continue
         module = modules[node.target]
         if isinstance(module, nn.Conv2d) and _packable(module):
@@ -223,7 +219,7 @@ def _frozen_graph(model: nn.Module) -> torch.fx.GraphModule:
             relu = _is_relu(_only_user(last), modules)
             if relu:
                 last = _only_user(last)
-            name = node.target.replace(".", "_")
+            name = node.name  # one per call: a conv called twice may be followed by other BatchNorms
             new_modules[name] = PackedConv2d(module, bn, relu)
             with graph.inserting_before(node):
                 packed = graph.call_module(name, (node.args[0],))
@@ -234,10 +230,11 @@ def _frozen_graph(model: nn.Module) -> torch.fx.GraphModule:
                 last = previous
             graph.erase_node(node)
         else:
-            name = node.target.replace(".", "_")
-            has_tensors = any(True for _ in module.parameters()) or any(True for _ in module.buffers())
-            new_modules[name] = _snapshot_module(module) if has_tensors else module
-            node.target = name
+            if node.target not in snapshots:
+                name = snapshots[node.target] = node.target.replace(".", "_")
+                has_tensors = any(True for _ in module.parameters()) or any(True for _ in module.buffers())
+                new_modules[name] = _snapshot_module(module) if has_tensors else module
+            node.target = snapshots[node.target]
     for node in graph.nodes:
         if node.op == "get_attr":
             raise TypeError(

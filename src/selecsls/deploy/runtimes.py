@@ -33,7 +33,7 @@ def frozen(model: nn.Module, example: Tensor) -> Runner:
     """:func:`selecsls.freeze`, its weights packed for the example's shape (by a first call on it)."""
     try:
         snapshot = freeze(model)
-    except TypeError as exc:  # a network torch.fx cannot trace, or one reading tensors outside its modules
+    except (TypeError, ValueError) as exc:  # torch.fx cannot trace it, or its weights are not float32 CPU ones
         raise BackendUnavailable(first_line(exc)) from exc
     snapshot(example)
     return snapshot

@@ -92,6 +92,7 @@ class SmallMapConv2d(nn.Conv2d):
             self.kernel_size != (1, 1)  # a 1x1 conv's weight copy is cheap: oneDNN's conv was faster
             and not isinstance(self.padding, str)
             and x.dim() == 4
+            and x.shape[0] > 0  # an empty batch runs as the conv (nothing to multiply)
             and x.device.type == "cpu"
             and type(x) is Tensor  # tensor subclasses (fake, functional) and torch.fx proxies
             and not torch.is_autocast_enabled("cpu")  # the conv's output dtype is autocast's

@@ -287,6 +287,7 @@ class Run:
                 and position.global_step % config.save_every == 0
                 and position.step < self.steps_per_epoch
             ):
+                self._check_losses()
                 self._save_last()
         if bar is not None:
             bar.close()
@@ -357,6 +358,7 @@ class Run:
         is_best = top1 > self.best_top1
         if is_best:
             self.best_top1 = top1
+        self._check_losses()  # collective: before the main process saves
         if self.workers.is_main:
             if is_best:
                 save_best(self.config, best_model, record)
@@ -385,7 +387,8 @@ class Run:
         return evaluate(model, batches, self.workers.device, self.config.amp, self.config.channels_last)
 
     def _save_last(self) -> None:
-        self._check_losses()  # every process: nothing past a non-finite loss is saved
+        """Save ``last.pt`` (main process); every process has checked its losses first (:meth:`_check_losses`
+        is collective), so nothing past a non-finite loss is saved."""
         if self.workers.is_main:
             state = self.optimization.state_dict()
             save_last(self.config, self.model, state, self.position, self.history, self.best_top1)

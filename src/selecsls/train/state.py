@@ -67,7 +67,9 @@ def read_saved_run(config: TrainConfig) -> dict[str, Any] | None:
     differing = {
         key: (saved_settings.get(key), value)
         for key, value in config.run_settings().items()
-        if saved_settings.get(key) != value
+        # no {img_size} with {init}: the resumed model keeps the size its last.pt records (runs saved before
+        # that default existed recorded 224)
+        if saved_settings.get(key) != value and not (key == "img_size" and value is None)
     }
     if differing:
         listed = ", ".join(f"{k} (saved {old!r}, given {new!r})" for k, (old, new) in differing.items())
