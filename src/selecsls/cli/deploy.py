@@ -201,7 +201,7 @@ def run_export(args: argparse.Namespace) -> int:
     if args.int8:
         print(f"int8 vs fp32: {comparison}")
     if args.json_out:
-        result = {"checks": [str(check) for check in checks], "int8": asdict(comparison) if args.int8 else None}
+        result = {"checks": [asdict(check) for check in checks], "int8": asdict(comparison) if args.int8 else None}
         with atomic_write(args.json_out, "w") as handle:
             handle.write(json.dumps(result, indent=1) + "\n")
     written = f"{args.out} and {Path(args.out).with_suffix('.bin')}" if args.format == "openvino" else args.out

@@ -103,8 +103,11 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.checkpoint.endswith(".pt2"):  # an AOTInductor package
         from selecsls.deploy.aoti import load_package
 
-        if args.model:
-            raise CLIError(f"{args.checkpoint} is an AOTInductor package, which records its model: drop --model")
+        if args.model or args.eager:
+            raise CLIError(
+                f"{args.checkpoint} is an AOTInductor package, which records its model and runs compiled: "
+                "drop --model and --eager (or evaluate the checkpoint it was exported from)"
+            )
         loaded = load_package(args.checkpoint)
     elif not args.eager:  # the fast path: BatchNorm folded, weights packed once (selecsls.freeze)
         from selecsls.deploy.freeze import freeze

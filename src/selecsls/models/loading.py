@@ -84,7 +84,9 @@ def card_for(file: ModelFile, name: str | ModelSpec | dict | None = None, **over
             f"cannot override {', '.join(unknown)} when loading a saved model; allowed: {', '.join(OVERRIDES)}"
         )
     if card.fused and not overrides.get("fused", True):
-        raise ValueError("the saved model is BN-fused and cannot be unfused; load it with fused=True (the default)")
+        raise ValueError(
+            "the saved model is BN-fused and cannot be unfused; load it with fused=True (selecsls.load does)"
+        )
     features_only = overrides.pop("features_only", card.features_only)
     args = card.build_args | overrides
     if not features_only and "out_indices" not in overrides:
