@@ -33,6 +33,7 @@ __all__ = [
     "one_line",
     "printable",
     "process_alive",
+    "remove_stale_temp_files",
     "stale_temp_files",
 ]
 
@@ -174,6 +175,15 @@ def stale_temp_files(folder: PathLike, targets: Iterable[str]) -> list[Path]:
             if pid.isdigit() and not process_alive(int(pid)):
                 stale.append(candidate)
     return stale
+
+
+def remove_stale_temp_files(folder: PathLike, targets: Iterable[str]) -> None:
+    """Remove what :func:`stale_temp_files` finds: temporary files and :func:`atomic_paths` folders alike."""
+    for stale in stale_temp_files(folder, targets):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
 
 
 def process_alive(pid: int) -> bool:

@@ -124,3 +124,11 @@ def test_every_kind_at_once_in_the_table():
     counts = [sum(layer.removed[reason] for layer in report.layers) for reason in KINDS]
     assert all(counts) and [int(v) for v in total[3:7]] == counts
     assert int(total[-1]) == report.total_channels - report.removed_channels
+
+
+def test_a_callers_analysis_is_reused_only_at_the_same_threshold():
+    model = every_kind(trained_like(create_model(tiny_spec(), num_classes=10)))
+    report = analyze_sparsity(model, 1e-3)
+    assert prune(model, 1e-3, report=report).spec == prune(model, 1e-3).spec
+    with pytest.raises(ValueError, match="same threshold"):
+        prune(model, 1e-2, report=report)

@@ -87,9 +87,12 @@ def run_prune(args: argparse.Namespace) -> int:
     report = analyze_sparsity(model, args.threshold)
     budgeted = args.target_macs is not None or args.target_params is not None
     if budgeted:
-        pruned = prune_to_budget(model, args.target_macs, args.target_params, threshold=args.threshold, input_size=size)
+        pruned = prune_to_budget(
+            model, args.target_macs, args.target_params, threshold=args.threshold, input_size=size, report=report
+        )
     else:
-        pruned = prune(model, args.threshold, max_output_change=None if args.allow_output_change else OUTPUT_TOLERANCE)
+        tolerance = None if args.allow_output_change else OUTPUT_TOLERANCE
+        pruned = prune(model, args.threshold, max_output_change=tolerance, report=report)
     pruned.eval()
 
     kept = {name: cout for name, _, cout, _ in pruned.spec.conv_layers()}

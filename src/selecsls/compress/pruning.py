@@ -56,6 +56,7 @@ def prune(
     loader: Iterable | None = None,
     *,
     max_output_change: float | None = OUTPUT_TOLERANCE,
+    report: SparsityReport | None = None,
 ) -> SelecSLS:
     """A new fused model without the channels that do not change the output.
 
@@ -70,10 +71,11 @@ def prune(
     (:func:`output_change`, on the calibration images, else on a seeded random batch) and the
     measured relative change is recorded as ``pruned.output_change``. A change above
     ``max_output_change`` (a threshold that cuts live channels) raises
-    :class:`OutputChangeError`; pass ``max_output_change=None`` to accept any change.
+    :class:`OutputChangeError`; pass ``max_output_change=None`` to accept any change. ``report``: the
+    model's :func:`analyze_sparsity` at this threshold and loader, where the caller already has it.
     """
     check_threshold("threshold", threshold)
-    report = _report(model, threshold, loader)
+    report = _report(model, threshold, loader, report)
     pruned = _build_pruned(model, report.fixpoint.keep, report.fixpoint.state)
     pruned.output_change = output_change(model, pruned, loader)
     if max_output_change is not None and pruned.output_change > max_output_change:
@@ -122,6 +124,7 @@ def prune_to_budget(
     loader: Iterable | None = None,
     threshold: float = 1e-3,
     input_size: Sequence[int] | None = None,
+    report: SparsityReport | None = None,
 ) -> SelecSLS:
     """Step 1 of 2: prune to ``macs`` (or ``params``) times the fused input model's cost.
 
@@ -132,7 +135,7 @@ def prune_to_budget(
     groups stay consistent. This changes the outputs: step 2 is fine-tuning the result,
     e.g. ``selecsls train --init pruned.pt ...``. MACs are counted at ``input_size``
     (default: the model card's input size, batch 1). The measured output change
-    is recorded as ``pruned.output_change`` (see :func:`output_change`).
+    is recorded as ``pruned.output_change`` (see :func:`output_change`). ``report`` as for :func:`prune`.
     """
     if (macs is None) == (params is None):
         raise ValueError("give exactly one budget: macs=FRACTION or params=FRACTION (e.g. macs=0.7)")
@@ -140,7 +143,7 @@ def prune_to_budget(
     if not 0 < fraction <= 1:
         raise ValueError(f"{metric} must be a fraction in (0, 1] of the input model's cost, got {fraction}")
     check_threshold("threshold", threshold)
-    report = _report(model, threshold, loader)
+    report = _report(model, threshold, loader, report)
     flow = channel_flow(model.spec, with_classifier=isinstance(model.fc, nn.Linear))
     keep = _remove_to_budget(report, output_layers(model), _CostModel(model, flow, metric, input_size), fraction)
     pruned = _build_pruned(model, keep, report.fixpoint.narrowed(keep))
@@ -148,10 +151,15 @@ def prune_to_budget(
     return pruned
 
 
-def _report(model: SelecSLS, threshold: float, loader: Iterable | None) -> SparsityReport:
+def _report(model: SelecSLS, threshold: float, loader: Iterable | None, given: SparsityReport | None) -> SparsityReport:
+    """The sparsity analysis pruning acts on: ``given`` (made by the caller at this threshold), else made here."""
     if not isinstance(model, SelecSLS):
         raise TypeError(f"pruning expects a SelecSLS model, got {type(model).__name__}")
-    return analyze_sparsity(model, threshold, loader)
+    if given is None:
+        return analyze_sparsity(model, threshold, loader)
+    if given.threshold != threshold or given.calibrated != (loader is not None):
+        raise ValueError("report: pass the analysis made at the same threshold and calibration loader as pruning")
+    return given
 
 
 class _CostModel:

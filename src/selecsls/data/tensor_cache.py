@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from selecsls._io import PathLike, atomic_paths, printable, stale_temp_files
+from selecsls._io import PathLike, atomic_paths, printable, remove_stale_temp_files
 from selecsls.data.batching import Batch, SkippedImage, TransformedDataset, build_loader
 from selecsls.data.folders import ImageFolder
 from selecsls.data.transforms import EvalTransform, ToUint8Tensor
@@ -170,8 +170,7 @@ def open_or_build(
     pixels_path, sidecar_path = _paths(Path(directory), split, geometry, held)
     expected = _description(folder, split, geometry, held)
     with _build_lock(pixels_path):  # runs started together share one build: the others wait, then open it
-        for stale in stale_temp_files(pixels_path.parent, [pixels_path.name]):  # a killed builder's files
-            shutil.rmtree(stale, ignore_errors=True)
+        remove_stale_temp_files(pixels_path.parent, [pixels_path.name])  # a killed builder's files
         if not sidecar_path.exists() and not pixels_path.exists():
             _build(folder, geometry, expected, pixels_path, sidecar_path, workers, log)
     return _open(folder, pixels_path, sidecar_path, expected)

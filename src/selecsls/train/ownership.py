@@ -14,7 +14,7 @@ This module is the one place that deletes anything in an output directory.
   ``last.pt`` (it replaced them), and moved back if it stopped before (an error, Ctrl-C, a full
   disk); after a kill, the next run into the directory settles them the same way first.
 * Cleanup removes only temporary files of this run's outputs whose writer process is gone
-  (:func:`selecsls._io.stale_temp_files`): never another live process's file.
+  (:func:`selecsls._io.remove_stale_temp_files`): never another live process's file.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
-from selecsls._io import printable, stale_temp_files
+from selecsls._io import printable, remove_stale_temp_files
 from selecsls.train.config import SettingError, TrainConfig
 from selecsls.train.distributed import Workers
 
@@ -116,8 +116,7 @@ class OutputDirectory:
                     f"{printable(self.path)} holds an earlier run's results ({', '.join(earlier)}); pass {{resume}} "
                     "to continue it, {overwrite} to replace them with a new run, or choose another {output}"
                 )
-            for path in stale_temp_files(self.path, RUN_OUTPUTS):
-                path.unlink(missing_ok=True)
+            remove_stale_temp_files(self.path, RUN_OUTPUTS)
         except BaseException:
             lock.close()
             raise
