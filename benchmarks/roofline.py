@@ -2,6 +2,8 @@
 
     python benchmarks/roofline.py                                       # selecsls60, resnet50 at 224 and 512x320
     python benchmarks/roofline.py --models selecsls42b --sizes 512x320 --threads 2 --output roofline42b
+    OMP_NUM_THREADS=1 python benchmarks/roofline.py --models selecsls42b,resnet50 --sizes 224 --threads 1 \
+        --frozen --cold-kernels
 
 Machine peaks first: fp32 GFLOP/s of a large matmul, GB/s of a large copy (bytes read + written),
 and GB/s of a weight-streaming matrix-vector product (the batch-1 extreme: every weight used once).
@@ -11,6 +13,11 @@ layer reads its weights from memory as it does in deployment. Per conv: MACs, we
 activation bytes, achieved GFLOP/s and GB/s, arithmetic intensity (FLOP per byte moved) and the
 roofline bound min(peak FLOP/s, intensity x copy bandwidth). A layer whose intensity times the
 bandwidth is below the FLOP peak is memory-bound: only fewer bytes (int8, bf16 weights) speed it up.
+
+``--frozen`` times the ``selecsls.freeze`` snapshot's convs instead (weights packed for oneDNN, the
+default CPU path), and ``--cold-kernels`` adds, for the three slowest 3x3 convs of each run, every exact
+kernel torch offers for them (oneDNN's packed conv, im2col + ``addmm`` / ``linear``, MKL's packed GEMM)
+timed with the caches flushed before each call, as inside the network at batch 1.
 
 Writes PREFIX.json (machine, every layer) and PREFIX.md (per model and size: one row per stage,
 then the ten slowest convs).
@@ -26,12 +33,17 @@ import time
 from collections import defaultdict
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from selecsls import create_model
+from selecsls import create_model, freeze
 from selecsls.bench.runner import machine_description, parse_size, time_interleaved
+from selecsls.deploy.freeze import PackedConv2d
 from selecsls.deploy.runtimes import fused_model
 from selecsls.models.complexity import count_macs
+
+#: Bytes read between two calls of a kernel timed cold: more than the machine's caches hold.
+FLUSH_BYTES = 384 * 2**20
 
 
 def timed(fn, repeats: int, summary=statistics.median, warmup: int = 2) -> float:
@@ -55,7 +67,7 @@ def machine_peaks(repeats: int) -> dict[str, float]:
 
 def conv_layers(model: nn.Module, example: torch.Tensor, repeats: int) -> tuple[list[dict], float]:
     """Every conv of ``model`` timed inside full forward passes; also the median forward time."""
-    convs = {name: module for name, module in model.named_modules() if isinstance(module, nn.Conv2d)}
+    convs = {name: m for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, PackedConv2d))}
     times: dict[str, list[float]] = defaultdict(list)
     shapes: dict[str, tuple] = {}
     starts: dict[str, float] = {}
@@ -80,14 +92,16 @@ def conv_layers(model: nn.Module, example: torch.Tensor, repeats: int) -> tuple[
     for name, conv in convs.items():
         (_, cin, h_in, w_in), (_, cout, h_out, w_out) = shapes[name]
         seconds = statistics.median(times[name][-repeats:])
-        macs = cout * h_out * w_out * (cin // conv.groups) * conv.kernel_size[0] * conv.kernel_size[1]
+        kernel = conv.weight.shape[-1]  # (out, in / groups, k, k), packed or not
+        macs = cout * h_out * w_out * (cin // conv.groups) * kernel * kernel
         weight_bytes = conv.weight.numel() * 4
         activation_bytes = (cin * h_in * w_in + cout * h_out * w_out) * 4
         rows.append(
             dict(
                 layer=name,
-                stage=name.split(".")[0],  # selecsls: stem, features, head; resnet50: conv1, layer1-4
-                kernel=conv.kernel_size[0],
+                # selecsls: stem, features, head; resnet50: conv1, layer1-4 (frozen: network.head_1_conv)
+                stage=name.removeprefix("network.").split(".")[0].split("_")[0],
+                kernel=kernel,
                 stride=conv.stride[0],
                 cin=cin,
                 cout=cout,
@@ -100,6 +114,47 @@ def conv_layers(model: nn.Module, example: torch.Tensor, repeats: int) -> tuple[
             )
         )
     return rows, forward
+
+
+def cold_kernels(row: dict, repeats: int) -> dict[str, float]:
+    """ms of each exact kernel for one 3x3 conv of ``row`` (padding 1, batch 1), the caches flushed
+    before every call: oneDNN's packed conv, im2col + ``addmm`` (weight K x N), im2col + ``linear``
+    (weight N x K), im2col + MKL's packed GEMM. The im2col itself is included."""
+    cin, cout, stride, (height, width) = row["cin"], row["cout"], row["stride"], row["in_hw"]
+    weight, bias = torch.randn(cout, cin, 3, 3) / (3 * cin**0.5), torch.randn(cout)
+    image = torch.randn(1, cin, height, width).contiguous(memory_format=torch.channels_last)
+    flush = torch.ones(FLUSH_BYTES // 4)
+    packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
+        weight.to_mkldnn(), [1, 1], [stride] * 2, [1, 1], 1, list(image.shape)
+    )
+    rows_by_k = weight.reshape(cout, -1).contiguous()
+    k_by_n = rows_by_k.t().contiguous()
+    positions = row["out_hw"][0] * row["out_hw"][1]
+    mkl = torch.ops.mkl._mkl_reorder_linear_weight(rows_by_k, positions)
+
+    def columns():
+        return F.unfold(image, 3, padding=1, stride=stride)[0].t()
+
+    kernels = {
+        "onednn_packed": lambda: torch.ops.mkldnn._convolution_pointwise(
+            image, packed, bias, [1, 1], [stride] * 2, [1, 1], 1, "none", [], ""
+        ),
+        "im2col_addmm": lambda: torch.addmm(bias, columns(), k_by_n),
+        "im2col_linear": lambda: F.linear(columns(), rows_by_k, bias),
+        "im2col_mkl_packed": lambda: torch.ops.mkl._mkl_linear(columns(), mkl, rows_by_k, bias, positions),
+    }
+    result = {}
+    with torch.no_grad():
+        for name, kernel in kernels.items():
+            kernel()
+            samples = []
+            for _ in range(repeats):
+                flush.sum()
+                start = time.perf_counter()
+                kernel()
+                samples.append(time.perf_counter() - start)
+            result[name] = statistics.median(samples) * 1e3
+    return result
 
 
 def add_roofline(row: dict, peaks: dict[str, float]) -> dict:
@@ -173,6 +228,11 @@ def markdown(report: dict) -> str:
                 f"{row['fraction_of_roofline']:.0%}",
             ]
             lines.append("| " + " | ".join(cells) + " |")
+        if run.get("cold_kernels"):
+            names = list(next(iter(run["cold_kernels"].values())))
+            lines += ["", "| cold, ms | " + " | ".join(names) + " |", "| --- |" + " --- |" * len(names)]
+            for layer, kernels in run["cold_kernels"].items():
+                lines.append(f"| {layer} | " + " | ".join(f"{kernels[name]:.2f}" for name in names) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -183,6 +243,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--output", default="roofline", metavar="PREFIX")
+    parser.add_argument("--frozen", action="store_true", help="time selecsls.freeze's snapshot, not eager fused")
+    parser.add_argument("--cold-kernels", action="store_true", help="every exact kernel for the slowest 3x3 convs")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     machine = machine_description("cpu")
@@ -200,11 +262,11 @@ def main() -> None:
     for name in args.models.split(","):
         torch.manual_seed(0)
         model = create_model(name).eval()
-        fused = fused_model(model, torch.device("cpu")).eval()
+        timed_model = freeze(model) if args.frozen else fused_model(model, torch.device("cpu")).eval()
         for text in args.sizes.split(","):
             height, width = parse_size(text)
             example = torch.randn(1, 3, height, width)
-            layers, forward = conv_layers(fused, example, args.repeats)
+            layers, forward = conv_layers(timed_model, example, args.repeats)
             run = dict(
                 model=name,
                 size=text,
@@ -213,6 +275,9 @@ def main() -> None:
                 layers=[add_roofline(row, peaks) for row in layers],
             )
             run["stages"] = stage_table(run["layers"])
+            if args.cold_kernels:
+                slowest = sorted((r for r in layers if r["kernel"] == 3), key=lambda r: -r["ms"])[:3]
+                run["cold_kernels"] = {r["layer"]: cold_kernels(r, args.repeats) for r in slowest}
             report["runs"].append(run)
             print(f"{name} {text}: forward {forward * 1e3:.1f} ms", flush=True)
     report["machine"]["load_average_end"] = os.getloadavg()

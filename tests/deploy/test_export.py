@@ -97,7 +97,7 @@ def test_cli_prunes_and_checks_on_real_images(dense, tmp_path, capsys):
     ]
     assert main(args) == 0
     printed = capsys.readouterr().out
-    assert "pruned at |gamma| < 0.001" in printed
+    assert "pruned at fused filter norm < 0.001" in printed
     assert "1 real image(s): max abs diff" in printed and printed.count(" ok") == 3
     assert out.is_file()
 

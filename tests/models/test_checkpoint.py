@@ -199,10 +199,12 @@ def test_fused_checkpoints_need_a_fused_model_and_say_so(tmp_path):
     fused = selecsls.fuse(trained_like(create_model(TINY, num_classes=10)))
     torch.save(fused.state_dict(), path)
     with pytest.raises(CheckpointError, match="the checkpoint is BN-fused: build with fused=True"):
-        create_model(TINY, num_classes=10, checkpoint_path=path)
-    model = create_model(TINY, num_classes=10, fused=True, checkpoint_path=path).eval()
-    with torch.no_grad():
-        torch.testing.assert_close(model(X), fused.eval()(X))
+        create_model(TINY, num_classes=10, fused=False, checkpoint_path=path)
+    for chosen in (dict(fused=True), {}):  # left unset, the file's fusion is taken
+        model = create_model(TINY, num_classes=10, checkpoint_path=path, **chosen).eval()
+        assert model.fused
+        with torch.no_grad():
+            torch.testing.assert_close(model(X), fused.eval()(X))
 
 
 def test_fused_true_folds_an_unfused_checkpoint_after_loading(published):

@@ -64,6 +64,20 @@ def test_create_model_keeps_the_files_card_as_load_does(saved):
         torch.testing.assert_close(created.eval()(x), model.eval()(x))
 
 
+def test_create_model_without_options_builds_what_the_file_holds(saved, tmp_path):
+    """Options left unset are not overrides: the saved 3-class model (and a plain 3-class state dict)
+    load with their own classifier, not a fresh 1000-class one."""
+    model, path = saved
+    torch.save(model.state_dict(), tmp_path / "state_dict.pt")
+    x = torch.randn(2, 3, 64, 64)
+    for file in (path, tmp_path / "state_dict.pt"):
+        created = create_model(tiny_spec(), checkpoint_path=file).eval()
+        assert created.num_classes == 3
+        with torch.no_grad():
+            torch.testing.assert_close(created(x), model.eval()(x))
+    assert create_model(tiny_spec()).num_classes == 1000  # a new model takes the default
+
+
 def test_create_model_refuses_a_file_of_another_architecture(saved):
     with pytest.raises(CheckpointError, match=r"model.pt holds a tiny42b model \(its saved description\), not "):
         create_model("selecsls60", num_classes=3, checkpoint_path=saved[1])

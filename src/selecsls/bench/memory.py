@@ -224,7 +224,7 @@ def _serve(engine: str, source: str, input_shape: Sequence[int], threads: int) -
         return openvino_ir.compiled_runner(openvino_ir.read_ir(source), threads)
     model = torch.load(source, weights_only=False).eval()
     if engine == "frozen":
-        return freeze(model)  # the original is dropped on return
+        return freeze(model, consume=True)  # as selecsls eval serves a file: the original's tensors released as folded
     return model
 
 
@@ -281,7 +281,7 @@ def process_memory_bytes(
     model and engine, bytes above a fresh process's RSS with torch and selecsls imported:
 
     - ``process_load_peak_bytes``: the peak while loading the model file and readying the engine
-      (for ``frozen``: loading, then freezing; the original is dropped once frozen);
+      (for ``frozen``: loading, then ``freeze(model, consume=True)``, as ``selecsls eval`` does);
     - ``process_run_peak_bytes``: the peak during ``calls`` inference calls on ``input_shape``, the
       model ready (the load peak forgotten);
     - ``process_steady_bytes``: the resident memory after those calls;

@@ -52,7 +52,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--prune",
         type=float,
         metavar="THRESHOLD",
-        help="first remove channels with |BN gamma| below THRESHOLD (exact; implies --fuse)",
+        help="first prune to the fixpoint as selecsls prune --threshold does: channels whose fused filter "
+        "norm (|gamma| times the BN-normalised filter norm) is below THRESHOLD, then those nothing reads "
+        "(exact; implies --fuse)",
     )
     p.add_argument("--dynamic", action="store_true", help="ONNX, OpenVINO: free batch size, height and width")
     p.add_argument("--img-size", type=int, help="export (and check) at this input size (default: the model's)")
@@ -156,7 +158,7 @@ def _prepare_model(args: argparse.Namespace):
     if args.prune is not None:
         before = count_params(model)
         model = prune(model, args.prune)
-        print(f"pruned at |gamma| < {args.prune:g}: {before:,} -> {count_params(model):,} parameters")
+        print(f"pruned at fused filter norm < {args.prune:g}: {before:,} -> {count_params(model):,} parameters")
     elif args.fuse:
         model = fuse(model)
     return model.eval()

@@ -113,7 +113,7 @@ def run_eval(args: argparse.Namespace) -> int:
         from selecsls.deploy.freeze import freeze
         from selecsls.models.loading import load
 
-        loaded = freeze(load(args.checkpoint, args.model))
+        loaded = freeze(load(args.checkpoint, args.model), consume=True)  # one copy of the weights while freezing
     result = evaluate_checkpoint(
         args.data,
         args.checkpoint,

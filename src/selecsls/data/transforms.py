@@ -63,7 +63,8 @@ class ToUint8Tensor:
         pixels = np.asarray(image.convert(self.mode), dtype=np.uint8)
         if pixels.ndim == 2:
             pixels = pixels[:, :, None]
-        return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
+        # np.array copies: a contiguous transpose (one channel) would otherwise share Pillow's read-only buffer
+        return torch.from_numpy(np.array(pixels.transpose(2, 0, 1), order="C"))
 
 
 class Normalize:

@@ -27,16 +27,16 @@ def list_models(pattern: str = "*", baselines: bool = False) -> list[str]:
 def create_model(
     name_or_spec: str | ModelSpec | dict,
     *,
-    num_classes: int = 1000,
+    num_classes: int | None = None,
     in_chans: int | None = None,
-    drop_rate: float = 0.0,
-    global_pool: str = "avg",
+    drop_rate: float | None = None,
+    global_pool: str | None = None,
     pretrained: bool = False,
     checkpoint_path: str | None = None,
-    features_only: bool = False,
+    features_only: bool | None = None,
     out_indices: Sequence[int] | None = None,
     output_stride: int | None = None,
-    fused: bool = False,
+    fused: bool | None = None,
 ):
     """Build a SelecSLS network (or a baseline), optionally with weights.
 
@@ -51,6 +51,9 @@ def create_model(
     and provenance (and must be of the named architecture), a plain state dict builds the named
     model. Either way the weights go through the one loading pipeline (:mod:`selecsls.models.loading`):
     with ``fused=True`` and unfused weights, BatchNorm is folded after loading.
+
+    An option left at None is not chosen: a checkpoint keeps its own (a 10-class file loads with its
+    10 classes), a new model takes the default (1000 classes, ``avg`` pooling, no dropout, unfused).
     """
     if isinstance(name_or_spec, str) and name_or_spec in list_baselines():
         refuse_baseline_options(name_or_spec, dict(pretrained=pretrained, checkpoint_path=checkpoint_path))
@@ -62,7 +65,7 @@ def create_model(
             "load a custom or pruned model with checkpoint_path or selecsls.load"
         )
     weights = get_weights(name_or_spec) if pretrained else None
-    options = dict(
+    chosen = dict(
         num_classes=num_classes,
         in_chans=in_chans,
         drop_rate=drop_rate,
@@ -72,6 +75,7 @@ def create_model(
         output_stride=output_stride,
         fused=fused,
     )
+    options = {key: value for key, value in chosen.items() if value is not None}
     card = describe(name_or_spec, **options)  # the options are checked before any file is read
     if weights is not None:
         return materialize(weights.describe(card), read_model_file(download(weights)))
