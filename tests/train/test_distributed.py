@@ -27,21 +27,28 @@ def test_the_group_reduces_cpu_tensors_whatever_the_training_device(device):
 
 
 @contextlib.contextmanager
-def _group(device: torch.device, store):
-    """A world-size-1 process group as ``Workers.start`` makes it for ``device``."""
+def _group(device: torch.device, store, job_size: int = 2):
+    """A process group as ``Workers.start`` makes it for ``device``, with this process its only member (so one
+    process can test it), and the workers of a job of ``job_size`` processes as torchrun would describe them."""
     dist.init_process_group(backend_for(device), init_method=f"file://{store}", rank=0, world_size=1)
     try:
-        yield Workers(0, 1, device)
+        yield Workers(0, job_size, device)
     finally:
         dist.destroy_process_group()
 
 
-def _reduce_through_the_group(workers: Workers, monkeypatch) -> None:
+def _reductions(monkeypatch) -> list[str]:
+    """The device of every tensor all-reduced from now on (the reduction still runs)."""
     reduced = []
     all_reduce = dist.all_reduce
     monkeypatch.setattr(
         dist, "all_reduce", lambda tensor, *a, **k: reduced.append(tensor.device.type) or all_reduce(tensor, *a, **k)
     )
+    return reduced
+
+
+def _reduce_through_the_group(workers: Workers, monkeypatch) -> None:
+    reduced = _reductions(monkeypatch)
     assert workers.sum([1.5, 2.0, -3.0]) == [1.5, 2.0, -3.0]
     assert workers.all_agree(True) and not workers.all_agree(False)
     assert reduced == ["cpu"] * 3
@@ -66,6 +73,14 @@ def test_sum_and_all_agree_reduce_through_a_gpu_training_group(tmp_path, monkeyp
 def test_a_lone_process_sums_its_own_values():
     workers = Workers(0, 1, torch.device("cpu"))
     assert workers.sum([1.0, 2.0]) == [1.0, 2.0] and workers.all_agree(True) and not workers.all_agree(False)
+
+
+def test_a_lone_job_inside_a_group_someone_else_started_does_not_reduce_through_it(tmp_path, monkeypatch):
+    """Its peers in that group are not training: a reduction would wait on them (or mix in their values)."""
+    with _group(torch.device("cpu"), tmp_path / "store", job_size=1) as workers:
+        reduced = _reductions(monkeypatch)
+        assert workers.sum([1.0, 2.0]) == [1.0, 2.0] and workers.all_agree(True)
+        assert reduced == []
 
 
 def test_a_non_finite_loss_stops_at_the_next_check_naming_its_step_and_nothing_past_it_is_saved(tmp_path, monkeypatch):

@@ -64,10 +64,10 @@ class Workers:
                 dist.broadcast(tensor.data, 0)
 
     def sum(self, values: list[float]) -> list[float]:
-        """Element-wise sum over the process group (on the CPU, in float64: counts stay exact); a lone process's
-        own values outside one."""
+        """Element-wise sum over this job's workers (on the CPU, in float64: counts stay exact); a lone process's
+        own values, even inside a process group someone else started (a lone job must not wait on its peers)."""
         tensor = torch.tensor(values, dtype=torch.float64)
-        if dist.is_available() and dist.is_initialized():
+        if self.distributed:
             dist.all_reduce(tensor)
         return tensor.tolist()
 
