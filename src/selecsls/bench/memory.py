@@ -212,7 +212,7 @@ PROCESS_CALLS = 3
 _EXPORT_FORMATS = {"onnxruntime": ("onnx", "model.onnx"), "openvino": ("openvino", "model.xml")}
 
 
-def _serve(engine: str, source: str, input_shape: Sequence[int], threads: int) -> Callable[[torch.Tensor], object]:
+def _serve(engine: str, source: str, threads: int) -> Callable[[torch.Tensor], object]:
     """In the measuring process: the model file ``source`` loaded and made ready to serve on ``engine``."""
     if engine == "onnxruntime":
         from selecsls.deploy.export import onnx_session, session_runner
@@ -239,7 +239,7 @@ def _process_memory_in_child() -> None:
     gc.collect()
     baseline = _proc_status_kib("VmRSS")
     _reset_peak()
-    run = _serve(job["engine"], job["source"], job["input_shape"], job["threads"])
+    run = _serve(job["engine"], job["source"], job["threads"])
     gc.collect()
     load_peak = _proc_status_kib("VmHWM")
     _reset_peak()

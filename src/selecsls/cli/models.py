@@ -108,11 +108,7 @@ def _print_spec(spec, model) -> None:
     print("feature levels (features_only=True):")
     for level, info in enumerate(model.feature_info):
         print(f"  {level}: {info['module']:<12} {info['num_chs']:>5} channels, stride {info['reduction']}")
-    large = [
-        name
-        for name, m in model.named_modules()
-        if isinstance(m, SmallMapConv2d) and m.large() and m.kernel_size != (1, 1)
-    ]
+    large = [name for name, m in model.named_modules() if isinstance(m, SmallMapConv2d) and m.runs_as_product_in_eval()]
     print(
         f"eval mode on the CPU: {', '.join(large) or 'no conv'} run as an exact im2col matmul on maps of at most "
         f"{SmallMapConv2d.gemm_max_eval_positions} output positions (batch x pixels), the others as oneDNN's conv; "

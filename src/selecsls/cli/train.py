@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import MISSING, fields
+from functools import partial
 
 from selecsls._io import atomic_write, check_output, printable
 from selecsls.cli import CLIError
@@ -99,7 +100,7 @@ def run_eval(args: argparse.Namespace) -> int:
         raise CLIError(f"--limit must be >= 1, got {args.limit}")
     if args.json_out:
         check_output(args.json_out, [args.checkpoint])
-    loaded = None  # what evaluate_checkpoint scores instead of loading the file itself (train cannot import deploy)
+    load_model = None  # how evaluate_checkpoint loads the file instead of plainly (train cannot import deploy)
     if args.checkpoint.endswith(".pt2"):  # an AOTInductor package
         from selecsls.deploy.aoti import load_package
 
@@ -108,12 +109,14 @@ def run_eval(args: argparse.Namespace) -> int:
                 f"{args.checkpoint} is an AOTInductor package, which records its model and runs compiled: "
                 "drop --model and --eager (or evaluate the checkpoint it was exported from)"
             )
-        loaded = load_package(args.checkpoint)
+        load_model = partial(load_package, args.checkpoint)
     elif not args.eager:  # the fast path: BatchNorm folded, weights packed once (selecsls.freeze)
         from selecsls.deploy.freeze import freeze
         from selecsls.models.loading import load
 
-        loaded = freeze(load(args.checkpoint, args.model), consume=True)  # one copy of the weights while freezing
+        def load_model():  # one copy of the weights while freezing
+            return freeze(load(args.checkpoint, args.model), consume=True)
+
     result = evaluate_checkpoint(
         args.data,
         args.checkpoint,
@@ -124,7 +127,7 @@ def run_eval(args: argparse.Namespace) -> int:
         args.batch_size,
         args.workers,
         args.limit,
-        loaded=loaded,
+        load_model=load_model,
     )
     if args.json_out:
         with atomic_write(args.json_out, "w") as handle:

@@ -171,9 +171,10 @@ def open_or_build(
     expected = _description(folder, split, geometry, held)
     with _build_lock(pixels_path):  # runs started together share one build: the others wait, then open it
         remove_stale_temp_files(pixels_path.parent, [pixels_path.name])  # a killed builder's files
-        if not sidecar_path.exists() and not pixels_path.exists():
+        built = not sidecar_path.exists() and not pixels_path.exists()
+        if built:
             _build(folder, geometry, expected, pixels_path, sidecar_path, workers, log)
-    return _open(folder, pixels_path, sidecar_path, expected)
+    return _open(folder, pixels_path, sidecar_path, expected, verify_pixels=not built)  # built: just checksummed
 
 
 def _subset(folder: ImageFolder, samples: Sequence[int] | None) -> list[int] | None:
@@ -226,14 +227,15 @@ def _build(
     samples = description["samples"] if description["samples"] is not None else list(range(len(folder)))
     shape = (len(samples), geometry.in_chans, geometry.size, geometry.size)
     place = printable(pixels_path.parent)
-    needed = _size(math.prod(shape) + _HEADER_BYTES)
+    needed_bytes = math.prod(shape) + _HEADER_BYTES
+    needed = _size(needed_bytes)
     count = f"{len(samples)} of {len(folder)}" if len(samples) < len(folder) else f"{len(folder)}"
     log(
         f"building the {description['split']} tensor cache {printable(pixels_path)}: {count} images from "
         f"{printable(folder.source)} at {geometry.size}x{geometry.size} px, {needed} (once)"
     )
     free = shutil.disk_usage(pixels_path.parent).free
-    if free < math.prod(shape) + _HEADER_BYTES:
+    if free < needed_bytes:
         raise CacheError(
             f"cannot build the tensor cache in {place}: it needs {needed} and {_size(free)} are free; free "
             "some space or choose another cache directory (nothing was written)"
@@ -300,7 +302,9 @@ def _decode_into(
     return unreadable
 
 
-def _open(folder: ImageFolder, pixels_path: Path, sidecar_path: Path, expected: dict) -> TensorCache:
+def _open(
+    folder: ImageFolder, pixels_path: Path, sidecar_path: Path, expected: dict, verify_pixels: bool
+) -> TensorCache:
     where = printable(sidecar_path)
     fix = f"delete {printable(pixels_path)} and {where} to rebuild it, or pass another cache directory"
     try:
@@ -333,7 +337,7 @@ def _open(folder: ImageFolder, pixels_path: Path, sidecar_path: Path, expected: 
         raise CacheError(f"tensor cache {printable(pixels_path)} is damaged ({found}); {fix}")
     if not np.array_equal(targets, np.asarray(folder.targets, dtype=np.int64)[samples]):
         raise CacheError(f"tensor cache {where} has other class targets than the folder; {fix}")
-    if pixel_checksum(pixels) != record["checksum"]:
+    if verify_pixels and pixel_checksum(pixels) != record["checksum"]:
         raise CacheError(
             f"tensor cache {printable(pixels_path)} is damaged: its pixels do not match the checksum it was built "
             f"with; {fix}"

@@ -65,8 +65,9 @@ RELATIVE_TOLERANCE = 1e-4
 #: Per format, where it differs: an AOTInductor package is PyTorch's own kernels, held to 1e-5.
 TOLERANCES = {"aoti": 1e-5}
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
-#: Key under which exported files carry the preprocessing and class names (``pretrained_cfg``).
-METADATA_KEY = "selecsls.pretrained_cfg"
+#: Key under which exported files carry the preprocessing and class names (``pretrained_cfg``): an ONNX
+#: model property under the same key as an AOTInductor package's metadata.
+METADATA_KEY = aoti.CARD_KEY
 
 
 class ExportMismatchError(RuntimeError):

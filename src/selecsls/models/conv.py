@@ -64,6 +64,11 @@ class SmallMapConv2d(nn.Conv2d):
         large = self.weight.numel() >= self.gemm_min_weight_elements
         return large and self.groups == 1 and self.padding_mode == "zeros"
 
+    def runs_as_product_in_eval(self) -> bool:
+        """Whether eval mode may run this conv as the product (on small enough CPU maps): a large spatial
+        conv (a 1x1 conv's weight copy is cheap: oneDNN's conv was faster)."""
+        return self.large() and self.kernel_size != (1, 1) and not isinstance(self.padding, str)
+
     def forward(self, x: Tensor) -> Tensor:
         if self.training:
             taps = self._product_taps(x, self.gemm_max_output_pixels)
@@ -89,8 +94,7 @@ class SmallMapConv2d(nn.Conv2d):
         """The eval-mode conv: the product for a large spatial conv on a small map, where nothing
         intercepts the ops (tracing, compiling, FLOP counters and fake tensors see the conv)."""
         if (
-            self.kernel_size != (1, 1)  # a 1x1 conv's weight copy is cheap: oneDNN's conv was faster
-            and not isinstance(self.padding, str)
+            self.runs_as_product_in_eval()
             and x.dim() == 4
             and x.shape[0] > 0  # an empty batch runs as the conv (nothing to multiply)
             and x.device.type == "cpu"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from typing import Any
 
@@ -150,15 +150,16 @@ def evaluate_checkpoint(
     batch_size: int = 64,
     workers: int = 0,
     limit: int | None = None,
-    loaded: nn.Module | None = None,
+    load_model: Callable[[], nn.Module] | None = None,
 ) -> dict[str, Any]:
     """Score a saved model (dense, pruned or a training checkpoint) on the val split of ``data``.
 
     Preprocessing defaults to what the model's card records (training stores
     its image size there); the arguments override it. Classes are matched as
     :func:`validation_data` says; ``limit`` scores a class-balanced subset (seed
-    :data:`VAL_SUBSET_SEED`, the one training validates on). ``loaded`` is the model
-    ``checkpoint`` holds when a higher layer loaded it (an AOTInductor package, ``.pt2``).
+    :data:`VAL_SUBSET_SEED`, the one training validates on). ``load_model`` loads the model
+    ``checkpoint`` holds when a higher layer knows better (an AOTInductor package, ``.pt2``; the frozen
+    model): called once the arguments are checked, as loading the file is.
     """
     from selecsls.models.loading import load
 
@@ -170,7 +171,7 @@ def evaluate_checkpoint(
     check_int("--workers", workers, low=0)
     if limit is not None:
         check_int("--limit", limit)
-    model = load(checkpoint, model_name) if loaded is None else loaded
+    model = load(checkpoint, model_name) if load_model is None else load_model()
     transform = eval_transform_for(model.card.preprocessing, img_size, crop_pct, interpolation)
     if img_size is None:  # the size the file records meets --img-size's limits, memory at this batch included
         check_img_size(transform.img_size, f"the input size {printable(os.fspath(checkpoint))} records", batch_size)

@@ -358,8 +358,7 @@ class Run:
         is_best = top1 > self.best_top1
         if is_best:
             self.best_top1 = top1
-        self._check_losses()  # collective: before the main process saves
-        if self.workers.is_main:
+        if self.workers.is_main:  # the epoch's last step checked its losses (collective) in _train_epoch
             if is_best:
                 save_best(self.config, best_model, record)
             self._save_last()

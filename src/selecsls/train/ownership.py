@@ -176,7 +176,7 @@ def _lock(path: Path) -> IO:
                 f"another training run is using {printable(path.parent)} ({holder}); "
                 "wait for it to finish or choose another {output}"
             ) from None
-        if _same_file(handle, path):
+        if _still_at(handle, path):
             break
         handle.close()  # the run that held it ended and deleted it: lock the file now at the path
     handle.seek(0)
@@ -187,11 +187,9 @@ def _lock(path: Path) -> IO:
     return handle
 
 
-def _same_file(handle: IO, path: Path) -> bool:
+def _still_at(handle: IO, path: Path) -> bool:
     """Whether ``handle`` is still the file at ``path`` (not one deleted since it was opened)."""
     try:
-        named = path.stat()
+        return os.path.samestat(path.stat(), os.fstat(handle.fileno()))
     except FileNotFoundError:
         return False
-    held = os.fstat(handle.fileno())
-    return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)
